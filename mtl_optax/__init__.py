@@ -1,0 +1,38 @@
+"""mtl_optax: multi-task gradient balancing as pure optax transformations.
+
+Every method maps stacked per-task gradients (each leaf ``(K, *shape)``, from
+:func:`value_and_task_grads`) to one update tree and chains into any optax
+optimizer::
+
+    losses, grads = mo.value_and_task_grads(task_losses)(params, batch)
+    tx = optax.chain(mo.cagrad(num_tasks=3, c=0.4), optax.adam(1e-3))
+    updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
+"""
+
+from mtl_optax.aggregators import linear_scalarization
+from mtl_optax.aggregators import mgda
+from mtl_optax.aggregators import MGDAState
+from mtl_optax.aggregators import pcgrad
+from mtl_optax.aggregators import PCGradState
+from mtl_optax.aggregators import task_sum
+from mtl_optax.aggregators import WeightsState
+from mtl_optax.cagrad import cagrad
+from mtl_optax.cagrad import CAGradState
+from mtl_optax.grads import value_and_task_grads
+from mtl_optax.grads import value_and_task_grads_from_batches
+
+__version__ = "0.1.0.dev0"
+
+__all__ = (
+    "CAGradState",
+    "MGDAState",
+    "PCGradState",
+    "WeightsState",
+    "cagrad",
+    "linear_scalarization",
+    "mgda",
+    "pcgrad",
+    "task_sum",
+    "value_and_task_grads",
+    "value_and_task_grads_from_batches",
+)

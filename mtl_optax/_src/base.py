@@ -1,0 +1,113 @@
+"""The one place that turns a weighting rule into an optax transformation.
+
+Most methods in the library compute per-task coefficients ``c`` (from the
+Gram matrix, their state, or the extra arguments) and return the update
+``sum_i c_i g_i``. :func:`task_weighting_transformation` owns everything
+around that rule: the trace-time checks, the single Gram pass, the weighted
+sum and the optax plumbing, so each method's module contains only its math.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_optax._src import tree_math
+from mtl_optax._src import validation
+
+
+def state_dtype(params: Any) -> jnp.dtype:
+  """Float dtype for K-shaped state: float32, or float64 for float64 params."""
+  floats = [jnp.asarray(x).dtype for x in jax.tree.leaves(params)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+  return jnp.result_type(jnp.float32, *floats) if floats else jnp.float32
+
+
+class WeightingContext(NamedTuple):
+  """What a weighting rule sees at each step.
+
+  Attributes:
+    gram: the normalised Gram matrix (trace K), or None for rules built with
+      ``needs_gram=False``.
+    rms_norm: RMS of the task-gradient norms (``A = gram * rms_norm**2``), or
+      None likewise.
+    task_losses: the ``task_losses`` extra argument, or None.
+    extra_args: every extra keyword argument, for rules that need more.
+    dtype: the dtype of the state's float fields.
+  """
+  gram: Optional[jax.Array]
+  rms_norm: Optional[jax.Array]
+  task_losses: Optional[jax.Array]
+  extra_args: dict
+  dtype: jnp.dtype
+
+
+def task_weighting_transformation(
+    num_tasks: int,
+    method: str,
+    init_state: Callable[[jnp.dtype], NamedTuple],
+    weights_rule: Callable[[WeightingContext, NamedTuple],
+                           tuple[jax.Array, NamedTuple]],
+    needs_gram: bool = True,
+    requires_task_losses: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """Builds a transformation ``stacked grads -> sum_i c_i g_i``.
+
+  Args:
+    num_tasks: K, already validated.
+    method: the method's public name, used in error messages.
+    init_state: ``dtype -> State``; the state must have a ``weights`` field.
+    weights_rule: ``(context, state) -> (coefficients (K,), new_state)``.
+    needs_gram: whether the rule reads the Gram matrix (one pass over the
+      gradients); rules that do not (fixed weights) skip it.
+    requires_task_losses: raise at trace time if ``task_losses`` is missing.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+
+  def init_fn(params):
+    return init_state(state_dtype(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params
+    validation.check_task_axis(updates, num_tasks, method)
+    task_losses = extra_args.get("task_losses")
+    validation.check_task_losses(task_losses, num_tasks, method,
+                                 required=requires_task_losses)
+    dtype = state.weights.dtype
+    if not jax.tree.leaves(updates):
+      return updates, state
+    if needs_gram:
+      normalized = tree_math.normalized_gram(updates)
+      gram = normalized.gram.astype(jnp.promote_types(dtype, jnp.float32))
+      rms_norm = normalized.rms_norm
+    else:
+      gram = rms_norm = None
+    context = WeightingContext(gram, rms_norm, task_losses, extra_args, dtype)
+    coefficients, new_state = weights_rule(context, state)
+    # A non-finite step (NaN/inf gradients) returns a non-finite update, for
+    # optax.apply_if_finite downstream to skip, but keeps the previous state so
+    # that warm starts, EMAs and keys are not poisoned. The state's dtypes stay
+    # fixed across steps (jit carries, lax.cond).
+    finite = jnp.all(jnp.isfinite(coefficients))
+    if gram is not None:
+      finite &= jnp.all(jnp.isfinite(gram))
+    new_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, jnp.asarray(new).astype(old.dtype),
+                                   old), new_state, state)
+    return tree_math.weighted_task_sum(coefficients, updates), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def uniform_weights(num_tasks: int, dtype: jnp.dtype) -> jax.Array:
+  return jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
+
+
+def finite_or(value: jax.Array, fallback: jax.Array) -> jax.Array:
+  """``value`` if all finite, else ``fallback`` (e.g. a poisoned warm start)."""
+  return jnp.where(jnp.all(jnp.isfinite(value)), value, fallback)

@@ -1,0 +1,89 @@
+"""Shared fixtures and the method registry of the conformance suite."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodCase:
+  """One public method, as the conformance suite builds and calls it.
+
+  Attributes:
+    name: test id.
+    factory: the public factory; called as ``factory(num_tasks, **kwargs)``.
+    kwargs: other arguments. Python ints among them are passed as
+      ``static_args`` to ``optax.inject_hyperparams``, floats are injected.
+    deterministic: False for randomised methods (they skip the permutation
+      test, which needs the same randomness after permuting the tasks).
+    permutation_equivariant: whether permuting tasks permutes the weights
+      (False for methods with a positional preference, e.g. fixed weights).
+    extra_args: builds the extra keyword arguments of ``update`` from
+      ``(params, task_losses)``; by default ``{'task_losses': losses}``.
+    min_tasks: smallest K the method accepts.
+    trains_every_task: whether a short run on the conflicting quadratic
+      problem is expected to lower every task's loss.
+  """
+  name: str
+  factory: Callable[..., Any]
+  kwargs: dict = dataclasses.field(default_factory=dict)
+  deterministic: bool = True
+  permutation_equivariant: bool = True
+  extra_args: Callable[[Any, Any], dict] | None = None
+  min_tasks: int = 1
+  trains_every_task: bool = True
+
+  def make(self, num_tasks: int):
+    return self.factory(num_tasks, **self.kwargs)
+
+  def static_args(self) -> tuple[str, ...]:
+    ints = [k for k, v in self.kwargs.items()
+            if isinstance(v, (int, np.integer)) and not isinstance(v, bool)]
+    return ("num_tasks", *ints)
+
+  def extras(self, params, task_losses) -> dict:
+    if self.extra_args is None:
+      return {"task_losses": task_losses}
+    return self.extra_args(params, task_losses)
+
+  def __str__(self):
+    return self.name
+
+
+def all_cases() -> list[MethodCase]:
+  import tests.cases as cases_pkg
+  out = []
+  for info in sorted(pkgutil.iter_modules(cases_pkg.__path__),
+                     key=lambda i: i.name):
+    module = importlib.import_module(f"tests.cases.{info.name}")
+    out.extend(module.CASES)
+  names = [c.name for c in out]
+  duplicates = {n for n in names if names.count(n) > 1}
+  assert not duplicates, f"duplicate conformance case names: {duplicates}"
+  return out
+
+
+def stacked_tree(key, num_tasks: int, dtype=jnp.float32):
+  """A small parameter tree's worth of stacked task gradients (two leaves)."""
+  k1, k2 = jax.random.split(key)
+  return {
+      "dense": {"kernel": jax.random.normal(k1, (num_tasks, 4, 3), dtype),
+                "bias": jax.random.normal(k2, (num_tasks, 3), dtype)},
+  }
+
+
+def params_like(stacked):
+  return jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), stacked)
+
+
+@pytest.fixture
+def rng():
+  return np.random.default_rng(0)
