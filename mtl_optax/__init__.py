@@ -20,6 +20,8 @@ from mtl_optax.cagrad import cagrad
 from mtl_optax.cagrad import CAGradState
 from mtl_optax.grads import value_and_task_grads
 from mtl_optax.grads import value_and_task_grads_from_batches
+from mtl_optax.grads import value_and_weighted_grad
+from mtl_optax._src.base import LossWeightingTransformation
 
 __version__ = "0.1.0.dev0"
 
@@ -35,4 +37,6 @@ __all__ = (
     "task_sum",
     "value_and_task_grads",
     "value_and_task_grads_from_batches",
+    "value_and_weighted_grad",
+    "LossWeightingTransformation",
 )

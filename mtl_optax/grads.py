@@ -125,3 +125,65 @@ def value_and_task_grads_from_batches(
     return jax.vmap(lambda *a: grad_fn(*a, **kwargs), in_axes=in_axes)(*args)
 
   return wrapped
+
+
+def value_and_weighted_grad(
+    fn: Callable[..., Any], method: Any, argnums: int | Sequence[int] = 0,
+    has_aux: bool = False) -> Callable[..., tuple[Any, Any]]:
+  """Task losses and the gradient of ONE weighted loss: the single-backward path.
+
+  For methods that never need per-task gradients (MARIGOLD, FAMO, the loss
+  weightings): ``method`` is such a transformation (a
+  ``LossWeightingTransformation``); its ``loss_weights(state, losses)`` gives
+  the coefficients ``c`` and the wrapped function returns
+  ``(losses, grad sum_i c_i L_i)``: one forward and one backward pass,
+  whatever K is. The coefficients are constants of the backward pass.
+
+  The wrapped function takes the method's own state first, then ``fn``'s
+  arguments: ``wrapped(method_state, *args)``. In
+  ``optax.chain(method, optax.adam(...))`` the method's state is
+  ``opt_state[0]``.
+
+  Args:
+    fn: function returning the ``(K,)`` task losses (``(losses, aux)`` with
+      ``has_aux``).
+    method: the transformation whose ``loss_weights`` gives the weights.
+    argnums: which positional argument(s) of ``fn`` to differentiate.
+    has_aux: whether ``fn`` returns ``(losses, aux)``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, mtl_optax as mo
+    >>> from mtl_optax._src.base import loss_weighting_transformation
+    >>> fixed = loss_weighting_transformation(
+    ...     lambda p: (), lambda u, s, p=None, **kw: (u, s),
+    ...     lambda state, losses: jnp.array([0.25, 0.75]))
+    >>> losses_fn = lambda w: jnp.stack([w[0] ** 2, 3 * w[1]])
+    >>> losses, grads = mo.value_and_weighted_grad(losses_fn, fixed)(
+    ...     (), jnp.array([2., 1.]))
+    >>> print(losses, grads)
+    [4. 3.] [1.   2.25]
+  """
+  weights_fn = getattr(method, "loss_weights", None)
+  if weights_fn is None:
+    raise TypeError(
+        "value_and_weighted_grad: method has no loss_weights rule; it must be a "
+        "single-backward method (e.g. mo.famo, mo.marigold), not a stacked-"
+        "gradient aggregator (use mo.value_and_task_grads for those).")
+  argnums_t, single = _normalize_argnums(argnums)
+
+  def wrapped(method_state, *args, **kwargs):
+    diff, rebuild = _split_args(args, argnums_t)
+    partial = lambda *d: fn(*rebuild(*d), **kwargs)
+    if has_aux:
+      losses, vjp_fn, aux = jax.vjp(partial, *diff, has_aux=True)
+    else:
+      losses, vjp_fn = jax.vjp(partial, *diff)
+    if jnp.ndim(losses) != 1:
+      raise ValueError("value_and_weighted_grad: fn must return a 1-D vector "
+                       f"of task losses, got shape {jnp.shape(losses)}.")
+    weights = jax.lax.stop_gradient(weights_fn(method_state, losses))
+    grads = vjp_fn(weights.astype(losses.dtype))
+    grads = grads[0] if single else grads
+    return ((losses, aux) if has_aux else losses), grads
+
+  return wrapped

@@ -43,7 +43,8 @@ def case(request):
 def test_registry_covers_public_factories():
   """Every public factory returning a transformation is in the registry."""
   registered = {c.factory for c in CASES}
-  helpers = {"value_and_task_grads", "value_and_task_grads_from_batches"}
+  helpers = {"value_and_task_grads", "value_and_task_grads_from_batches",
+             "value_and_weighted_grad"}
   for name in mo.__all__:
     obj = getattr(mo, name)
     if name in helpers or isinstance(obj, type) or not callable(obj):

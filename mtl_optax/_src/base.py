@@ -111,3 +111,43 @@ def uniform_weights(num_tasks: int, dtype: jnp.dtype) -> jax.Array:
 def finite_or(value: jax.Array, fallback: jax.Array) -> jax.Array:
   """``value`` if all finite, else ``fallback`` (e.g. a poisoned warm start)."""
   return jnp.where(jnp.all(jnp.isfinite(value)), value, fallback)
+
+
+class LossWeightingTransformation(optax.GradientTransformationExtraArgs):
+  """A transformation on the single-backward path (one weighted-loss gradient).
+
+  Besides ``init`` and ``update`` it has a ``loss_weights`` attribute,
+  ``(method_state, task_losses) -> (K,)``: the coefficients ``c`` of the next
+  weighted loss ``sum_i c_i L_i``, whose gradient (one backward pass,
+  :func:`mtl_optax.value_and_weighted_grad`) is what ``update`` receives. The
+  coefficients are treated as constants (``stop_gradient``).
+
+  ``update(grads, state, params, task_losses=..., loss_fn=...)`` receives that
+  ordinary (unstacked) gradient, returns the update (usually the gradient
+  itself) and advances the weights from the extra arguments. Methods that
+  also accept stacked per-task gradients combine them with the same
+  coefficients (``sum_i c_i g_i``), so both paths give the same update.
+  """
+
+
+def loss_weighting_transformation(init_fn, update_fn, loss_weights
+                                  ) -> LossWeightingTransformation:
+  """Builds a :class:`LossWeightingTransformation`."""
+  tx = LossWeightingTransformation(init_fn, update_fn)
+  tx.loss_weights = loss_weights
+  return tx
+
+
+def is_stacked(updates: Any, params: Any, num_tasks: int) -> bool:
+  """Whether ``updates`` carries a leading task axis relative to ``params``.
+
+  With ``params`` given the answer is unambiguous (stacked leaves have one
+  more dimension); without them, updates are taken as stacked.
+  """
+  if params is None:
+    return True
+  u_leaves, p_leaves = jax.tree.leaves(updates), jax.tree.leaves(params)
+  if len(u_leaves) != len(p_leaves):
+    return True
+  return all(jnp.ndim(u) == jnp.ndim(p) + 1 and jnp.shape(u)[0] == num_tasks
+             for u, p in zip(u_leaves, p_leaves))

@@ -106,9 +106,9 @@ def normalized_gram(stacked: Any) -> NormalizedGram:
 
   def from_gram(raw: jax.Array, scale: jax.Array) -> NormalizedGram:
     mean_sq = jnp.trace(raw) / num_tasks
-    positive = mean_sq > 0
-    safe = jnp.where(positive, mean_sq, 1.0)
-    gram = jnp.where(positive, raw / safe, jnp.zeros_like(raw))
+    zero = mean_sq == 0  # all task gradients zero; NaN stays NaN below
+    gram = jnp.where(zero, jnp.zeros_like(raw),
+                     raw / jnp.where(zero, 1.0, mean_sq))
     return NormalizedGram(gram, scale * jnp.sqrt(mean_sq))
 
   raw = gram_matrix(stacked, dtype)
