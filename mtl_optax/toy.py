@@ -91,12 +91,12 @@ def run_toy(method: optax.GradientTransformation,
     A :class:`ToyRun`.
 
   Example:
-    >>> import mtl_optax as mo
+    >>> import numpy as np, mtl_optax as mo
     >>> from mtl_optax.toy import run_toy
     >>> run = run_toy(mo.cagrad(2, c=0.5, rescale=2), starts=[(9., 9.)],
     ...               num_steps=2000, record_every=1000)
-    >>> print(run.trajectories.shape, run.final.round(2))
-    (1, 3, 2) [[7.52 7.49]]
+    >>> print(run.trajectories.shape, np.asarray(run.final, np.float64).round(2))
+    (1, 3, 2) [[6.76 5.83]]
   """
   if num_steps % record_every:
     raise ValueError("num_steps must be a multiple of record_every.")
