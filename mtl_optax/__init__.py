@@ -7,8 +7,20 @@ optimizer::
     losses, grads = mo.value_and_task_grads(task_losses)(params, batch)
     tx = optax.chain(mo.cagrad(num_tasks=3, c=0.4), optax.adam(1e-3))
     updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
+
+Methods that need no per-task gradients (MARIGOLD, FAMO, loss weightings)
+take the gradient of one weighted loss from :func:`value_and_weighted_grad`.
 """
 
+import types as _types
+
+# --- per-task gradients and protocols ---
+from mtl_optax._src.base import LossWeightingTransformation
+from mtl_optax.grads import value_and_task_grads
+from mtl_optax.grads import value_and_task_grads_from_batches
+from mtl_optax.grads import value_and_weighted_grad
+
+# --- foundation aggregators ---
 from mtl_optax.aggregators import linear_scalarization
 from mtl_optax.aggregators import mgda
 from mtl_optax.aggregators import MGDAState
@@ -18,25 +30,21 @@ from mtl_optax.aggregators import task_sum
 from mtl_optax.aggregators import WeightsState
 from mtl_optax.cagrad import cagrad
 from mtl_optax.cagrad import CAGradState
-from mtl_optax.grads import value_and_task_grads
-from mtl_optax.grads import value_and_task_grads_from_batches
-from mtl_optax.grads import value_and_weighted_grad
-from mtl_optax._src.base import LossWeightingTransformation
+
+# --- aggregators: dual cone, closed forms, bargaining (issue 3, part A) ---
+
+# --- aggregators: surgery, stochastic, robust, weightings (issue 3, part B) ---
+
+# --- transference, TAG, IT-MTL (issue 4) ---
+
+# --- MARIGOLD (issue 5) ---
+
+# --- loss weightings (issue 6) ---
+
+# --- metrics ---
 
 __version__ = "0.1.0.dev0"
 
-__all__ = (
-    "CAGradState",
-    "MGDAState",
-    "PCGradState",
-    "WeightsState",
-    "cagrad",
-    "linear_scalarization",
-    "mgda",
-    "pcgrad",
-    "task_sum",
-    "value_and_task_grads",
-    "value_and_task_grads_from_batches",
-    "value_and_weighted_grad",
-    "LossWeightingTransformation",
-)
+__all__ = tuple(sorted(
+    name for name, value in globals().items()
+    if not name.startswith("_") and not isinstance(value, _types.ModuleType)))

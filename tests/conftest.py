@@ -27,7 +27,9 @@ class MethodCase:
     permutation_equivariant: whether permuting tasks permutes the weights
       (False for methods with a positional preference, e.g. fixed weights).
     extra_args: builds the extra keyword arguments of ``update`` from
-      ``(params, task_losses)``; by default ``{'task_losses': losses}``.
+      ``(params, task_losses, loss_fn)``; by default both
+      ``{'task_losses': ..., 'loss_fn': ...}`` are passed, since every method
+      must accept (and may ignore) them.
     min_tasks: smallest K the method accepts.
     trains_every_task: whether a short run on the conflicting quadratic
       problem is expected to lower every task's loss.
@@ -37,7 +39,7 @@ class MethodCase:
   kwargs: dict = dataclasses.field(default_factory=dict)
   deterministic: bool = True
   permutation_equivariant: bool = True
-  extra_args: Callable[[Any, Any], dict] | None = None
+  extra_args: Callable[[Any, Any, Any], dict] | None = None
   min_tasks: int = 1
   trains_every_task: bool = True
 
@@ -49,10 +51,10 @@ class MethodCase:
             if isinstance(v, (int, np.integer)) and not isinstance(v, bool)]
     return ("num_tasks", *ints)
 
-  def extras(self, params, task_losses) -> dict:
+  def extras(self, params, task_losses, loss_fn=None) -> dict:
     if self.extra_args is None:
-      return {"task_losses": task_losses}
-    return self.extra_args(params, task_losses)
+      return {"task_losses": task_losses, "loss_fn": loss_fn}
+    return self.extra_args(params, task_losses, loss_fn)
 
   def __str__(self):
     return self.name
@@ -82,6 +84,20 @@ def stacked_tree(key, num_tasks: int, dtype=jnp.float32):
 
 def params_like(stacked):
   return jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), stacked)
+
+
+def linear_loss_fn(stacked, params, task_losses):
+  """``p -> task_losses + J (p - params)``: losses whose gradients at any point
+  are exactly the stacked gradients, so look-ahead methods see data that is
+  consistent with ``updates``."""
+  def loss_fn(p):
+    moves = jax.tree.map(
+        lambda g, new, old: jnp.tensordot(
+            g.reshape(g.shape[0], -1).astype(jnp.float32),
+            (new - old).reshape(-1).astype(jnp.float32), axes=1),
+        stacked, p, params)
+    return task_losses + sum(jax.tree.leaves(moves))
+  return loss_fn
 
 
 @pytest.fixture

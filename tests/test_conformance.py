@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import mtl_optax as mo
-from tests.conftest import all_cases, params_like, stacked_tree
+from tests.conftest import all_cases, linear_loss_fn, params_like, stacked_tree
 
 CASES = all_cases()
 NUM_TASKS = 3
@@ -26,7 +26,11 @@ def _update(tx, grads, state=None, params=None, losses=None, case=None):
   state = tx.init(params) if state is None else state
   num_tasks = jax.tree.leaves(grads)[0].shape[0]
   losses = jnp.linspace(1.0, 2.0, num_tasks) if losses is None else losses
-  return tx.update(grads, state, params, **case.extras(params, losses))
+  return tx.update(grads, state, params, **_extras(case, grads, params, losses))
+
+
+def _extras(case, grads, params, losses):
+  return case.extras(params, losses, linear_loss_fn(grads, params, losses))
 
 
 def _allclose(a, b, rtol=1e-5, atol=1e-6):
@@ -63,9 +67,8 @@ def test_jit_matches_eager_over_two_steps(case):
 
   def two_steps(g1, g2, params, losses):
     state = tx.init(params)
-    extras = case.extras(params, losses)
-    u1, state = tx.update(g1, state, params, **extras)
-    u2, state = tx.update(g2, state, params, **extras)
+    u1, state = tx.update(g1, state, params, **_extras(case, g1, params, losses))
+    u2, state = tx.update(g2, state, params, **_extras(case, g2, params, losses))
     return u1, u2, state
 
   eager = two_steps(grads, grads2, params, losses)
@@ -130,7 +133,7 @@ def test_chains_with_adam_and_trains_every_task(case):
       params, state = carry
       losses, grads = mo.value_and_task_grads(task_losses)(params)
       updates, state = tx.update(grads, state, params,
-                                 **case.extras(params, losses))
+                                 **case.extras(params, losses, task_losses))
       return (optax.apply_updates(params, updates), state), None
     (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None,
                                   length=40)
@@ -153,7 +156,8 @@ def test_partition_shared_and_heads(case):
       {"shared": "shared", "heads": "head"})
   losses = jnp.array([1.0, 2.0, 0.5])
   state = tx.init(params)
-  update, _ = tx.update(grads, state, params, **case.extras(params, losses))
+  update, _ = tx.update(grads, state, params,
+                        **_extras(case, grads, params, losses))
   alone, _ = _update(tx_alone, shared, losses=losses, case=case)
   _allclose(update["shared"], alone, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(update["heads"]["h"], heads["h"].sum(0),
@@ -168,8 +172,8 @@ def test_inject_hyperparams_with_static_ints(case):
   grads = stacked_tree(jax.random.PRNGKey(7), NUM_TASKS)
   params = params_like(grads)
   losses = jnp.array([1.0, 2.0, 0.5])
-  step = jax.jit(lambda s, g: injected.update(g, s, params,
-                                              **case.extras(params, losses)))
+  step = jax.jit(lambda s, g: injected.update(
+      g, s, params, **_extras(case, g, params, losses)))
   update, state = step(injected.init(params), grads)
   plain, _ = _update(case.make(NUM_TASKS), grads, losses=losses, case=case)
   _allclose(update, plain, rtol=1e-4, atol=1e-5)
@@ -241,10 +245,12 @@ def test_nan_propagates_and_apply_if_finite_skips(case):
   params = jax.tree.map(lambda g: jnp.ones(g.shape[1:]), grads)
   tx = optax.chain(case.make(NUM_TASKS),
                    optax.apply_if_finite(optax.sgd(0.1), 3))
-  extras = case.extras(params, jnp.ones(NUM_TASKS))
+  losses = jnp.ones(NUM_TASKS)
   state = tx.init(params)
-  _, state = tx.update(good, state, params, **extras)
-  updates, bad_state = tx.update(grads, state, params, **extras)
+  _, state = tx.update(good, state, params,
+                       **_extras(case, good, params, losses))
+  updates, bad_state = tx.update(grads, state, params,
+                                 **_extras(case, grads, params, losses))
   new_params = optax.apply_updates(params, updates)
   _allclose(new_params, params, rtol=0, atol=0)
   assert int(bad_state[1].notfinite_count) == 1
@@ -267,7 +273,7 @@ def test_wrong_task_losses_shape_is_a_clear_error(case):
   tx = case.make(NUM_TASKS)
   grads = stacked_tree(jax.random.PRNGKey(0), NUM_TASKS)
   params = params_like(grads)
-  extras = case.extras(params, jnp.ones(NUM_TASKS))
+  extras = _extras(case, grads, params, jnp.ones(NUM_TASKS))
   extras["task_losses"] = jnp.ones(NUM_TASKS + 1)
   with pytest.raises(ValueError, match="task_losses"):
     tx.update(grads, tx.init(params), params, **extras)
