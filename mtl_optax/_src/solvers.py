@@ -43,6 +43,11 @@ class SimplexSolution(NamedTuple):
   iterations: jax.Array
 
 
+# After an accepted step the Lipschitz estimate is relaxed by this factor, so
+# that steps can lengthen again where the curvature is lower.
+RELAX = 0.9
+
+
 def default_tolerance(dtype: jnp.dtype) -> float:
   """Stopping tolerance on the gradient mapping for unit-scale problems."""
   return 1e-5 if jnp.finfo(dtype).bits <= 32 else 1e-10
@@ -75,7 +80,7 @@ def minimize_on_simplex(
     value_and_grad_fn: ``w -> (f(w), grad f(w))``.
     init: starting point, projected onto the simplex first.
     lipschitz: initial estimate of the gradient's Lipschitz constant; it is
-      doubled while the sufficient-decrease test fails and relaxed by 0.8
+      doubled while the sufficient-decrease test fails and relaxed by 0.9
       after each accepted step.
     max_iter: cap on accelerated steps (static).
     tol: stopping tolerance; default :func:`default_tolerance`.
@@ -144,15 +149,31 @@ def minimize_on_simplex(
     momentum = jnp.where(restart, 0.0, (s.t - 1.0) / t_next)
     y = p + momentum * (p - s.x)
     return Loop(p, y, jnp.where(restart, jnp.ones_like(s.t), t_next),
-                0.8 * lip, residual, step_norm, s.iteration + 1)
+                RELAX * lip, residual, step_norm, s.iteration + 1)
 
   one = jnp.ones((), dtype)
   inf = jnp.full((), jnp.inf, dtype)
   start = Loop(init, init, one, lipschitz, inf, inf, jnp.zeros((), jnp.int32))
   out = jax.lax.while_loop(cond, body, start)
   grad_fn = lambda w: value_and_grad_fn(w)[1]
-  residual = _gradient_mapping(grad_fn, out.x, out.lipschitz / 0.8)
+  residual = _gradient_mapping(grad_fn, out.x, out.lipschitz / RELAX)
   return SimplexSolution(out.x, residual, out.iteration)
+
+
+def largest_eigenvalue(gram: jax.Array, num_iterations: int = 8) -> jax.Array:
+  """Power-iteration estimate of ``lambda_max`` of a PSD matrix (from below).
+
+  Used as the starting Lipschitz estimate of quadratic objectives; the
+  solvers' backtracking corrects an underestimate.
+  """
+  def step(v, _):
+    v = gram @ v
+    return v / jnp.maximum(jnp.linalg.norm(v), jnp.finfo(gram.dtype).tiny), None
+  start = jnp.ones((gram.shape[0],), gram.dtype) + 0.1 * jnp.arange(
+      gram.shape[0], dtype=gram.dtype) / gram.shape[0]
+  v, _ = jax.lax.scan(step, start / jnp.linalg.norm(start), None,
+                      length=num_iterations)
+  return jnp.maximum(v @ gram @ v, jnp.max(jnp.diagonal(gram)))
 
 
 def min_norm_weights(gram: jax.Array, init: jax.Array | None = None,
@@ -177,7 +198,7 @@ def min_norm_weights(gram: jax.Array, init: jax.Array | None = None,
   if init is None:
     init = jnp.full((num_tasks,), 1.0 / num_tasks, gram.dtype)
   value_and_grad = lambda w: (0.5 * w @ gram @ w, gram @ w)
-  lipschitz = jnp.max(jnp.diagonal(gram))
+  lipschitz = largest_eigenvalue(gram)
   return minimize_on_simplex(value_and_grad, init, lipschitz, max_iter, tol)
 
 
@@ -211,8 +232,8 @@ def cagrad_dual_weights(gram: jax.Array, c: jax.Array | float,
     norm_w = jnp.sqrt(jnp.maximum(w @ gram_w, 0.0) + smooth)
     return w @ gram_b + radius * norm_w, gram_b + radius * gram_w / norm_w
 
-  # Curvature of the norm term is ~ radius * A / ||g_w||; start from the value
-  # at the initial point and let backtracking adjust.
+  # The Hessian of the norm term is bounded by radius * A / ||g_w||; start
+  # from its value at the initial point and let backtracking adjust.
   start_norm = jnp.sqrt(jnp.maximum(init @ gram @ init, 0.0) + smooth)
-  lipschitz = jnp.max(jnp.diagonal(gram)) * (1.0 + radius / start_norm)
+  lipschitz = largest_eigenvalue(gram) * radius / start_norm
   return minimize_on_simplex(value_and_grad, init, lipschitz, max_iter, tol)

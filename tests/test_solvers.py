@@ -1,0 +1,149 @@
+"""Shared solvers against independent float64 oracles (scipy, brute force)."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import optimize
+
+from mtl_optax._src import solvers
+
+
+def _random_gram(rng, num_tasks, kind="generic"):
+  dim = 3 * num_tasks
+  g = rng.normal(size=(num_tasks, dim))
+  if kind == "correlated":
+    g += 2.0 * rng.normal(size=(1, dim))
+  elif kind == "rank_deficient":
+    g = rng.normal(size=(num_tasks, 2)) @ rng.normal(size=(2, dim))
+  gram = g @ g.T
+  return gram / np.trace(gram) * num_tasks
+
+
+def _slsqp_on_simplex(fun, num_tasks, starts):
+  best = None
+  for x0 in starts:
+    res = optimize.minimize(
+        fun, x0, method="SLSQP", bounds=[(0.0, 1.0)] * num_tasks,
+        constraints={"type": "eq", "fun": lambda x: 1.0 - np.sum(x)},
+        options={"ftol": 1e-15, "maxiter": 2000})
+    if best is None or res.fun < best.fun:
+      best = res
+  return best
+
+
+def _cagrad_objective(gram, c):
+  b = np.full(len(gram), 1.0 / len(gram))
+  radius = c * np.sqrt(b @ gram @ b)
+  return lambda w: w @ gram @ b + radius * np.sqrt(max(w @ gram @ w, 0.0))
+
+
+@pytest.mark.parametrize("num_tasks", [2, 3, 5, 10, 20, 40])
+@pytest.mark.parametrize("c", [0.1, 0.4, 0.9, 10.0])
+def test_cagrad_dual_matches_slsqp_float64(num_tasks, c):
+  rng = np.random.default_rng(num_tasks * 100 + int(10 * c))
+  with jax.enable_x64(True):
+    solve = jax.jit(lambda a, c: solvers.cagrad_dual_weights(a, c,
+                                                             max_iter=5000))
+    for kind in ("generic", "correlated", "rank_deficient"):
+      gram = _random_gram(rng, num_tasks, kind)
+      objective = _cagrad_objective(gram, c)
+      uniform = np.full(num_tasks, 1.0 / num_tasks)
+      oracle = _slsqp_on_simplex(objective, num_tasks,
+                                 [uniform, np.eye(num_tasks)[0]])
+      sol = solve(jnp.asarray(gram), c)
+      w = np.asarray(sol.weights)
+      assert abs(w.sum() - 1) < 1e-12 and w.min() >= 0
+      ours = objective(w)
+      # "1e-6 relative": relative to |F*|, or, when the optimum is ~0 (the
+      # origin in the hull of rank-deficient J), to the scale of the
+      # objective's terms, ||g0|| max_i ||g_i||.
+      scale = max(abs(oracle.fun), np.sqrt(np.mean(gram) * np.max(
+          np.diagonal(gram))))
+      assert ours <= oracle.fun + 1e-6 * scale, (kind, ours, oracle.fun)
+
+
+def _simplex_grid(num_tasks, steps):
+  for idx in itertools.product(range(steps + 1), repeat=num_tasks - 1):
+    if sum(idx) <= steps:
+      yield np.array([*idx, steps - sum(idx)], np.float64) / steps
+
+
+@pytest.mark.parametrize("num_tasks", [2, 3])
+def test_min_norm_matches_brute_force_grid(num_tasks):
+  rng = np.random.default_rng(num_tasks)
+  with jax.enable_x64(True):
+    for kind in ("generic", "correlated", "rank_deficient"):
+      gram = _random_gram(rng, num_tasks, kind)
+      grid = np.stack(list(_simplex_grid(num_tasks, 400)))
+      grid_best = np.min(np.einsum("ni,ij,nj->n", grid, gram, grid))
+      sol = solvers.min_norm_weights(jnp.asarray(gram), max_iter=5000)
+      w = np.asarray(sol.weights)
+      ours = w @ gram @ w
+      # The grid is an upper bound on the optimum; ours must be at least as
+      # good, and close to it (grid resolution 1/400).
+      assert ours <= grid_best + 1e-12
+      assert ours >= grid_best - 5e-3 * max(grid_best, 1e-3)
+
+
+@pytest.mark.parametrize("num_tasks", [4, 10, 40])
+def test_min_norm_matches_slsqp_float64(num_tasks):
+  rng = np.random.default_rng(num_tasks)
+  with jax.enable_x64(True):
+    for kind in ("generic", "correlated", "rank_deficient"):
+      gram = _random_gram(rng, num_tasks, kind)
+      oracle = _slsqp_on_simplex(lambda w: w @ gram @ w, num_tasks,
+                                 [np.full(num_tasks, 1.0 / num_tasks)])
+      sol = solvers.min_norm_weights(jnp.asarray(gram), max_iter=5000)
+      w = np.asarray(sol.weights)
+      assert w @ gram @ w <= oracle.fun + 1e-9
+      assert float(sol.residual) < 1e-8 or kind == "rank_deficient"
+
+
+def test_min_norm_known_two_task_closed_form():
+  # For K = 2 the min-norm weight is (g22 - g12) / (g11 + g22 - 2 g12),
+  # clipped to [0, 1] (Sener & Koltun, Alg. 1).
+  rng = np.random.default_rng(7)
+  for _ in range(20):
+    g = rng.normal(size=(2, 5))
+    a = g @ g.T
+    expected = np.clip((a[1, 1] - a[0, 1]) / (a[0, 0] + a[1, 1] - 2 * a[0, 1]),
+                       0, 1)
+    w = solvers.min_norm_weights(jnp.asarray(a / np.trace(a) * 2,
+                                             jnp.float32)).weights
+    np.testing.assert_allclose(w[0], expected, atol=2e-4)
+
+
+def test_projection_onto_simplex_matches_qp_oracle():
+  rng = np.random.default_rng(3)
+  for num_tasks in (1, 2, 5, 17):
+    for _ in range(5):
+      x = rng.normal(size=num_tasks) * 3
+      oracle = _slsqp_on_simplex(lambda w: np.sum((w - x) ** 2), num_tasks,
+                                 [np.full(num_tasks, 1.0 / num_tasks)])
+      with jax.enable_x64(True):
+        ours = np.asarray(solvers.project_to_simplex(jnp.asarray(x)))
+      np.testing.assert_allclose(ours, oracle.x, atol=1e-6)
+
+
+def test_solver_reports_residual_and_stops_early():
+  gram = jnp.array([[2.0, 0.5], [0.5, 1.0]])
+  sol = solvers.min_norm_weights(gram)
+  assert int(sol.iterations) < 50
+  assert float(sol.residual) <= 1e-5
+  capped = solvers.min_norm_weights(jnp.asarray(
+      _random_gram(np.random.default_rng(0), 30, "correlated"), jnp.float32),
+                                    max_iter=1)
+  assert int(capped.iterations) == 1 and float(capped.residual) > 1e-5
+
+
+def test_warm_start_at_the_solution_takes_one_step():
+  gram = jnp.asarray(_random_gram(np.random.default_rng(1), 8), jnp.float32)
+  cold = solvers.cagrad_dual_weights(gram, 0.4)
+  warm = solvers.cagrad_dual_weights(gram, 0.4, init=cold.weights)
+  assert int(warm.iterations) <= 2 < int(cold.iterations)
+  np.testing.assert_allclose(warm.weights, cold.weights, atol=1e-5)
