@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtl_optax._src import base
@@ -55,8 +56,8 @@ def linear_scalarization(
   method = "linear_scalarization"
   num_tasks = validation.check_num_tasks(num_tasks, method)
   if weights is not None and validation.is_concrete(weights) and (
-      jnp.shape(weights) != (num_tasks,)):
-    raise ValueError(f"{method}: weights has shape {jnp.shape(weights)}, "
+      np.shape(weights) != (num_tasks,)):
+    raise ValueError(f"{method}: weights has shape {np.shape(weights)}, "
                      f"expected ({num_tasks},).")
 
   def fixed(dtype):

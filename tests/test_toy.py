@@ -1,0 +1,60 @@
+"""The CAGrad 2-D toy: the paper's qualitative claims, as regression targets."""
+
+import numpy as np
+import pytest
+
+import mtl_optax as mo
+from mtl_optax import toy
+from mtl_optax.__main__ import main
+
+
+def test_toy_losses_at_known_points():
+  np.testing.assert_allclose(toy.toy_losses(np.array([0.0, -8.3551])),
+                             [-15.0916, -15.0916], atol=1e-3)
+  # Task minima at (+-7, -8.3551) with value -19.989 for the task it minimises.
+  np.testing.assert_allclose(toy.toy_losses(np.array([7.0, -8.3551]))[0],
+                             -19.989, atol=1e-3)
+  np.testing.assert_allclose(
+      toy.toy_losses(np.array([0.0, -8.3551]), l1_scale=0.1)[0], -1.50916,
+      atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def runs():
+  return {
+      "cagrad": toy.run_toy(mo.cagrad(2, c=0.5, rescale=2)),
+      "mean": toy.run_toy(mo.linear_scalarization(2)),
+  }
+
+
+def test_cagrad_reaches_the_average_loss_optimum_from_every_start(runs):
+  final = np.asarray(runs["cagrad"].final)
+  np.testing.assert_allclose(final, np.tile(toy.L0_OPTIMUM, (6, 1)),
+                             atol=1e-2)
+  np.testing.assert_allclose(np.asarray(runs["cagrad"].final_losses).mean(1),
+                             toy.L0_MIN, atol=1e-3)
+
+
+def test_mean_gradient_is_stuck_from_three_starts(runs):
+  l0 = np.asarray(runs["mean"].final_losses).mean(1)
+  stuck = {start for start, value in zip(toy.TOY_STARTS, l0) if value > 0}
+  assert stuck == {(-8.5, 7.5), (-8.5, 5.0), (9.0, 9.0)}
+  # The reference end points of the stuck runs (methods.md §1.9).
+  final = np.asarray(runs["mean"].final)
+  np.testing.assert_allclose(final[0], (-5.06, 2.17), atol=0.1)
+  np.testing.assert_allclose(final[4], (5.04, 2.34), atol=0.1)
+
+
+def test_mgda_and_pcgrad_end_on_the_pareto_set():
+  for method in (mo.mgda(2), mo.pcgrad(2)):
+    final = np.asarray(toy.run_toy(method).final)
+    assert np.all(np.abs(final[:, 0]) <= 7.05)
+    assert np.all((final[:, 1] < -8.3) & (final[:, 1] > -8.45))
+
+
+def test_command_line_main_job_writes_plot_and_table(tmp_path, capsys):
+  assert main(["toy", "--steps", "2000", "--out", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert "CAGrad (c=0.5)" in out and "average L0" in out
+  assert (tmp_path / "toy_trajectories.png").stat().st_size > 10_000
+  assert (tmp_path / "toy_results.json").exists()

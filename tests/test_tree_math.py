@@ -1,0 +1,83 @@
+"""Gram matrix, normalisation and weighted sums over stacked trees."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtl_optax._src import tree_math
+
+
+def _stacked(key, num_tasks, dtype=jnp.float32):
+  k1, k2, k3 = jax.random.split(key, 3)
+  return {"a": jax.random.normal(k1, (num_tasks, 3, 4), dtype),
+          "b": [jax.random.normal(k2, (num_tasks,), dtype),
+                jax.random.normal(k3, (num_tasks, 2, 2, 2), dtype)]}
+
+
+def _flat(tree):
+  leaves = jax.tree.leaves(tree)
+  return np.concatenate([np.asarray(l, np.float64).reshape(l.shape[0], -1)
+                         for l in leaves], axis=1)
+
+
+def test_gram_matches_flattened_numpy():
+  tree = _stacked(jax.random.PRNGKey(0), 5)
+  j = _flat(tree)
+  np.testing.assert_allclose(tree_math.gram_matrix(tree), j @ j.T, rtol=1e-5)
+
+
+def test_gram_accumulates_bf16_in_float32():
+  tree = _stacked(jax.random.PRNGKey(1), 3, jnp.bfloat16)
+  gram = tree_math.gram_matrix(tree)
+  assert gram.dtype == jnp.float32
+  j = _flat(tree)
+  np.testing.assert_allclose(gram, j @ j.T, rtol=1e-5)
+
+
+def test_gram_float64_under_x64():
+  with jax.enable_x64(True):
+    tree = jax.tree.map(lambda x: x.astype(jnp.float64),
+                        _stacked(jax.random.PRNGKey(2), 3))
+    assert tree_math.gram_matrix(tree).dtype == jnp.float64
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1e-20, 1.0, 1e20, 1e30])
+def test_normalized_gram_is_scale_free(scale):
+  tree = _stacked(jax.random.PRNGKey(3), 4)
+  reference = tree_math.normalized_gram(tree)
+  scaled = jax.tree.map(lambda x: x * jnp.float32(scale), tree)
+  out = jax.jit(tree_math.normalized_gram)(scaled)
+  assert np.all(np.isfinite(out.gram)) and np.isfinite(out.rms_norm)
+  if scale == 0.0:
+    np.testing.assert_array_equal(out.gram, 0.0)
+    assert float(out.rms_norm) == 0.0
+  else:
+    np.testing.assert_allclose(out.gram, reference.gram, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out.rms_norm / scale, reference.rms_norm,
+                               rtol=1e-4)
+    np.testing.assert_allclose(np.trace(out.gram), 4.0, rtol=1e-5)
+
+
+def test_normalized_gram_propagates_nan():
+  tree = _stacked(jax.random.PRNGKey(4), 3)
+  tree["a"] = tree["a"].at[0, 0, 0].set(jnp.nan)
+  assert np.all(np.isnan(tree_math.normalized_gram(tree).gram))
+
+
+def test_weighted_task_sum_and_mean():
+  tree = _stacked(jax.random.PRNGKey(5), 4)
+  weights = jnp.array([0.1, -2.0, 0.5, 3.0])
+  out = tree_math.weighted_task_sum(weights, tree)
+  for got, leaf in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):
+    np.testing.assert_allclose(got, np.tensordot(weights, leaf, axes=1),
+                               rtol=1e-5, atol=1e-6)
+  mean = tree_math.task_mean(tree)
+  for got, leaf in zip(jax.tree.leaves(mean), jax.tree.leaves(tree)):
+    np.testing.assert_allclose(got, leaf.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_sum_keeps_leaf_dtype():
+  tree = _stacked(jax.random.PRNGKey(6), 2, jnp.bfloat16)
+  out = tree_math.weighted_task_sum(jnp.array([0.5, 0.5]), tree)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
