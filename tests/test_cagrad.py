@@ -159,3 +159,37 @@ def test_coefficients_are_invariant_to_gram_scale():
   a, _ = cagrad_coefficients(gram, 0.4)
   b, _ = cagrad_coefficients(gram * 1e6, 0.4)
   np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
+def test_cagrad_fast_solves_the_papers_surrogate_problem():
+  """CAGrad-Fast: the k sampled tasks plus the mean of the rest, exact."""
+  rng = np.random.default_rng(3)
+  num_tasks, k, c = 6, 2, 0.5
+  grads = rng.normal(size=(num_tasks, 9)) + 0.3
+  with jax.enable_x64(True):
+    tx = mo.cagrad(num_tasks, c=c, rescale=0, num_sampled_tasks=k, seed=4,
+                   tol=1e-12, max_iter=5000)
+    state = tx.init(jnp.zeros(9))
+    update, new_state = tx.update(jnp.asarray(grads), state)
+    _, subkey = jax.random.split(state.key)
+    order = np.asarray(jax.random.permutation(subkey, num_tasks))
+  sampled, rest = order[:k], order[k:]
+  g0 = grads.mean(0)
+  g_hat = (num_tasks * g0 - grads[sampled].sum(0)) / (num_tasks - k)
+  surrogate = np.vstack([grads[sampled], g_hat])
+  # Paper's primal: d* maximises the worst surrogate improvement in the ball;
+  # at the optimum min_j <s_j, d*> equals the dual value (Lemma A.2).
+  w = np.asarray(new_state.dual_weights)[list(sampled)]
+  w = np.append(w, np.asarray(new_state.dual_weights)[rest].sum())
+  g_w = w @ surrogate
+  dual_value = g_w @ g0 + c * np.linalg.norm(g0) * np.linalg.norm(g_w)
+  np.testing.assert_allclose(np.min(surrogate @ np.asarray(update)),
+                             dual_value, rtol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(update - g0),
+                             c * np.linalg.norm(g0), rtol=1e-6)
+  assert not np.array_equal(new_state.key, state.key)
+
+
+def test_cagrad_fast_rejects_bad_sample_sizes():
+  with pytest.raises(ValueError, match="num_sampled_tasks"):
+    mo.cagrad(4, num_sampled_tasks=4)

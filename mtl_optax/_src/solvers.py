@@ -204,13 +204,15 @@ def min_norm_weights(gram: jax.Array, init: jax.Array | None = None,
 
 def cagrad_dual_weights(gram: jax.Array, c: jax.Array | float,
                         init: jax.Array | None = None, max_iter: int = 500,
-                        tol: float | None = None) -> SimplexSolution:
+                        tol: float | None = None,
+                        anchor: jax.Array | None = None) -> SimplexSolution:
   """CAGrad's dual: ``argmin_w g_w^T g0 + c ||g0|| ||g_w||`` over the simplex.
 
-  In Gram form (Liu et al., 2021, Eq. 3 and the official code):
-  ``F(w) = w^T A 1/K + c sqrt(1^T A 1 / K^2) sqrt(w^T A w)``. The square root
-  is smoothed by ``eps**2`` of the working dtype (relative to a unit-scale
-  ``A``), far below the official code's absolute 1e-8.
+  In Gram form (Liu et al., 2021, Eq. 3 and the official code), with
+  ``g0 = sum_j anchor_j g_j`` (``anchor = 1/K`` by default):
+  ``F(w) = w^T A b + c sqrt(b^T A b) sqrt(w^T A w)``, ``b = anchor``. The
+  square root is smoothed by ``eps**2`` of the working dtype (relative to a
+  unit-scale ``A``), far below the official code's absolute 1e-8.
 
   Example (the test vector of the CAGrad reference, c = 0.4):
     >>> import jax.numpy as jnp
@@ -223,8 +225,10 @@ def cagrad_dual_weights(gram: jax.Array, c: jax.Array | float,
   dtype = gram.dtype
   if init is None:
     init = jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
-  gram_b = jnp.mean(gram, axis=1)
-  radius = jnp.asarray(c, dtype) * jnp.sqrt(jnp.maximum(jnp.mean(gram), 0.0))
+  if anchor is None:
+    anchor = jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
+  gram_b = gram @ anchor
+  radius = jnp.asarray(c, dtype) * jnp.sqrt(jnp.maximum(anchor @ gram_b, 0.0))
   smooth = jnp.finfo(dtype).eps ** 2 * (jnp.trace(gram) / num_tasks + 1.0)
 
   def value_and_grad(w):

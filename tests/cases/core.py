@@ -10,4 +10,6 @@ CASES = [
     MethodCase("pcgrad", mo.pcgrad, {"seed": 3}, deterministic=False),
     MethodCase("cagrad", mo.cagrad, {"c": 0.4, "rescale": 1}),
     MethodCase("cagrad_c10_rescale0", mo.cagrad, {"c": 10.0, "rescale": 0}),
+    MethodCase("cagrad_fast", mo.cagrad, {"c": 0.4, "num_sampled_tasks": 2},
+               deterministic=False, min_tasks=3),
 ]
