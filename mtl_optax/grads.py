@@ -187,3 +187,57 @@ def value_and_weighted_grad(
     return ((losses, aux) if has_aux else losses), grads
 
   return wrapped
+
+
+def value_and_representation_grads(
+    encode: Callable[..., Any], task_losses_from_features: Callable[..., Any]
+) -> Callable[..., tuple[Any, Any, Any, Callable[[Any], Any]]]:
+  """Per-task gradients w.r.t. a shared representation, not the parameters.
+
+  The cheap variant of gradient balancing (MGDA-UB, Sener & Koltun 2018;
+  LibMTL's ``rep_grad``; TorchJD's ``mtl_backward(features=...)``): the K
+  backward passes stop at the shared features ``z = encode(trunk, x)``, a
+  method combines the stacked feature gradients ``dL_i/dz`` into one
+  cotangent, and ONE backward pass through the encoder gives the trunk's
+  update. Heads get the plain gradient of the summed losses.
+
+  ``wrapped(trunk_params, head_params, encoder_input, *head_args)`` returns
+  ``(losses, feature_grads, head_grads, encoder_vjp)``:
+
+  * ``feature_grads``: the features' tree, every leaf ``(K, *z.shape)``;
+  * ``head_grads``: ``d sum_i L_i / d head_params``;
+  * ``encoder_vjp(feature_update) -> trunk_grads``: back-propagates the
+    combined feature update through the encoder.
+
+  Args:
+    encode: ``(trunk_params, encoder_input) -> features``.
+    task_losses_from_features: ``(head_params, features, *head_args) -> (K,)``.
+
+  Example (with the mean as the method this is just the mean loss's
+  gradient):
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> encode = lambda w, x: jnp.tanh(x @ w)
+    >>> heads = lambda h, z: jnp.stack([jnp.sum(z * h[0]), jnp.sum(z * h[1])])
+    >>> losses, z_grads, h_grads, encoder_vjp = mo.value_and_representation_grads(
+    ...     encode, heads)(jnp.eye(2), jnp.array([[1., 0.], [0., 1.]]),
+    ...                    jnp.array([[0.5, -0.5]]))
+    >>> mean = mo.linear_scalarization(2)
+    >>> z_update, _ = mean.update(z_grads, mean.init(None))
+    >>> print(z_grads.shape, np.asarray(encoder_vjp(z_update), np.float64).round(3))
+    (2, 1, 2) [[ 0.197  0.197]
+     [-0.197 -0.197]]
+  """
+  def wrapped(trunk_params, head_params, encoder_input, *head_args):
+    features, encoder_vjp = jax.vjp(lambda t: encode(t, encoder_input),
+                                    trunk_params)
+    heads_fn = lambda h, z: task_losses_from_features(h, z, *head_args)
+    losses, head_vjp = jax.vjp(heads_fn, head_params, features)
+    if jnp.ndim(losses) != 1:
+      raise ValueError("value_and_representation_grads: the heads must return "
+                       f"a 1-D vector of task losses, got {jnp.shape(losses)}.")
+    basis = jnp.eye(losses.shape[0], dtype=losses.dtype)
+    head_rows, feature_grads = jax.vmap(head_vjp)(basis)
+    head_grads = jax.tree.map(lambda g: jnp.sum(g, axis=0), head_rows)
+    return losses, feature_grads, head_grads, lambda u: encoder_vjp(u)[0]
+
+  return wrapped

@@ -90,3 +90,31 @@ def test_value_and_weighted_grad_is_one_weighted_backward():
         rtol=1e-5, atol=1e-6)
   with pytest.raises(TypeError, match="loss_weights"):
     mo.value_and_weighted_grad(_task_losses, mo.mgda(3))
+
+
+def test_representation_grads_recover_the_parameter_gradient_for_the_mean():
+  k = jax.random.split(jax.random.PRNGKey(3), 4)
+  trunk = jax.random.normal(k[0], (4, 6))
+  heads = jax.random.normal(k[1], (3, 6))
+  x = jax.random.normal(k[2], (5, 4))
+  encode = lambda w, x: jnp.tanh(x @ w)
+  losses_fn = lambda h, z: jnp.mean((z @ h.T) ** 2, axis=0)   # (K,)
+  losses, z_grads, h_grads, encoder_vjp = mo.value_and_representation_grads(
+      encode, losses_fn)(trunk, heads, x)
+  full = lambda t, h: losses_fn(h, encode(t, x))
+  np.testing.assert_allclose(losses, full(trunk, heads), rtol=1e-6)
+  assert z_grads.shape == (3, 5, 6)
+  mean = mo.linear_scalarization(3)
+  z_update, _ = mean.update(z_grads, mean.init(None))
+  expected_trunk = jax.grad(lambda t: jnp.mean(full(t, heads)))(trunk)
+  np.testing.assert_allclose(encoder_vjp(z_update), expected_trunk, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(h_grads, jax.grad(
+      lambda h: jnp.sum(full(trunk, h)))(heads), rtol=1e-5, atol=1e-6)
+  # MGDA-UB: the min-norm combination of the feature gradients.
+  mgda = mo.mgda(3)
+  z_mgda, state = mgda.update(z_grads, mgda.init(None))
+  flat = np.asarray(z_grads).reshape(3, -1)
+  np.testing.assert_allclose(np.asarray(z_mgda).ravel(),
+                             np.asarray(state.weights) @ flat, rtol=1e-5,
+                             atol=1e-6)
