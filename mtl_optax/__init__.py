@@ -18,6 +18,7 @@ import types as _types
 from mtl_optax._src.base import LossWeightingTransformation
 from mtl_optax.grads import value_and_task_grads
 from mtl_optax.grads import value_and_task_grads_from_batches
+from mtl_optax.grads import value_and_representation_grads
 from mtl_optax.grads import value_and_weighted_grad
 
 # --- foundation aggregators ---
@@ -42,6 +43,8 @@ from mtl_optax.cagrad import CAGradState
 # --- loss weightings (issue 6) ---
 
 # --- metrics ---
+from mtl_optax.metrics import delta_m_flat
+from mtl_optax.metrics import delta_m_per_task
 
 __version__ = "0.1.0.dev0"
 
