@@ -41,6 +41,24 @@ from mtl_optax.cagrad import CAGradState
 # --- MARIGOLD (issue 5) ---
 
 # --- loss weightings (issue 6) ---
+from mtl_optax.loss_weighting import db_mtl
+from mtl_optax.loss_weighting import DBMTLState
+from mtl_optax.loss_weighting import dwa
+from mtl_optax.loss_weighting import DWAState
+from mtl_optax.loss_weighting import famo
+from mtl_optax.loss_weighting import FAMOState
+from mtl_optax.loss_weighting import gls
+from mtl_optax.loss_weighting import gradnorm
+from mtl_optax.loss_weighting import GradNormState
+from mtl_optax.loss_weighting import imtl_l
+from mtl_optax.loss_weighting import LearnedScaleState
+from mtl_optax.loss_weighting import LossWeightsState
+from mtl_optax.loss_weighting import random_loss_weighting
+from mtl_optax.loss_weighting import RLWState
+from mtl_optax.loss_weighting import scale_invariant
+from mtl_optax.loss_weighting import stch
+from mtl_optax.loss_weighting import STCHState
+from mtl_optax.loss_weighting import uncertainty_weighting
 
 # --- metrics ---
 from mtl_optax.metrics import delta_m_flat

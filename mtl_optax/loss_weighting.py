@@ -1,0 +1,1140 @@
+"""Loss weightings: per-task coefficients from the losses, one backward pass.
+
+Every method here (except :func:`db_mtl`) is a
+:class:`~mtl_optax.LossWeightingTransformation`: its coefficients ``c`` depend
+only on its own state and the current task losses, so the training step takes
+the gradient of ONE weighted loss ``sum_i c_i L_i`` (one forward and one
+backward pass whatever K is)::
+
+    famo = mo.famo(num_tasks=3)
+    tx = optax.chain(famo, optax.adam(1e-3))
+    opt_state = tx.init(params)
+    losses, grads = mo.value_and_weighted_grad(task_losses, famo)(
+        opt_state[0], params, batch)      # the method's state comes first
+    updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
+
+``update`` hands that ordinary gradient through and advances the method's
+state (learnable log-variances, logits, loss history) from ``task_losses``.
+Given stacked per-task gradients instead (leaves ``(K, *shape)``, e.g. from
+:func:`mtl_optax.value_and_task_grads`) it returns ``sum_i c_i g_i`` with the
+same coefficients: both paths give the same update and the same state.
+
+Common contract:
+
+* ``task_losses`` (shape ``(K,)``) is a required extra argument of ``update``;
+  a missing one, or one of the wrong shape, is a trace-time ``ValueError``.
+  ``tx.loss_weights(state, losses)`` is the rule
+  :func:`mtl_optax.value_and_weighted_grad` calls.
+* The state's ``weights`` field holds the coefficients ``c`` of the last
+  update (``update = sum_i weights[i] g_i``).
+* Non-finite losses or gradients give a non-finite update (so that
+  ``optax.apply_if_finite`` downstream skips the step) and leave the state
+  unchanged.
+* Methods built on logarithms or ratios of losses assume positive losses, as
+  their papers do; finite losses ``<= 0`` never give NaN: they are clamped at
+  0 and a small ``eps`` is added (documented per method).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtl_optax._src import base
+from mtl_optax._src import tree_math
+from mtl_optax._src import validation
+
+__all__ = (
+    "DBMTLState",
+    "DWAState",
+    "FAMOState",
+    "GradNormState",
+    "LearnedScaleState",
+    "LossWeightsState",
+    "RLWState",
+    "STCHState",
+    "db_mtl",
+    "dwa",
+    "famo",
+    "gls",
+    "gradnorm",
+    "imtl_l",
+    "random_loss_weighting",
+    "scale_invariant",
+    "stch",
+    "uncertainty_weighting",
+)
+
+# Bound on learnable log-scales (UW's log-variances, IMTL-L's scales): keeps
+# exp(s) finite when a loss is 0 or negative and the scale would run away.
+_LOG_SCALE_BOUND = 30.0
+
+
+# --------------------------------------------------------------------------
+# Shared machinery.
+# --------------------------------------------------------------------------
+
+
+class _Step(NamedTuple):
+  """What a state-advance rule may read besides the losses."""
+  updates: Any
+  stacked: bool
+  extra_args: dict
+
+
+def _check_positive(value: Any, name: str, method: str) -> None:
+  if validation.is_concrete(value) and bool(jnp.any(jnp.asarray(value) <= 0)):
+    raise ValueError(f"{method}: {name} must be > 0, got {value!r}.")
+
+
+def _static_int(value: Any, name: str, method: str, minimum: int) -> int:
+  """``value`` as a Python int >= minimum, or a clear error (also for tracers,
+  e.g. an int hyper-parameter not marked static in inject_hyperparams)."""
+  if not validation.is_concrete(value) or isinstance(value, jax.Array):
+    raise TypeError(f"{method}: {name} must be a static Python int; with "
+                    f"optax.inject_hyperparams pass static_args=('{name}', ...).")
+  if isinstance(value, bool) or int(value) != value or value < minimum:
+    raise ValueError(f"{method}: {name} must be an int >= {minimum}, got "
+                     f"{value!r}.")
+  return int(value)
+
+
+def _running_mean(mean: jax.Array, value: jax.Array, count: jax.Array
+                  ) -> jax.Array:
+  """Mean of ``count + 1`` values from the mean of the first ``count``;
+  written so that it cannot overflow for finite inputs."""
+  count = count.astype(mean.dtype)
+  return mean * (count / (count + 1)) + value / (count + 1)
+
+
+def _positive(losses: jax.Array, eps: Any) -> jax.Array:
+  """``max(L, 0) + eps`` (and at least the smallest normal float): the guarded
+  argument of a log or a reciprocal."""
+  return jnp.maximum(jnp.maximum(losses, 0.0) + jnp.asarray(eps, losses.dtype),
+                     jnp.finfo(losses.dtype).tiny)
+
+
+def _exp_finite(log_value: jax.Array) -> jax.Array:
+  """``exp`` with the exponent capped at ``log(finfo.max)``: finite weights."""
+  cap = jnp.log(jnp.finfo(log_value.dtype).max)
+  return jnp.exp(jnp.minimum(log_value, cap))
+
+
+def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+  """``num / den`` where ``den > 0``, else 1; clipped to the finite range."""
+  big = jnp.finfo(num.dtype).max
+  ratio = num / jnp.where(den > 0, den, 1.0)
+  return jnp.where(den > 0, jnp.clip(ratio, -big, big), 1.0)
+
+
+def _task_norms(stacked: Any) -> jax.Array:
+  """``||g_i||`` for each task row of a stacked tree, safe from 1e-30 to 1e30.
+
+  One pass in float32 (or wider); a second pass that first divides each row
+  by its largest entry only when the sum of squares overflows or underflows.
+  """
+  leaves = [jnp.asarray(x) for x in jax.tree.leaves(stacked)]
+  dtype = tree_math.accumulation_dtype(stacked)
+  num_tasks = leaves[0].shape[0]
+  rows = [x.reshape(num_tasks, -1).astype(dtype) for x in leaves]
+  sq = sum(jnp.sum(r * r, axis=1) for r in rows)
+  finfo = jnp.finfo(dtype)
+  needs_rescale = jnp.any(jnp.isinf(sq) | (
+      (sq < finfo.tiny / finfo.eps ** 2) & (sq > 0)))
+
+  def rescaled(_):
+    peak = jnp.max(jnp.stack([jnp.max(jnp.abs(r), axis=1) for r in rows]),
+                   axis=0)
+    scale = jnp.where(peak > 0, peak, 1.0)
+    sq_scaled = sum(jnp.sum((r / scale[:, None]) ** 2, axis=1) for r in rows)
+    return scale * jnp.sqrt(sq_scaled)
+
+  return jax.lax.cond(needs_rescale, rescaled, lambda _: jnp.sqrt(sq), None)
+
+
+def _updates_are_stacked(updates: Any, params: Any, num_tasks: int,
+                         method: str) -> bool:
+  """True for stacked per-task gradients, False for one ordinary gradient.
+
+  Raises the library's clear shape error for anything else.
+  """
+  hint = ("" if params is not None else
+          " On the single-backward path (mo.value_and_weighted_grad) pass "
+          "params to update so that an ordinary gradient is recognised.")
+  if base.is_stacked(updates, params, num_tasks):
+    try:
+      validation.check_task_axis(updates, num_tasks, method)
+    except ValueError as err:
+      raise ValueError(str(err) + hint) from None
+    return True
+  u_leaves = jax.tree.leaves(updates)
+  p_leaves = jax.tree.leaves(params)
+  if len(u_leaves) == len(p_leaves) and all(
+      jnp.shape(u) == jnp.shape(p) for u, p in zip(u_leaves, p_leaves)):
+    return False
+  validation.check_task_axis(updates, num_tasks, method)
+  raise ValueError(
+      f"{method}: updates are neither one gradient shaped like params nor "
+      f"stacked per-task gradients with a leading axis of size {num_tasks}.")
+
+
+def _nan_unless(ok: jax.Array, tree: Any) -> Any:
+  return jax.tree.map(lambda u: jnp.where(ok, u, jnp.nan).astype(u.dtype),
+                      tree)
+
+
+def _loss_weighting(
+    num_tasks: int,
+    method: str,
+    init_state: Callable[[jnp.dtype], NamedTuple],
+    coefficients: Callable[[NamedTuple, jax.Array], jax.Array],
+    advance: Callable[[NamedTuple, jax.Array, jax.Array, _Step], NamedTuple],
+) -> base.LossWeightingTransformation:
+  """Builds a loss weighting from its two rules.
+
+  Args:
+    num_tasks: K, already validated.
+    method: public name, for error messages.
+    init_state: ``dtype -> State`` (a NamedTuple with a ``weights`` field).
+    coefficients: ``(state, losses) -> c`` (K,): the loss weights of this step.
+    advance: ``(state, losses, c, step) -> new_state``.
+  """
+
+  def loss_weights(state, task_losses):
+    validation.check_task_losses(task_losses, num_tasks, method, required=True)
+    losses = jnp.asarray(task_losses).astype(state.weights.dtype)
+    return coefficients(state, losses)
+
+  def init_fn(params):
+    return init_state(base.state_dtype(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    task_losses = extra_args.get("task_losses")
+    validation.check_task_losses(task_losses, num_tasks, method, required=True)
+    stacked = _updates_are_stacked(updates, params, num_tasks, method)
+    if not jax.tree.leaves(updates):
+      return updates, state
+    losses = jnp.asarray(task_losses).astype(state.weights.dtype)
+    coeffs = coefficients(state, losses)
+    new_state = advance(state, losses, coeffs,
+                        _Step(updates, stacked, extra_args))
+    out = tree_math.weighted_task_sum(coeffs, updates) if stacked else updates
+    losses_ok = jnp.all(jnp.isfinite(losses))
+    out = _nan_unless(losses_ok, out)
+    finite = losses_ok & jnp.all(jnp.isfinite(coeffs))
+    for leaf in jax.tree.leaves(out):
+      finite &= jnp.all(jnp.isfinite(leaf))
+    new_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, jnp.asarray(new).astype(old.dtype),
+                                   old), new_state, state)
+    return out, new_state
+
+  return base.loss_weighting_transformation(init_fn, update_fn, loss_weights)
+
+
+class LossWeightsState(NamedTuple):
+  """State of :func:`gls` and :func:`scale_invariant` (no memory).
+
+  Attributes:
+    weights: ``(K,)`` coefficients of the last update.
+  """
+  weights: jax.Array
+
+
+def _memoryless(num_tasks, method, rule):
+  def init_state(dtype):
+    return LossWeightsState(base.uniform_weights(num_tasks, dtype))
+
+  def advance(state, losses, coeffs, step):
+    del state, losses, step
+    return LossWeightsState(coeffs)
+
+  return _loss_weighting(num_tasks, method, init_state,
+                         lambda state, losses: rule(losses), advance)
+
+
+# --------------------------------------------------------------------------
+# Learnable loss scales: uncertainty weighting and IMTL-L.
+# --------------------------------------------------------------------------
+
+
+class LearnedScaleState(NamedTuple):
+  """State of :func:`uncertainty_weighting` and :func:`imtl_l`.
+
+  Attributes:
+    weights: ``(K,)`` coefficients of the last update.
+    log_scales: ``(K,)`` the learnable log-scales ``s`` (UW: log-variances
+      ``log sigma^2``; IMTL-L: the scale exponents).
+    log_scales_opt_state: state of the optimizer that steps ``log_scales``.
+  """
+  weights: jax.Array
+  log_scales: jax.Array
+  log_scales_opt_state: Any
+
+
+def _learned_scale(num_tasks, method, init_log_scale, learning_rate, optimizer,
+                   coefficient_fn, scale_grad_fn):
+  """``c = coefficient_fn(s)``; ``s`` takes one optimizer step per update on
+  ``scale_grad_fn(s, c, losses)``, the closed-form derivative of the method's
+  objective with respect to ``s`` (no extra backward pass)."""
+  opt = optimizer if optimizer is not None else optax.adam(learning_rate)
+
+  def init_state(dtype):
+    s = jnp.full((num_tasks,), init_log_scale, dtype)
+    return LearnedScaleState(coefficient_fn(s), s, opt.init(s))
+
+  def coefficients(state, losses):
+    del losses
+    return coefficient_fn(state.log_scales)
+
+  def advance(state, losses, coeffs, step):
+    del step
+    s = state.log_scales
+    grad = scale_grad_fn(s, coeffs, losses).astype(s.dtype)
+    delta, opt_state = opt.update(grad, state.log_scales_opt_state, s)
+    s = jnp.clip(optax.apply_updates(s, delta), -_LOG_SCALE_BOUND,
+                 _LOG_SCALE_BOUND)
+    return LearnedScaleState(coeffs, s, opt_state)
+
+  return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
+
+
+def uncertainty_weighting(
+    num_tasks: int, learning_rate: float = 0.025,
+    init_log_variance: float = -0.5,
+    optimizer: Optional[optax.GradientTransformation] = None,
+) -> base.LossWeightingTransformation:
+  """Uncertainty weighting (UW): learnable homoscedastic task uncertainties.
+
+  Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to Weigh
+  Losses for Scene Geometry and Semantics", CVPR 2018. Jointly minimises
+  ``sum_i L_i / (2 exp(s_i)) + s_i / 2`` over the model and the log-variances
+  ``s_i = log sigma_i^2`` (LibMTL's form), so ``c_i = 1 / (2 exp(s_i))``.
+
+  The log-variances live in the state, not among the model parameters: each
+  ``update`` takes one step of their own optimizer (default
+  ``optax.adam(learning_rate)``) on the closed-form derivative
+  ``d/ds_i = 1/2 - c_i L_i`` at the same point as the model's gradient, i.e.
+  the joint gradient step of the paper, with no second backward pass and no
+  extra parameters for the user to carry. ``s`` is clipped to ``[-30, 30]``
+  so that a zero or negative loss (for which the objective has no minimum in
+  ``s``) cannot overflow ``exp``.
+
+  Output scale: ``sum_i c_i g_i`` with ``c_i = 1/(2 sigma_i^2)`` (about 0.82
+  at the LibMTL start ``s = -0.5``), as in the paper, not ``g0``.
+
+  Args:
+    num_tasks: number of tasks K.
+    learning_rate: learning rate of the default Adam on ``s`` (0.025 is the
+      ``--method-params-lr`` of the Nash-MTL / FAMO trainers; LibMTL instead
+      trains ``s`` with the model's optimizer). Injectable.
+    init_log_variance: initial ``s`` (LibMTL: -0.5; Nash-MTL: 0).
+    optimizer: optional optax optimizer for ``s``, overriding the default
+      Adam (e.g. ``optax.sgd(lr)`` to mirror the model's optimizer).
+
+  Returns:
+    A :class:`~mtl_optax.LossWeightingTransformation` with
+    :class:`LearnedScaleState`.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> tx = mo.uncertainty_weighting(2, learning_rate=0.1)
+    >>> grad, params = jnp.array([1., 1.]), jnp.zeros(2)
+    >>> state = tx.init(params)
+    >>> losses = jnp.array([4., .25])
+    >>> for _ in range(3):
+    ...   _, state = tx.update(grad, state, params, task_losses=losses)
+    >>> c = tx.loss_weights(state, losses)
+    >>> print(np.asarray(state.log_scales, np.float64).round(4),
+    ...       np.asarray(c, np.float64).round(4))
+    [-0.2018 -0.7989] [0.6118 1.1116]
+  """
+  method = "uncertainty_weighting"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  validation.check_nonnegative(learning_rate, "learning_rate", method)
+  return _learned_scale(
+      num_tasks, method, init_log_variance, learning_rate, optimizer,
+      coefficient_fn=lambda s: 0.5 * jnp.exp(-s),
+      scale_grad_fn=lambda s, c, losses: 0.5 - c * losses)
+
+
+def imtl_l(
+    num_tasks: int, learning_rate: float = 0.025,
+    optimizer: Optional[optax.GradientTransformation] = None,
+) -> base.LossWeightingTransformation:
+  """IMTL-L: loss balancing by learnable scales, the loss half of IMTL.
+
+  Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021. Each loss
+  is replaced by ``exp(s_i) L_i - s_i``, minimised jointly over the model and
+  ``s``; its minimum in ``s`` makes every scaled loss equal to 1. The model
+  gradient is ``sum_i c_i g_i`` with ``c_i = exp(s_i)``; ``s`` (initially 0,
+  as in the paper and LibMTL) takes one step of its own optimizer per update
+  on ``d/ds_i = c_i L_i - 1``, clipped to ``[-30, 30]``.
+
+  Output scale: ``c_i = exp(s_i)`` (all 1 at the start: the loss sum), as in
+  the paper.
+
+  Args:
+    num_tasks: number of tasks K.
+    learning_rate: learning rate of the default Adam on ``s``. Injectable.
+    optimizer: optional optax optimizer for ``s``, overriding the Adam.
+
+  Returns:
+    A :class:`~mtl_optax.LossWeightingTransformation` with
+    :class:`LearnedScaleState`.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> tx = mo.imtl_l(2, learning_rate=0.1)
+    >>> grad, params = jnp.array([1., 1.]), jnp.zeros(2)
+    >>> state = tx.init(params)
+    >>> losses = jnp.array([4., .25])
+    >>> for _ in range(3):
+    ...   _, state = tx.update(grad, state, params, task_losses=losses)
+    >>> print(np.asarray(tx.loss_weights(state, losses), np.float64).round(4))
+    [0.7424 1.3493]
+  """
+  method = "imtl_l"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  validation.check_nonnegative(learning_rate, "learning_rate", method)
+  return _learned_scale(
+      num_tasks, method, 0.0, learning_rate, optimizer,
+      coefficient_fn=jnp.exp,
+      scale_grad_fn=lambda s, c, losses: c * losses - 1.0)
+
+
+# --------------------------------------------------------------------------
+# Dynamic Weight Average.
+# --------------------------------------------------------------------------
+
+
+class DWAState(NamedTuple):
+  """State of :func:`dwa`.
+
+  Attributes:
+    weights: ``(K,)`` coefficients of the last update (they sum to K).
+    loss_history: ``(2, K)`` mean losses of the last two complete periods,
+      older first.
+    loss_mean: ``(K,)`` running mean of the losses of the current period.
+    period_step: ``()`` int32, steps taken in the current period.
+    num_periods: ``()`` int32, complete periods so far, saturating at 2.
+  """
+  weights: jax.Array
+  loss_history: jax.Array
+  loss_mean: jax.Array
+  period_step: jax.Array
+  num_periods: jax.Array
+
+
+def dwa(num_tasks: int, temperature: float = 2.0, period: int = 1
+        ) -> base.LossWeightingTransformation:
+  """Dynamic Weight Average (DWA): weights from the rate of loss descent.
+
+  Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention",
+  CVPR 2019 (MTAN), eq. 7. With ``Lbar_i(p)`` the mean loss of task i over
+  period ``p`` (the paper's epoch):
+  ``w_i = Lbar_i(p-1) / Lbar_i(p-2)``, ``c_i = K softmax(w / T)_i``;
+  ``c = 1`` for the first two periods. ``period`` is the number of steps
+  averaged into one ``Lbar`` (static): set it to the number of steps per
+  epoch to reproduce the paper and LibMTL, or leave 1 to compare the losses
+  of the last two steps. Weights change only when a period completes.
+
+  Guards: a task whose previous mean loss is ``<= 0`` gets ratio 1; ratios
+  are clipped to the finite range, so ``softmax`` never sees ``inf``.
+
+  Output scale: the weights sum to K (the paper's loss sum; equal weights
+  give ``K g0``).
+
+  Args:
+    num_tasks: number of tasks K.
+    temperature: softmax temperature T (paper and LibMTL: 2). Injectable.
+    period: steps per averaging period (static int).
+
+  Returns:
+    A :class:`~mtl_optax.LossWeightingTransformation` with :class:`DWAState`.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> tx = mo.dwa(2, temperature=2.0)
+    >>> params = jnp.zeros(3)
+    >>> state = tx.init(params)
+    >>> for losses in ([1., 1.], [0.5, 1.]):
+    ...   _, state = tx.update(params, state, params,
+    ...                        task_losses=jnp.array(losses))
+    >>> print(np.asarray(tx.loss_weights(state, jnp.array([0.4, 1.])),
+    ...                  np.float64).round(4))
+    [0.8756 1.1244]
+  """
+  method = "dwa"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  _check_positive(temperature, "temperature", method)
+  period = _static_int(period, "period", method, 1)
+
+  def init_state(dtype):
+    return DWAState(jnp.ones((num_tasks,), dtype),
+                    jnp.ones((2, num_tasks), dtype),
+                    jnp.zeros((num_tasks,), dtype),
+                    jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+  def coefficients(state, losses):
+    del losses
+    older, newer = state.loss_history[0], state.loss_history[1]
+    big = jnp.finfo(older.dtype).max
+    ratio = _safe_ratio(newer, older) / jnp.asarray(temperature, older.dtype)
+    dynamic = num_tasks * jax.nn.softmax(jnp.clip(ratio, -big, big))
+    return jnp.where(state.num_periods >= 2, dynamic, jnp.ones_like(dynamic))
+
+  def advance(state, losses, coeffs, step):
+    del step
+    loss_mean = _running_mean(state.loss_mean, losses, state.period_step)
+    period_step = state.period_step + 1
+    done = period_step >= period
+    history = jnp.stack([state.loss_history[1], loss_mean])
+    return DWAState(
+        coeffs,
+        jnp.where(done, history, state.loss_history),
+        jnp.where(done, jnp.zeros_like(loss_mean), loss_mean),
+        jnp.where(done, 0, period_step),
+        jnp.where(done, jnp.minimum(state.num_periods + 1, 2),
+                  state.num_periods))
+
+  return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
+
+
+# --------------------------------------------------------------------------
+# GradNorm.
+# --------------------------------------------------------------------------
+
+
+class GradNormState(NamedTuple):
+  """State of :func:`gradnorm`.
+
+  Attributes:
+    weights: ``(K,)`` the loss weights the last update used.
+    task_weights: ``(K,)`` the learnable weights ``w`` (sum K) after the last
+      GradNorm step: the next update's loss weights.
+    initial_losses: ``(K,)`` ``L_i(0)``, the losses of the first update.
+    step: ``()`` int32, updates so far (saturating at 1).
+    task_weights_opt_state: state of the optimizer that steps ``w``.
+  """
+  weights: jax.Array
+  task_weights: jax.Array
+  initial_losses: jax.Array
+  step: jax.Array
+  task_weights_opt_state: Any
+
+
+def gradnorm(
+    num_tasks: int, alpha: float = 1.5, learning_rate: float = 0.025,
+    optimizer: Optional[optax.GradientTransformation] = None,
+) -> base.LossWeightingTransformation:
+  """GradNorm: balance the gradient norms of a shared layer.
+
+  Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization
+  for Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018. The
+  model takes ``sum_i w_i g_i``; then, with ``n_i = ||grad_W L_i||`` for the
+  chosen shared layer W, ``G_i = w_i n_i``, ``Gbar = mean_i G_i``,
+  ``r_i = Ltilde_i / mean(Ltilde)``, ``Ltilde_i = L_i(t) / L_i(0)``, the
+  weights take one optimizer step on
+  ``L_grad = sum_i |G_i - Gbar r_i^alpha|`` (the target held constant), i.e.
+  on ``d L_grad / d w_i = sign(G_i - Gbar r_i^alpha) n_i``, are clipped at 0
+  and renormalised to sum to K.
+
+  Per-task norms ``n_i`` (the extra input GradNorm needs):
+
+  * extra argument ``layer_grads``: stacked per-task gradients (leaves
+    ``(K, ...)``) of the UNWEIGHTED losses with respect to the layer W (the
+    paper: the last shared layer's weights) or to the shared representation
+    (LibMTL's ``rep_grad``). Cheap: K backward passes through the heads only,
+    e.g. ``mo.value_and_task_grads(lambda z: heads_losses(params, z))(z)``.
+    It is what the single-backward path
+    (:func:`mtl_optax.value_and_weighted_grad`) needs;
+  * otherwise, with stacked per-task gradients as ``updates``, the norms of
+    the whole stacked tree (inside ``optax.partition``: the shared leaves).
+
+  ``L_i(0)`` is the first update's losses (the paper's ``t = 0``; LibMTL uses
+  the first epoch's mean and starts balancing at epoch 1). Guards:
+  ``Ltilde_i = max(L_i, 0) / L_i(0)`` (1 when ``L_i(0) <= 0``), ``r = 1`` when
+  every ``Ltilde`` is 0, and equal weights if every weight is clipped to 0.
+
+  Output scale: the weights sum to K (the paper's), so equal weights give
+  ``K g0``.
+
+  Args:
+    num_tasks: number of tasks K.
+    alpha: strength of the restoring force (paper and LibMTL: 1.5).
+      Injectable.
+    learning_rate: learning rate of the default Adam on ``w``. Injectable.
+    optimizer: optional optax optimizer for ``w`` (e.g. ``optax.sgd(lr)``, the
+      paper's plain gradient step), overriding the Adam.
+
+  Returns:
+    A :class:`~mtl_optax.LossWeightingTransformation` with
+    :class:`GradNormState`.
+
+  Example (two tasks; task 0's layer gradient is 4x larger):
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> tx = mo.gradnorm(2, alpha=1.5, learning_rate=0.1)
+    >>> layer = jnp.array([[4., 0.], [0., 1.]])  # (K, ...) per-task grads
+    >>> params = jnp.zeros(2)
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...   update, state = tx.update(layer, state, params,
+    ...                             task_losses=jnp.array([1., 1.]))
+    >>> print(np.asarray(state.task_weights, np.float64).round(4),
+    ...       np.asarray(update, np.float64).round(4))
+    [0.7 1.3] [3.2 1.2]
+  """
+  method = "gradnorm"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  validation.check_nonnegative(alpha, "alpha", method)
+  validation.check_nonnegative(learning_rate, "learning_rate", method)
+  opt = optimizer if optimizer is not None else optax.adam(learning_rate)
+
+  def init_state(dtype):
+    w = jnp.ones((num_tasks,), dtype)
+    return GradNormState(w, w, jnp.ones((num_tasks,), dtype),
+                         jnp.zeros((), jnp.int32), opt.init(w))
+
+  def coefficients(state, losses):
+    del losses
+    return state.task_weights
+
+  def task_norms(step):
+    layer = step.extra_args.get("layer_grads")
+    if layer is not None:
+      validation.check_task_axis(layer, num_tasks, method, what="layer_grads")
+      return _task_norms(layer)
+    if step.stacked:
+      return _task_norms(step.updates)
+    raise ValueError(
+        f"{method}: per-task gradient norms are needed. On the single-backward "
+        "path pass the extra argument layer_grads (stacked per-task gradients "
+        f"of the unweighted losses w.r.t. a shared layer, leaves ({num_tasks}, "
+        "...)), or give update stacked per-task gradients.")
+
+  def advance(state, losses, coeffs, step):
+    w = state.task_weights
+    dtype = w.dtype
+    norms = task_norms(step).astype(dtype)
+    initial = jnp.where(state.step == 0, losses, state.initial_losses)
+    ltilde = _safe_ratio(jnp.maximum(losses, 0.0), initial)
+    mean_l = jnp.mean(ltilde)
+    r = jnp.where(mean_l > 0, ltilde / jnp.where(mean_l > 0, mean_l, 1.0), 1.0)
+    g = w * norms
+    target = jnp.mean(g) * r ** jnp.asarray(alpha, dtype)
+    grad = jnp.sign(g - target) * norms  # d L_grad / d w, target constant
+    delta, opt_state = opt.update(grad, state.task_weights_opt_state, w)
+    w_new = jnp.maximum(optax.apply_updates(w, delta), 0.0)
+    total = jnp.sum(w_new)
+    w_new = jnp.where(total > 0, num_tasks * w_new / jnp.where(
+        total > 0, total, 1.0), jnp.ones_like(w_new))
+    new_state = GradNormState(coeffs, w_new, initial,
+                              jnp.minimum(state.step + 1, 1), opt_state)
+    # Non-finite layer gradients (possible even when the update is finite,
+    # layer_grads being a separate input) must not poison w: keep the state.
+    ok = jnp.all(jnp.isfinite(norms))
+    return jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state,
+                        state)
+
+  return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
+
+
+# --------------------------------------------------------------------------
+# FAMO.
+# --------------------------------------------------------------------------
+
+
+class FAMOState(NamedTuple):
+  """State of :func:`famo`.
+
+  Attributes:
+    weights: ``(K,)`` coefficients of the last update (on the simplex).
+    logits: ``(K,)`` the logits ``xi`` (task weights ``z = softmax(xi)``),
+      before the pending step that the next losses trigger.
+    logits_opt_state: state of the logits' Adam (with weight decay gamma).
+    prev_losses: ``(K,)`` the losses of the last update.
+    step: ``()`` int32, updates so far (saturating at 1).
+  """
+  weights: jax.Array
+  logits: jax.Array
+  logits_opt_state: Any
+  prev_losses: jax.Array
+  step: jax.Array
+
+
+def famo(num_tasks: int, w_lr: float = 0.025, gamma: float = 1e-3,
+         min_losses: Optional[Sequence[float] | jax.Array] = None,
+         eps: float = 1e-8) -> base.LossWeightingTransformation:
+  """FAMO: Fast Adaptive Multitask Optimization, O(1) space and time.
+
+  Liu, Feng, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization",
+  NeurIPS 2023. With ``D_i = L_i - Lmin_i + eps`` and ``z = softmax(xi)``, the
+  model descends ``sum_i z_i log D_i / sum_j (z_j / D_j)``, i.e.
+  ``c_i = (z_i / D_i) / sum_j (z_j / D_j)`` (on the simplex); the logits take
+  one Adam step (lr ``w_lr``, L2 weight decay ``gamma`` added to the gradient
+  as in ``torch.optim.Adam``) on ``J_softmax(xi)^T delta`` with
+  ``delta_i = log D_i(before step) - log D_i(after step)``. One backward pass
+  per step whatever K is (:func:`mtl_optax.value_and_weighted_grad`).
+
+  Timing (no second forward pass): the official supervised trainers
+  re-evaluate the batch after the optimizer step to get ``delta``. Here the
+  update at step t receives ``L_t`` and keeps ``L_{t-1}`` in its state; the
+  logit step for the previous move, ``delta = log D(L_{t-1}) - log D(L_t)``,
+  is taken first and ``c_t`` comes from the new logits (``loss_weights``
+  takes the same pending step, so the gradient of step t already uses it).
+  There is therefore no delay in the logits: it is the order of the official
+  toy trainer, which calls ``update(L_t)`` just before the step-t backward,
+  and on a full-batch problem it is the official algorithm step for step. On
+  mini-batches ``L_{t-1}`` and ``L_t`` come from different batches, so
+  ``delta`` carries batch-to-batch noise that the same-batch second forward
+  avoids. The first update takes no logit step.
+
+  Guards: ``D_i = max(L_i - Lmin_i, 0) + eps`` (the official code takes the
+  log of ``L_i - Lmin_i + eps`` unguarded). The official ``max_norm`` gradient
+  clipping is not part of the method: chain ``optax.clip_by_global_norm``.
+
+  Output scale: a convex combination of the task gradients (``c`` on the
+  simplex; ``g0`` when all losses and logits are equal).
+
+  Args:
+    num_tasks: number of tasks K.
+    w_lr: Adam learning rate of the logits (paper/LibMTL: 0.025). Injectable.
+    gamma: weight decay of the logits (LibMTL: 1e-3; famo.py 0.01; the
+      official toy uses 0). Injectable.
+    min_losses: ``(K,)`` lower bounds ``Lmin`` of the losses (default 0; the
+      official toy uses ``(-2.1, -21)``).
+    eps: added to ``L - Lmin`` before log and division (official: 1e-8).
+
+  Returns:
+    A :class:`~mtl_optax.LossWeightingTransformation` with :class:`FAMOState`.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> tx = mo.famo(2)
+    >>> params = jnp.zeros(2)
+    >>> state = tx.init(params)
+    >>> for losses in ([1., 1.], [0.5, 0.9], [0.3, 0.85]):
+    ...   c = tx.loss_weights(state, jnp.array(losses))
+    ...   _, state = tx.update(params, state, params,
+    ...                        task_losses=jnp.array(losses))
+    >>> print(np.asarray(c, np.float64).round(4),
+    ...       np.asarray(state.logits, np.float64).round(4))
+    [0.7195 0.2805] [-0.0496  0.0496]
+  """
+  method = "famo"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  validation.check_nonnegative(w_lr, "w_lr", method)
+  validation.check_nonnegative(gamma, "gamma", method)
+  validation.check_nonnegative(eps, "eps", method)
+  if min_losses is not None and np.shape(min_losses) != (num_tasks,):
+    raise ValueError(f"{method}: min_losses has shape {np.shape(min_losses)}, "
+                     f"expected ({num_tasks},).")
+  logits_opt = optax.chain(optax.add_decayed_weights(gamma),
+                           optax.adam(w_lr))
+
+  def init_state(dtype):
+    logits = jnp.zeros((num_tasks,), dtype)
+    return FAMOState(base.uniform_weights(num_tasks, dtype), logits,
+                     logits_opt.init(logits), jnp.ones((num_tasks,), dtype),
+                     jnp.zeros((), jnp.int32))
+
+  def log_gap(losses):
+    lmin = (jnp.zeros_like(losses) if min_losses is None
+            else jnp.asarray(min_losses, losses.dtype))
+    return jnp.log(_positive(losses - lmin, eps))
+
+  def pending_logits(state, losses):
+    """The logit step for the move that took L_{t-1} to L_t (none at t=0)."""
+    delta = log_gap(state.prev_losses) - log_gap(losses)
+    z = jax.nn.softmax(state.logits)
+    grad = z * (delta - jnp.dot(z, delta))  # J_softmax(xi)^T delta
+    step, opt_state = logits_opt.update(grad, state.logits_opt_state,
+                                        state.logits)
+    logits = optax.apply_updates(state.logits, step)
+    first = state.step == 0
+    return (jnp.where(first, state.logits, logits),
+            jax.tree.map(lambda new, old: jnp.where(first, old, new),
+                         opt_state, state.logits_opt_state))
+
+  def coefficients(state, losses):
+    logits, _ = pending_logits(state, losses)
+    # z_i / D_i normalised, in log space so that 1/D cannot overflow.
+    return jax.nn.softmax(jax.nn.log_softmax(logits) - log_gap(losses))
+
+  def advance(state, losses, coeffs, step):
+    del step
+    logits, opt_state = pending_logits(state, losses)
+    return FAMOState(coeffs, logits, opt_state, losses,
+                     jnp.minimum(state.step + 1, 1))
+
+  return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
+
+
+# --------------------------------------------------------------------------
+# Smooth Tchebycheff scalarisation.
+# --------------------------------------------------------------------------
+
+
+class STCHState(NamedTuple):
+  """State of :func:`stch`.
+
+  Attributes:
+    weights: ``(K,)`` coefficients of the last update.
+    step: ``()`` int32, updates so far (saturating at the end of warm-up).
+    nadir: ``(K,)`` running mean of the (clamped) losses of the
+      nadir-estimation steps: the nadir vector once they are over.
+  """
+  weights: jax.Array
+  step: jax.Array
+  nadir: jax.Array
+
+
+def stch(num_tasks: int, mu: float = 1.0, warmup_steps: int = 0,
+         nadir_steps: int = 1, eps: float = 1e-20
+         ) -> base.LossWeightingTransformation:
+  """STCH: smooth Tchebycheff scalarisation of the log losses.
+
+  Lin et al., "Smooth Tchebycheff Scalarization for Multi-Objective
+  Optimization", ICML 2024, in the multi-task form of its official code (also
+  LibMTL's): the model descends
+  ``K mu log sum_i exp(l_i / mu)`` with ``l_i = log(L_i / N_i + eps)``, ``N``
+  the nadir vector (mean losses of a warm-up phase), i.e.
+  ``c_i = K softmax(l / mu)_i / (L_i + eps N_i)``; a smooth maximum that
+  favours the task furthest (relatively) from its nadir.
+
+  Phases, by update count: the first ``warmup_steps + nadir_steps`` updates
+  descend the log-loss sum ``sum_i log(L_i + eps)`` (``c_i = 1/(L_i+eps)``),
+  and the last ``nadir_steps`` of them are averaged into ``N``; STCH then
+  starts. LibMTL: 4 warm-up epochs plus one nadir epoch (pass steps). With
+  ``nadir_steps=0`` the nadir is 1 (plain STCH on ``log L``). Losses are
+  clamped at 0; a nadir entry ``<= 0`` is replaced by 1.
+
+  Output scale: ``c_i = K p_i / L_i`` (``p = softmax``), the paper's K-scaled
+  scalarisation; equal relative losses give the log-loss sum's gradient.
+
+  Args:
+    num_tasks: number of tasks K.
+    mu: smoothing parameter (> 0; LibMTL default 1). Injectable.
+    warmup_steps: updates before nadir estimation (static int).
+    nadir_steps: updates averaged into the nadir vector (static int).
+    eps: added inside the log (official: 1e-20). Injectable.
+
+  Returns:
+    A :class:`~mtl_optax.LossWeightingTransformation` with :class:`STCHState`.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> tx = mo.stch(2, mu=1.0, nadir_steps=1)
+    >>> params = jnp.zeros(2)
+    >>> state = tx.init(params)
+    >>> _, state = tx.update(params, state, params,
+    ...                      task_losses=jnp.array([2., 1.]))
+    >>> print(np.asarray(tx.loss_weights(state, jnp.array([1., 1.])),
+    ...                  np.float64).round(4))
+    [0.6667 1.3333]
+  """
+  method = "stch"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  _check_positive(mu, "mu", method)
+  validation.check_nonnegative(eps, "eps", method)
+  warmup_steps = _static_int(warmup_steps, "warmup_steps", method, 0)
+  nadir_steps = _static_int(nadir_steps, "nadir_steps", method, 0)
+  phase_end = warmup_steps + nadir_steps
+
+  def init_state(dtype):
+    return STCHState(jnp.ones((num_tasks,), dtype), jnp.zeros((), jnp.int32),
+                     jnp.zeros((num_tasks,), dtype))
+
+  def coefficients(state, losses):
+    losses = jnp.maximum(losses, 0.0)
+    e = jnp.asarray(eps, losses.dtype)
+    if nadir_steps:
+      nadir = jnp.where(state.nadir > 0, state.nadir, 1.0)
+    else:
+      nadir = jnp.ones_like(losses)
+    tiny = jnp.finfo(losses.dtype).tiny
+    big = jnp.finfo(losses.dtype).max
+    log_rel = jnp.log(jnp.maximum(jnp.minimum(losses / nadir, big) + e, tiny))
+    log_p = jax.nn.log_softmax(log_rel / jnp.asarray(mu, losses.dtype))
+    # K p_i / (L_i + eps N_i), in log space: no under/overflowing products.
+    stch_c = _exp_finite(jnp.log(float(num_tasks)) + log_p - log_rel
+                         - jnp.log(nadir))
+    warm_c = 1.0 / jnp.maximum(losses + e, tiny)
+    return jnp.where(state.step >= phase_end, stch_c, warm_c)
+
+  def advance(state, losses, coeffs, step):
+    del step
+    in_nadir = (state.step >= warmup_steps) & (state.step < phase_end)
+    nadir = _running_mean(state.nadir, jnp.maximum(losses, 0.0),
+                          state.step - warmup_steps)
+    return STCHState(coeffs, jnp.minimum(state.step + 1, phase_end),
+                     jnp.where(in_nadir, nadir, state.nadir))
+
+  return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
+
+
+# --------------------------------------------------------------------------
+# Memoryless and random weightings.
+# --------------------------------------------------------------------------
+
+
+def gls(num_tasks: int, eps: float = 1e-8) -> base.LossWeightingTransformation:
+  """GLS: Geometric Loss Strategy, the geometric mean of the task losses.
+
+  Chennupati, Sistu, Yogamani & Rawashdeh, "MultiNet++: Multi-Stream Feature
+  Aggregation and Geometric Loss Strategy for Multi-Task Learning", CVPR
+  Workshops 2019. The model descends ``(prod_i L_i)^(1/K)``:
+  ``c_i = G / (K L_i)`` with ``G`` the geometric mean of the losses, computed
+  as ``exp(mean(log L) - log L_i) / K`` (no overflow of the product for large
+  K). It is the scale-invariant log-sum's gradient times ``G / K``.
+
+  Guard: ``L_i -> max(L_i, 0) + eps`` (the paper has no guard).
+
+  Output scale: ``g0`` when all losses are equal (``c_i = 1/K``).
+
+  Args:
+    num_tasks: number of tasks K.
+    eps: added to the clamped losses. Injectable.
+
+  Returns:
+    A :class:`~mtl_optax.LossWeightingTransformation` with
+    :class:`LossWeightsState`.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> tx = mo.gls(2)
+    >>> c = tx.loss_weights(tx.init(jnp.zeros(1)), jnp.array([1., 4.]))
+    >>> print(np.asarray(c, np.float64).round(4))
+    [1.   0.25]
+  """
+  method = "gls"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  validation.check_nonnegative(eps, "eps", method)
+
+  def rule(losses):
+    logs = jnp.log(_positive(losses, eps))
+    return _exp_finite(jnp.mean(logs) - logs - jnp.log(float(num_tasks)))
+
+  return _memoryless(num_tasks, method, rule)
+
+
+def scale_invariant(num_tasks: int, eps: float = 1e-8
+                    ) -> base.LossWeightingTransformation:
+  """Scale-invariant linear scalarisation: the sum of the log losses.
+
+  The baseline of Navon et al., "Multi-Task Learning as a Bargaining Game",
+  ICML 2022 (Nash-MTL's ``scaleinvls``): the model descends
+  ``sum_i log L_i``, so ``c_i = 1 / L_i``, invariant to rescaling any task's
+  loss.
+
+  Guard: ``L_i -> max(L_i, 0) + eps`` (the reference code has no guard).
+
+  Output scale: ``c_i = 1/L_i``, as defined (not ``g0``).
+
+  Args:
+    num_tasks: number of tasks K.
+    eps: added to the clamped losses. Injectable.
+
+  Returns:
+    A :class:`~mtl_optax.LossWeightingTransformation` with
+    :class:`LossWeightsState`.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> tx = mo.scale_invariant(2)
+    >>> grads = jnp.array([[1., 0.], [0., 1.]])  # stacked per-task gradients
+    >>> update, state = tx.update(grads, tx.init(jnp.zeros(2)), jnp.zeros(2),
+    ...                           task_losses=jnp.array([2., 0.5]))
+    >>> print(np.asarray(update, np.float64).round(4))
+    [0.5 2. ]
+  """
+  method = "scale_invariant"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  validation.check_nonnegative(eps, "eps", method)
+  return _memoryless(num_tasks, method,
+                     lambda losses: 1.0 / _positive(losses, eps))
+
+
+class RLWState(NamedTuple):
+  """State of :func:`random_loss_weighting`.
+
+  Attributes:
+    weights: ``(K,)`` the random weights of the last update (on the simplex).
+    key: PRNG key; the next weights are drawn from ``split(key)[1]``.
+  """
+  weights: jax.Array
+  key: jax.Array
+
+
+def random_loss_weighting(num_tasks: int, seed: int = 0
+                          ) -> base.LossWeightingTransformation:
+  """RLW: random loss weights, a fresh draw every step.
+
+  Lin et al., "Reasonable Effectiveness of Random Weighting: A Litmus Test for
+  Multi-Task Learning", TMLR 2022 (arXiv:2111.10603). Each step
+  ``c = softmax(e)``, ``e ~ N(0, I_K)`` (the paper's and LibMTL's default
+  distribution). ``loss_weights`` and ``update`` draw from the same key, so
+  the weights of the weighted-loss gradient are the ones the state records;
+  the key advances once per update.
+
+  Output scale: ``c`` on the simplex (``g0`` on average over draws, up to
+  the spread of the softmax).
+
+  Args:
+    num_tasks: number of tasks K.
+    seed: seed of the PRNG key kept in the state (static int).
+
+  Returns:
+    A :class:`~mtl_optax.LossWeightingTransformation` with :class:`RLWState`.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> tx = mo.random_loss_weighting(3, seed=0)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> c = tx.loss_weights(state, jnp.ones(3))
+    >>> _, state = tx.update(jnp.zeros(2), state, jnp.zeros(2),
+    ...                      task_losses=jnp.ones(3))
+    >>> print(bool(jnp.allclose(c, state.weights)), float(jnp.sum(c).round(4)))
+    True 1.0
+  """
+  method = "random_loss_weighting"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+
+  def init_state(dtype):
+    return RLWState(base.uniform_weights(num_tasks, dtype),
+                    jax.random.PRNGKey(seed))
+
+  def coefficients(state, losses):
+    _, subkey = jax.random.split(state.key)
+    draw = jax.random.normal(subkey, (num_tasks,), jnp.float32)
+    return jax.nn.softmax(draw).astype(losses.dtype)
+
+  def advance(state, losses, coeffs, step):
+    del losses, step
+    key, _ = jax.random.split(state.key)
+    return RLWState(coeffs, key)
+
+  return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
+
+
+# --------------------------------------------------------------------------
+# DB-MTL (needs stacked per-task gradients).
+# --------------------------------------------------------------------------
+
+
+class DBMTLState(NamedTuple):
+  """State of :func:`db_mtl`.
+
+  Attributes:
+    weights: ``(K,)`` the magnitude factors ``alpha`` of the last update
+      (``update = sum_i alpha_i ghat_i``, ``ghat`` the EMA buffer).
+    step: ``()`` int32, updates so far.
+    grad_buffer: tree shaped like the stacked gradients (leaves ``(K, ...)``,
+      float32 or wider): the EMA ``ghat_i`` of the log-loss gradients.
+  """
+  weights: jax.Array
+  step: jax.Array
+  grad_buffer: Any
+
+
+def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0,
+           eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
+  """DB-MTL: dual balancing of loss scales and gradient magnitudes.
+
+  Lin et al., "Dual-Balancing for Multi-Task Learning", arXiv:2308.12029
+  (2023). Loss-scale balancing: each task's gradient is that of
+  ``log(L_i + eps)``, ``h_i = g_i / (L_i + eps)``. Gradient-magnitude
+  balancing: an EMA ``ghat_i <- h_i + beta_t (ghat_i - h_i)`` with
+  ``beta_t = beta / t^beta_sigma`` (``ghat = 0`` at the start), then
+  ``d = sum_i (max_j ||ghat_j|| / ||ghat_i||) ghat_i``: every task enters
+  with the largest task's gradient norm.
+
+  Unlike the other methods of this module it needs per-task gradient
+  VECTORS (the EMA is kept per task, O(K x params) state), so it is a
+  stacked-gradient method (:func:`mtl_optax.value_and_task_grads`), not a
+  :class:`~mtl_optax.LossWeightingTransformation`: it has no single-backward
+  form, and ``mo.value_and_weighted_grad`` refuses it. ``task_losses`` is
+  required.
+
+  Guards: ``L_i -> max(L_i, 0) + eps``; a task whose EMA is exactly zero gets
+  factor 0 (LibMTL divides by ``||ghat_i|| + 1e-8``, which makes the factors
+  depend on the gradients' absolute scale; here they are scale-free).
+
+  Output scale: the paper's: a sum of K vectors of norm ``max_j ||ghat_j||``.
+
+  Args:
+    num_tasks: number of tasks K.
+    beta: EMA coefficient (LibMTL: 0.9). Injectable.
+    beta_sigma: decay exponent of beta over steps (LibMTL: 0). Injectable.
+    eps: added to the clamped losses (LibMTL: 1e-8). Injectable.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with :class:`DBMTLState`.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> tx = mo.db_mtl(2)
+    >>> grads = jnp.array([[3., 0.], [0., 1.]])
+    >>> update, state = tx.update(grads, tx.init(jnp.zeros(2)), None,
+    ...                           task_losses=jnp.array([1., 1.]))
+    >>> print(np.asarray(update, np.float64).round(4),
+    ...       np.asarray(state.weights, np.float64).round(4))
+    [0.3 0.3] [1. 3.]
+  """
+  method = "db_mtl"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  validation.check_nonnegative(beta, "beta", method)
+  validation.check_nonnegative(beta_sigma, "beta_sigma", method)
+  validation.check_nonnegative(eps, "eps", method)
+
+  def init_fn(params):
+    def zeros(p):
+      p = jnp.asarray(p)
+      dtype = jnp.promote_types(p.dtype, jnp.float32)
+      return jnp.zeros((num_tasks, *p.shape), dtype)
+    return DBMTLState(jnp.ones((num_tasks,), base.state_dtype(params)),
+                      jnp.zeros((), jnp.int32), jax.tree.map(zeros, params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params
+    validation.check_task_axis(updates, num_tasks, method)
+    task_losses = extra_args.get("task_losses")
+    validation.check_task_losses(task_losses, num_tasks, method, required=True)
+    if not jax.tree.leaves(updates):
+      return updates, state
+    dtype = state.weights.dtype
+    losses = jnp.asarray(task_losses).astype(dtype)
+    inv = 1.0 / _positive(losses, eps)
+    step = state.step + 1
+    beta_t = jnp.asarray(beta, dtype) / step.astype(dtype) ** jnp.asarray(
+        beta_sigma, dtype)
+
+    def ema(g, buf):
+      scale = inv.astype(buf.dtype).reshape((num_tasks,) + (1,) * (g.ndim - 1))
+      h = g.astype(buf.dtype) * scale
+      return h + beta_t.astype(buf.dtype) * (buf - h)
+
+    buffer = jax.tree.map(ema, updates, state.grad_buffer)
+    norms = _task_norms(buffer).astype(dtype)
+    big = jnp.finfo(dtype).max
+    peak = jnp.max(norms)
+    alpha = jnp.where(norms > 0, jnp.clip(
+        peak / jnp.where(norms > 0, norms, 1.0), 0.0, big), 0.0)
+    out = jax.tree.map(
+        lambda b, g: tree_math.weighted_task_sum(alpha, b).astype(g.dtype),
+        buffer, updates)
+    finite = jnp.all(jnp.isfinite(alpha))
+    for leaf in jax.tree.leaves(out):
+      finite &= jnp.all(jnp.isfinite(leaf))
+    new_state = DBMTLState(alpha, step, buffer)
+    new_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new.astype(old.dtype), old),
+        new_state, state)
+    return out, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
