@@ -35,6 +35,28 @@ from mtl_optax.cagrad import CAGradState
 # --- aggregators: dual cone, closed forms, bargaining (issue 3, part A) ---
 
 # --- aggregators: surgery, stochastic, robust, weightings (issue 3, part B) ---
+from mtl_optax.robust import krum
+from mtl_optax.robust import KrumState
+from mtl_optax.robust import trimmed_mean
+from mtl_optax.robust import TrimmedMeanState
+from mtl_optax.stochastic import excess_mtl
+from mtl_optax.stochastic import ExcessMTLState
+from mtl_optax.stochastic import moco
+from mtl_optax.stochastic import MoCoState
+from mtl_optax.stochastic import modo
+from mtl_optax.stochastic import MoDoState
+from mtl_optax.stochastic import sdmgrad
+from mtl_optax.stochastic import SDMGradState
+from mtl_optax.surgery import graddrop
+from mtl_optax.surgery import GradDropState
+from mtl_optax.surgery import gradvac
+from mtl_optax.surgery import GradVacState
+from mtl_optax.weightings import constant
+from mtl_optax.weightings import ConstantState
+from mtl_optax.weightings import ema_weights
+from mtl_optax.weightings import EMAWeightsState
+from mtl_optax.weightings import random_weighting
+from mtl_optax.weightings import RandomWeightingState
 
 # --- transference, TAG, IT-MTL (issue 4) ---
 

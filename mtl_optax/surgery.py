@@ -1,0 +1,286 @@
+"""Gradient surgery beyond PCGrad: GradVac and GradDrop.
+
+* :func:`gradvac` -- Gradient Vaccine: PCGrad-style corrections towards
+  adaptive (EMA) cosine-similarity targets, run on the K x K Gram matrix.
+* :func:`graddrop` -- Gradient Sign Dropout: a random per-coordinate choice of
+  sign, kept with probability given by the sign purity of the task gradients.
+  It works coordinate by coordinate, so it reads the gradients themselves and
+  its ``weights`` are a summary, not the coefficients of its update.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtl_optax._src import base
+from mtl_optax._src import tree_math
+from mtl_optax._src import validation
+from mtl_optax.weightings import _guarded_transformation
+
+__all__ = [
+    "graddrop",
+    "GradDropState",
+    "gradvac",
+    "GradVacState",
+]
+
+
+class GradVacState(NamedTuple):
+  """State of :func:`gradvac`.
+
+  Attributes:
+    weights: ``(K,)`` coefficients of the last update (``d = sum_i w_i g_i``).
+    targets: ``(K, K)`` EMA of the cosine similarities, ``targets[i, j]`` for
+      the (corrected) gradient of task i against the gradient of task j; zero
+      at the start, where GradVac reduces to PCGrad.
+    key: PRNG key for the random visiting orders.
+  """
+  weights: jax.Array
+  targets: jax.Array
+  key: jax.Array
+
+
+def gradvac_coefficients(gram: jax.Array, targets: jax.Array,
+                         beta: jax.Array | float, key: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+  """GradVac's update ``mean_i g_i^PC`` as coefficients on the task gradients.
+
+  As in :func:`mtl_optax.aggregators.pcgrad_coefficients`, each corrected
+  gradient is tracked as ``g_i^PC = sum_k C[i, k] g_k``, so cosines and norms
+  come from the Gram matrix: ``<g_i^PC, g_j> = C[i] G[:, j]`` and
+  ``||g_i^PC||^2 = C[i] G C[i]``. Each task visits the others in its own
+  random order, drawn exactly as PCGrad draws it, so that with zero targets
+  both give the same result for the same key. Any positive rescaling of
+  ``gram`` gives the same coefficients.
+
+  Returns:
+    ``(coefficients (K,), new_targets (K, K))``.
+  """
+  num_tasks = gram.shape[0]
+  dtype = gram.dtype
+  if num_tasks == 1:
+    return jnp.ones((1,), dtype), targets.astype(dtype)
+  beta = jnp.asarray(beta, dtype)
+  eps = jnp.finfo(dtype).eps
+  rows = jnp.arange(num_tasks)
+  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+  orders = jax.vmap(lambda k: jax.random.permutation(k, num_tasks - 1))(
+      jax.random.split(key, num_tasks))
+  partners = orders + (orders >= rows[:, None])  # skip each task itself
+
+  def visit(carry, partner):
+    # projected[i, k] = <g_i^PC, g_k> = (C G)[i, k], kept up to date by the
+    # rank-one corrections below: O(K^2) per round instead of a K^3 product.
+    coeffs, projected, targets = carry
+    dot = projected[rows, partner]
+    norm_i = jnp.sqrt(jnp.maximum(jnp.sum(projected * coeffs, axis=1), 0.0))
+    norm_j = norms[partner]
+    denom = norm_i * norm_j
+    # A zero gradient has no direction: its cosine counts as 0 (as TorchJD's
+    # eps-guarded ratio gives) and it receives no correction.
+    cos = jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
+    cos = jnp.clip(cos, -1.0, 1.0)
+    target = targets[rows, partner]
+    sin = jnp.sqrt(jnp.maximum(1.0 - cos * cos, 0.0))
+    # A target of exactly +-1 would need an infinite step along g_j; floor
+    # its sine at sqrt(eps) so the correction stays finite.
+    sin_target = jnp.sqrt(jnp.maximum(1.0 - target * target, eps))
+    step = norm_i * (target * sin - cos * sin_target) / (
+        jnp.where(norm_j > 0, norm_j, 1.0) * sin_target)
+    step = jnp.where((cos < target) & (norm_j > 0), step, 0.0)
+    coeffs = coeffs.at[rows, partner].add(step)
+    projected = projected + step[:, None] * gram[partner]
+    targets = targets.at[rows, partner].set((1 - beta) * target + beta * cos)
+    return (coeffs, projected, targets), None
+
+  (coeffs, _, targets), _ = jax.lax.scan(
+      visit, (jnp.eye(num_tasks, dtype=dtype), gram, targets.astype(dtype)),
+      partners.T)
+  return jnp.mean(coeffs, axis=0), targets
+
+
+def gradvac(num_tasks: int, beta: float = 0.5, seed: int = 0
+            ) -> optax.GradientTransformationExtraArgs:
+  """GradVac: move pairwise gradient similarities towards adaptive targets.
+
+  Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine: Investigating and Improving
+  Multi-task Optimization in Massively Multilingual Models", ICLR 2021. For
+  each task i, in a fresh random order of the other tasks j, with
+  ``phi = cos(g_i^PC, g_j)`` and target ``t = targets[i, j]``: if
+  ``phi < t``, ``g_i^PC += ||g_i^PC|| (t sqrt(1-phi^2) - phi sqrt(1-t^2)) /
+  (||g_j|| sqrt(1-t^2)) g_j``; then ``targets[i, j] <- (1-beta) t + beta phi``.
+  ``d = (1/K) sum_i g_i^PC`` (the scale of ``g0``, like :func:`mo.pcgrad
+  <mtl_optax.pcgrad>`; LibMTL and TorchJD sum, i.e. K times larger). With the
+  initial zero targets the correction is PCGrad's projection, so the first
+  step equals ``mo.pcgrad(num_tasks, seed)`` exactly.
+
+  Everything runs on the K x K Gram matrix (as TorchJD's ``GradVacWeighting``)
+  with a ``lax.scan`` over the K - 1 rounds: two reads of the gradients. This
+  is GradVac's "whole model" granularity; for its per-layer variants give
+  each group its own instance through ``optax.partition``.
+
+  Args:
+    num_tasks: number of tasks K.
+    beta: EMA rate of the similarity targets, in [0, 1] (paper, LibMTL and
+      TorchJD: 0.5; the paper's 1e-2 for its large-scale runs). Injectable.
+    seed: seed of the PRNG key kept in the state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with :class:`GradVacState`.
+
+  Example (TorchJD's test matrix; TorchJD sums, giving twice this):
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
+    >>> tx = mo.gradvac(2)
+    >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)))
+    >>> print(np.asarray(update, np.float64).round(4))
+    [0.2924 1.9006 1.9006]
+    >>> print(np.asarray(state.targets, np.float64).round(4))
+    [[ 0.     -0.4206]
+     [-0.4206  0.    ]]
+  """
+  method = "gradvac"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  if validation.is_concrete(beta) and not 0.0 <= float(beta) <= 1.0:
+    raise ValueError(f"{method}: beta must be in [0, 1], got {beta!r}.")
+
+  def init_state(dtype):
+    return GradVacState(base.uniform_weights(num_tasks, dtype),
+                        jnp.zeros((num_tasks, num_tasks), dtype),
+                        jax.random.PRNGKey(seed))
+
+  def rule(context, state):
+    key, subkey = jax.random.split(state.key)
+    coeffs, targets = gradvac_coefficients(context.gram, state.targets, beta,
+                                           subkey)
+    return coeffs, GradVacState(coeffs, targets, key)
+
+  return base.task_weighting_transformation(num_tasks, method, init_state, rule)
+
+
+class GradDropState(NamedTuple):
+  """State of :func:`graddrop`.
+
+  Attributes:
+    weights: ``(K,)`` summary of the last step, not coefficients of the update
+      (the masks act coordinate by coordinate): ``weights[i] = (1/K)
+      <m_i * g_i, g_i> / ||g_i||^2``, the least-squares coefficient of task
+      i's masked gradient on ``g_i``, i.e. ``1/K`` times the share of
+      ``||g_i||^2`` that was kept (``1/K`` when nothing is dropped or
+      ``g_i = 0``).
+    key: PRNG key of the next draw.
+  """
+  weights: jax.Array
+  key: jax.Array
+  weights_are_coefficients = False
+
+
+def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
+             ) -> optax.GradientTransformationExtraArgs:
+  """GradDrop: keep one sign per coordinate, chosen by sign purity.
+
+  Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, "Just Pick a Sign:
+  Optimizing Deep Multitask Models with Gradient Sign Dropout", NeurIPS 2020,
+  Algorithm 1, applied per parameter coordinate as in the CAGrad
+  repository's baseline and TorchJD: ``P = (1 + sum_i g_i / sum_i |g_i|) / 2``,
+  ``U ~ Unif[0, 1)`` per coordinate, mask ``M_i = [P > U][g_i > 0] +
+  [P < U][g_i < 0]``, and ``d = (1/K) sum_i (l_i + (1 - l_i) M_i) * g_i``.
+
+  Output scale: ``(1/K)`` times the sum, the scale of ``g0`` (a coordinate
+  where every task agrees in sign gives exactly ``g0`` there). The CAGrad
+  repository's ``mean * K``, TorchJD's ``GradDrop`` and LibMTL return the sum:
+  K times this; chain ``optax.scale(num_tasks)`` to match them.
+
+  The purity is computed as ``sum(g / a) / sum(|g| / a)`` with ``a = max_i
+  |g_i|`` per coordinate, so it neither overflows nor divides by zero
+  (coordinates where every task is zero give zero). Each step splits the key
+  in the state, ``key, sub = split(key)``, then one key per leaf,
+  ``split(sub, num_leaves)``, and draws ``U`` of the leaf's parameter shape in
+  float32 (float64 for float64 gradients). NaN in any task at a coordinate
+  gives NaN there. The paper applies GradDrop to activations; pass
+  representation gradients (``rep_grad``-style) to do the same.
+
+  Args:
+    num_tasks: number of tasks K.
+    seed: seed of the PRNG key kept in the state.
+    leak: leak ``l`` in [0, 1], a scalar or one per task: the fraction of
+      each task's gradient that bypasses the mask (paper and LibMTL default:
+      0). Injectable.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with :class:`GradDropState`.
+
+  Example (TorchJD's test matrix; here U < 0.6 at the first coordinate, so the
+  positive sign survives; TorchJD's sum is [6, 2, 2]):
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
+    >>> tx = mo.graddrop(2, seed=0)
+    >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)))
+    >>> print(np.asarray(update, np.float64).round(4))
+    [3. 1. 1.]
+    >>> print(np.asarray(state.weights, np.float64).round(4))
+    [0.0556 0.5   ]
+  """
+  method = "graddrop"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  if validation.is_concrete(leak):
+    leak_np = np.asarray(leak)
+    if leak_np.shape not in ((), (num_tasks,)):
+      raise ValueError(f"{method}: leak must be a scalar or have shape "
+                       f"({num_tasks},), got shape {leak_np.shape}.")
+    if np.any(leak_np < 0) or np.any(leak_np > 1):
+      raise ValueError(f"{method}: leak must be in [0, 1], got {leak!r}.")
+
+  def init_fn(params):
+    return GradDropState(
+        base.uniform_weights(num_tasks, base.state_dtype(params)),
+        jax.random.PRNGKey(seed))
+
+  def step(updates, state, params, extra_args):
+    del params, extra_args
+    key, subkey = jax.random.split(state.key)
+    leaves, treedef = jax.tree.flatten(updates)
+    keys = jax.random.split(subkey, len(leaves))
+    acc = tree_math.accumulation_dtype(updates)
+    leaks = jnp.broadcast_to(jnp.asarray(leak, acc), (num_tasks,))
+    # Per-task peaks keep the squared norms of the weights summary finite for
+    # gradients up to the dtype's range.
+    peaks = jnp.max(jnp.stack([
+        jnp.max(jnp.abs(x.reshape(num_tasks, -1)), axis=1,
+                initial=0).astype(acc)
+        for x in leaves]), axis=0)
+    peaks = jnp.where(peaks > 0, peaks, 1.0)
+    kept = jnp.zeros((num_tasks,), acc)
+    total = jnp.zeros((num_tasks,), acc)
+    outputs = []
+    for leaf, leaf_key in zip(leaves, keys):
+      grads = leaf.astype(acc)
+      task_shape = (num_tasks,) + (1,) * (grads.ndim - 1)
+      peak = jnp.max(jnp.abs(grads), axis=0)
+      peak = jnp.where(peak > 0, peak, 1.0)
+      purity = 0.5 * (1.0 + jnp.sum(grads / peak, axis=0) / jnp.maximum(
+          jnp.sum(jnp.abs(grads) / peak, axis=0), 1.0))
+      uniform = jax.random.uniform(leaf_key, grads.shape[1:], acc)
+      mask = (((purity > uniform) & (grads > 0))
+              | ((purity < uniform) & (grads < 0)))
+      leak_b = leaks.reshape(task_shape)
+      factor = leak_b + (1.0 - leak_b) * mask
+      # Multiplying (not selecting) keeps NaN at a NaN coordinate.
+      outputs.append((jnp.sum(factor * grads, axis=0) / num_tasks).astype(
+          leaf.dtype))
+      scaled = (grads / peaks.reshape(task_shape)) ** 2
+      axes = tuple(range(1, grads.ndim))
+      kept = kept + jnp.sum(factor * scaled, axis=axes)
+      total = total + jnp.sum(scaled, axis=axes)
+    weights = jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0),
+                        1.0) / num_tasks
+    return (jax.tree.unflatten(treedef, outputs),
+            GradDropState(weights.astype(state.weights.dtype), key))
+
+  return _guarded_transformation(num_tasks, method, init_fn, step)
+

@@ -1,0 +1,333 @@
+"""Simple weightings: fixed weights, random weights, and EMA-smoothed weights.
+
+* :func:`constant` -- a fixed combination ``sum_i w_i g_i`` (TorchJD's
+  ``Constant``).
+* :func:`random_weighting` -- Random Loss Weighting (RLW): fresh weights
+  ``softmax(z)``, ``z ~ N(0, I)``, at every step.
+* :func:`ema_weights` -- CR-MOGM: an exponential moving average over the
+  weights of another weighting method.
+
+The private helpers at the end (:func:`_guarded_transformation` and friends)
+are shared with :mod:`mtl_optax.surgery`, :mod:`mtl_optax.stochastic` and
+:mod:`mtl_optax.robust`, whose methods are not plain functions of the Gram
+matrix and so cannot use ``base.task_weighting_transformation``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtl_optax._src import base
+from mtl_optax._src import tree_math
+from mtl_optax._src import validation
+
+__all__ = [
+    "constant",
+    "ConstantState",
+    "ema_weights",
+    "EMAWeightsState",
+    "random_weighting",
+    "RandomWeightingState",
+]
+
+
+class ConstantState(NamedTuple):
+  """State of :func:`constant`.
+
+  Attributes:
+    weights: ``(K,)`` the fixed weights.
+  """
+  weights: jax.Array
+
+
+def constant(num_tasks: int, weights: Sequence[float] | jax.Array
+             ) -> optax.GradientTransformationExtraArgs:
+  """A fixed, user-given combination of the task gradients.
+
+  ``d = sum_i w_i g_i`` with ``w`` used exactly as given (not normalised,
+  signs allowed), as TorchJD's ``Constant``. Output scale: whatever ``w``
+  makes it; weights summing to 1 give the scale of ``g0``. The weights are
+  injectable with ``optax.inject_hyperparams``. Reads the gradients once (no
+  Gram matrix). :func:`mtl_optax.linear_scalarization` is the same map with
+  the mean ``1/K`` as default.
+
+  Args:
+    num_tasks: number of tasks K.
+    weights: ``(K,)`` task weights.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with :class:`ConstantState`.
+
+  Example (TorchJD's ``Constant([1, 2])`` on J = [[-4, 1, 1], [6, 1, 1]]):
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
+    >>> tx = mo.constant(2, jnp.array([1., 2.]))
+    >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)))
+    >>> print(np.asarray(update, np.float64).round(4))
+    [8. 3. 3.]
+  """
+  method = "constant"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  if weights is None:
+    raise ValueError(f"{method}: weights (shape ({num_tasks},)) are required.")
+  if validation.is_concrete(weights) and np.shape(weights) != (num_tasks,):
+    raise ValueError(f"{method}: weights has shape {np.shape(weights)}, "
+                     f"expected ({num_tasks},).")
+
+  def fixed(dtype):
+    return jnp.asarray(weights, dtype)
+
+  def rule(context, state):
+    del state
+    w = fixed(context.dtype)
+    return w, ConstantState(w)
+
+  return base.task_weighting_transformation(
+      num_tasks, method, lambda dtype: ConstantState(fixed(dtype)), rule,
+      needs_gram=False)
+
+
+class RandomWeightingState(NamedTuple):
+  """State of :func:`random_weighting`.
+
+  Attributes:
+    weights: ``(K,)`` the random weights of the last step (on the simplex).
+    key: PRNG key of the next draw.
+  """
+  weights: jax.Array
+  key: jax.Array
+
+
+def random_weighting(num_tasks: int, seed: int = 0
+                     ) -> optax.GradientTransformationExtraArgs:
+  """Random Loss Weighting (RLW): a random convex combination at every step.
+
+  Lin, Ye, Xu, Shi & Zhang, "Reasonable Effectiveness of Random Weighting: A
+  Litmus Test for Multi-Task Learning", TMLR 2022 (arXiv:2111.10603),
+  Algorithm 2 (as LibMTL's ``RLW`` and TorchJD's ``Random``):
+  ``w = softmax(z)``, ``z ~ N(0, I_K)`` drawn afresh at each step,
+  ``d = sum_i w_i g_i``. The weights lie on the simplex with mean ``1/K``, so
+  ``d`` is on the scale of ``g0`` in expectation. Each step splits the key in
+  the state: ``key, sub = split(key)``; ``z = normal(sub, (K,))`` in float32.
+
+  Args:
+    num_tasks: number of tasks K.
+    seed: seed of the PRNG key kept in the state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with
+    :class:`RandomWeightingState`.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
+    >>> tx = mo.random_weighting(2, seed=0)
+    >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)))
+    >>> print(np.asarray(state.weights, np.float64).round(4))
+    [0.3997 0.6003]
+    >>> print(np.asarray(update, np.float64).round(4))
+    [2.0031 1.     1.    ]
+  """
+  method = "random_weighting"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+
+  def init_fn(params):
+    return RandomWeightingState(
+        base.uniform_weights(num_tasks, base.state_dtype(params)),
+        jax.random.PRNGKey(seed))
+
+  def step(updates, state, params, extra_args):
+    del params, extra_args
+    key, subkey = jax.random.split(state.key)
+    weights = jax.nn.softmax(jax.random.normal(subkey, (num_tasks,),
+                                                jnp.float32))
+    weights = weights.astype(state.weights.dtype)
+    return (tree_math.weighted_task_sum(weights, updates),
+            RandomWeightingState(weights, key))
+
+  return _guarded_transformation(num_tasks, method, init_fn, step)
+
+
+class EMAWeightsState(NamedTuple):
+  """State of :func:`ema_weights`.
+
+  Attributes:
+    weights: ``(K,)`` the smoothed weights used by the last update.
+    count: number of finite steps taken (the first step sets the average).
+    inner_state: the wrapped method's state, held opaquely (its own
+      ``weights`` field is hidden from ``optax.tree.get``, so that the smoothed
+      ``weights`` above is the only one found); the wrapped state is
+      ``inner_state.value``.
+  """
+  weights: jax.Array
+  count: jax.Array
+  inner_state: Any
+
+
+class _Opaque:
+  """A pytree node that hides the structure of the value it holds.
+
+  It flattens to the value's leaves with the value's tree structure as static
+  data, so ``jit``, ``tree.map`` and checkpointing see ordinary arrays while
+  ``optax.tree.get`` cannot reach the NamedTuple fields inside.
+  """
+
+  def __init__(self, value):
+    self.value = value
+
+  def __repr__(self):
+    return f"_Opaque({self.value!r})"
+
+
+jax.tree_util.register_pytree_node(
+    _Opaque,
+    lambda node: (jax.tree.leaves(node.value), jax.tree.structure(node.value)),
+    lambda treedef, leaves: _Opaque(jax.tree.unflatten(treedef, leaves)))
+
+
+def ema_weights(inner: optax.GradientTransformation, num_tasks: int,
+                alpha: float = 0.9) -> optax.GradientTransformationExtraArgs:
+  """CR-MOGM: exponential moving average over another method's task weights.
+
+  Zhou, Zhang, Jiang, Tsang, Li & Yang, "On the Convergence of Stochastic
+  Multi-Objective Gradient Manipulation and Beyond", NeurIPS 2022: the
+  weights ``w_hat_k`` returned by the wrapped method at step ``k`` are
+  smoothed as ``w_k = alpha w_{k-1} + (1 - alpha) w_hat_k`` with
+  ``w_0 = w_hat_1`` (so the first step equals the wrapped method), and the
+  update is ``d = sum_i w_k[i] g_i``. Output scale: that of the wrapped
+  method's weights (e.g. convex weights of MGDA: ``g0`` scale). ``alpha = 0``
+  reproduces the wrapped method; ``alpha = 1`` freezes the first weights.
+  Defaults follow TorchJD's ``CRMOGMWeighting`` (``alpha = 0.9``); the paper's
+  Corollary 1 lets ``alpha`` grow towards 1 as the learning rate decays: use
+  ``optax.inject_hyperparams`` for a schedule.
+
+  The wrapped method must be a *weighting*: its state's ``weights`` field must
+  be the coefficients of its update, ``update = sum_i weights[i] g_i`` (MGDA,
+  CAGrad, PCGrad, GradVac, IMTL-G, MoDo, SDMGrad, ...). Methods whose
+  ``weights`` are only summaries (GradDrop, trimmed mean, MoCo) are refused.
+  The wrapped method's own update is never used, so under ``jit`` its
+  weighted sum is dead code and costs nothing.
+
+  Args:
+    inner: the wrapped transformation, built for the same ``num_tasks``.
+    num_tasks: number of tasks K.
+    alpha: weight of the previous average, in [0, 1]. Injectable.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with :class:`EMAWeightsState`.
+
+  Example (MGDA on two alternating batches):
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> tx = mo.ema_weights(mo.mgda(2), 2, alpha=0.5)
+    >>> state = tx.init(jnp.zeros(3))
+    >>> for grads in ([[-4., 1., 1.], [6., 1., 1.]], [[1., 0., 0.], [0., 1., 0.]]):
+    ...   update, state = tx.update(jnp.array(grads), state)
+    ...   print(np.asarray(state.weights, np.float64).round(4))
+    [0.6 0.4]
+    [0.55 0.45]
+  """
+  method = "ema_weights"
+  if not (hasattr(inner, "init") and hasattr(inner, "update")):
+    raise TypeError(f"{method}: inner must be an optax transformation (e.g. "
+                    f"mo.mgda(num_tasks)), got {type(inner).__name__}. Note "
+                    "the argument order: ema_weights(inner, num_tasks).")
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  if validation.is_concrete(alpha) and not 0.0 <= float(alpha) <= 1.0:
+    raise ValueError(f"{method}: alpha must be in [0, 1], got {alpha!r}.")
+
+  def inner_weights(inner_state):
+    weights = optax.tree.get(inner_state, "weights")
+    if weights is None or np.shape(weights) != (num_tasks,):
+      found = "none" if weights is None else f"shape {np.shape(weights)}"
+      raise ValueError(
+          f"{method}: the wrapped method's state must have a `weights` field "
+          f"of shape ({num_tasks},), found {found}; build it with "
+          f"num_tasks={num_tasks}.")
+    summaries = [type(node).__name__ for node in _named_tuples(inner_state)
+                 if not getattr(type(node), "weights_are_coefficients", True)]
+    if summaries:
+      raise ValueError(
+          f"{method}: the wrapped method ({summaries[0]}) is not a weighting: "
+          "its `weights` are not the coefficients of its update.")
+    return weights
+
+  def init_fn(params):
+    inner_state = inner.init(params)
+    inner_weights(inner_state)
+    return EMAWeightsState(
+        base.uniform_weights(num_tasks, base.state_dtype(params)),
+        jnp.zeros((), jnp.int32), _Opaque(inner_state))
+
+  def step(updates, state, params, extra_args):
+    _, inner_state = inner.update(updates, state.inner_state.value, params,
+                                  **extra_args)
+    fresh = inner_weights(inner_state).astype(state.weights.dtype)
+    a = jnp.asarray(alpha, state.weights.dtype)
+    smoothed = jnp.where(state.count == 0, fresh,
+                         a * state.weights + (1 - a) * fresh)
+    return (tree_math.weighted_task_sum(smoothed, updates),
+            EMAWeightsState(smoothed, state.count + 1, _Opaque(inner_state)))
+
+  return _guarded_transformation(num_tasks, method, init_fn, step)
+
+
+# --- private helpers shared with surgery.py, stochastic.py, robust.py ---
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  """One boolean: every element of every leaf is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _guarded_transformation(
+    num_tasks: int,
+    method: str,
+    init_fn: Callable[[Any], NamedTuple],
+    step: Callable[[Any, NamedTuple, Any, dict], tuple[Any, NamedTuple]],
+    requires_task_losses: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """A transformation for methods that need the gradients themselves.
+
+  Does what ``base.task_weighting_transformation`` does around a rule (the
+  trace-time checks, the empty-tree case, keeping the old state on a
+  non-finite step) for a ``step(updates, state, params, extra_args) ->
+  (update, new_state)`` that computes the update itself. A step is non-finite
+  when the new weights or the update are; the update is returned either way,
+  so NaN reaches ``optax.apply_if_finite`` downstream.
+  """
+
+  def update_fn(updates, state, params=None, **extra_args):
+    validation.check_task_axis(updates, num_tasks, method)
+    validation.check_task_losses(extra_args.get("task_losses"), num_tasks,
+                                 method, required=requires_task_losses)
+    if not jax.tree.leaves(updates):
+      return updates, state
+    update, new_state = step(updates, state, params, extra_args)
+    finite = _all_finite(new_state.weights) & _all_finite(update)
+    new_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, jnp.asarray(new).astype(old.dtype),
+                                   old), new_state, state)
+    return update, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _named_tuples(tree: Any) -> list:
+  """Every NamedTuple node of ``tree``, at any depth."""
+  found = []
+
+  def visit(node):
+    if hasattr(type(node), "_fields"):
+      found.append(node)
+    return False
+
+  jax.tree.leaves(tree, is_leaf=visit)
+  return found
+
