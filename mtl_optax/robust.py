@@ -23,7 +23,6 @@ import optax
 from mtl_optax._src import base
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
-from mtl_optax.weightings import _guarded_transformation
 
 __all__ = [
     "krum",
@@ -212,4 +211,5 @@ def trimmed_mean(num_tasks: int, trim_number: int = 1
     return (jax.tree.unflatten(jax.tree.structure(updates), outputs),
             TrimmedMeanState(weights.astype(state.weights.dtype)))
 
-  return _guarded_transformation(num_tasks, method, init_fn, step)
+  return base.guarded_transformation(
+      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))

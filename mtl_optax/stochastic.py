@@ -37,7 +37,6 @@ from mtl_optax._src import base
 from mtl_optax._src import solvers
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
-from mtl_optax.weightings import _guarded_transformation
 
 __all__ = [
     "excess_mtl",
@@ -256,7 +255,8 @@ def excess_mtl(num_tasks: int, robust_step_size: float = 1e-2,
     return (tree_math.weighted_task_sum(weights, updates),
             ExcessMTLState(weights, state.count + 1, baseline, root))
 
-  return _guarded_transformation(num_tasks, method, init_fn, step)
+  return base.guarded_transformation(
+      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
 
 
 # ------------------------------------------------------------------- SDMGrad
@@ -359,7 +359,8 @@ def sdmgrad(num_tasks: int, lam: float = 0.3, lr: float = 5.0,
     return (tree_math.weighted_task_sum(weights, updates),
             SDMGradState(weights.astype(sdtype), w.astype(sdtype)))
 
-  return _guarded_transformation(num_tasks, method, init_fn, step)
+  return base.guarded_transformation(
+      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
 
 
 # ---------------------------------------------------------------------- MoDo
@@ -430,7 +431,8 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.1
     return (tree_math.weighted_task_sum(weights, updates),
             MoDoState(weights.astype(state.weights.dtype)))
 
-  return _guarded_transformation(num_tasks, method, init_fn, step)
+  return base.guarded_transformation(
+      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
 
 
 # ---------------------------------------------------------------------- MoCo
@@ -539,5 +541,6 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
                           updates)
     return update, MoCoState(weights, state.count + 1, tracked)
 
-  return _guarded_transformation(num_tasks, method, init_fn, step,
+  return base.guarded_transformation(
+      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step),
                                  requires_task_losses=True)

@@ -20,7 +20,6 @@ import optax
 from mtl_optax._src import base
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
-from mtl_optax.weightings import _guarded_transformation
 
 __all__ = [
     "graddrop",
@@ -282,5 +281,6 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
     return (jax.tree.unflatten(treedef, outputs),
             GradDropState(weights.astype(state.weights.dtype), key))
 
-  return _guarded_transformation(num_tasks, method, init_fn, step)
+  return base.guarded_transformation(
+      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
 

@@ -7,10 +7,10 @@
 * :func:`ema_weights` -- CR-MOGM: an exponential moving average over the
   weights of another weighting method.
 
-The private helpers at the end (:func:`_guarded_transformation` and friends)
-are shared with :mod:`mtl_optax.surgery`, :mod:`mtl_optax.stochastic` and
-:mod:`mtl_optax.robust`, whose methods are not plain functions of the Gram
-matrix and so cannot use ``base.task_weighting_transformation``.
+Methods that are not plain functions of the Gram matrix (here and in
+:mod:`mtl_optax.surgery`, :mod:`mtl_optax.stochastic`, :mod:`mtl_optax.robust`)
+build on ``base.guarded_transformation`` instead of
+``base.task_weighting_transformation``.
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def random_weighting(num_tasks: int, seed: int = 0
     return (tree_math.weighted_task_sum(weights, updates),
             RandomWeightingState(weights, key))
 
-  return _guarded_transformation(num_tasks, method, init_fn, step)
+  return base.guarded_transformation(
+      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
 
 
 class EMAWeightsState(NamedTuple):
@@ -273,50 +274,11 @@ def ema_weights(inner: optax.GradientTransformation, num_tasks: int,
     return (tree_math.weighted_task_sum(smoothed, updates),
             EMAWeightsState(smoothed, state.count + 1, _Opaque(inner_state)))
 
-  return _guarded_transformation(num_tasks, method, init_fn, step)
+  return base.guarded_transformation(
+      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
 
 
 # --- private helpers shared with surgery.py, stochastic.py, robust.py ---
-
-
-def _all_finite(tree: Any) -> jax.Array:
-  """One boolean: every element of every leaf is finite."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def _guarded_transformation(
-    num_tasks: int,
-    method: str,
-    init_fn: Callable[[Any], NamedTuple],
-    step: Callable[[Any, NamedTuple, Any, dict], tuple[Any, NamedTuple]],
-    requires_task_losses: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-  """A transformation for methods that need the gradients themselves.
-
-  Does what ``base.task_weighting_transformation`` does around a rule (the
-  trace-time checks, the empty-tree case, keeping the old state on a
-  non-finite step) for a ``step(updates, state, params, extra_args) ->
-  (update, new_state)`` that computes the update itself. A step is non-finite
-  when the new weights or the update are; the update is returned either way,
-  so NaN reaches ``optax.apply_if_finite`` downstream.
-  """
-
-  def update_fn(updates, state, params=None, **extra_args):
-    validation.check_task_axis(updates, num_tasks, method)
-    validation.check_task_losses(extra_args.get("task_losses"), num_tasks,
-                                 method, required=requires_task_losses)
-    if not jax.tree.leaves(updates):
-      return updates, state
-    update, new_state = step(updates, state, params, extra_args)
-    finite = _all_finite(new_state.weights) & _all_finite(update)
-    new_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, jnp.asarray(new).astype(old.dtype),
-                                   old), new_state, state)
-    return update, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _named_tuples(tree: Any) -> list:

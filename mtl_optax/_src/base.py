@@ -45,6 +45,59 @@ class WeightingContext(NamedTuple):
   dtype: jnp.dtype
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """One boolean: every element of every floating leaf of ``tree`` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def guarded_transformation(
+    num_tasks: int,
+    method: str,
+    init_fn: Callable[[Any], NamedTuple],
+    step: Callable[[Any, NamedTuple, Any, dict],
+                   tuple[Any, NamedTuple, jax.Array]],
+    requires_task_losses: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """The optax plumbing every stacked-gradient method shares.
+
+  Around ``step(updates, state, params, extra_args) -> (update, new_state,
+  finite)`` it does the trace-time checks (leading task axis, ``task_losses``
+  shape), passes empty trees through, and keeps the previous state when
+  ``finite`` is False: a NaN/inf step returns its non-finite update, for
+  ``optax.apply_if_finite`` downstream to skip, but does not poison warm
+  starts, EMAs or keys. State dtypes stay fixed across steps (jit carries,
+  ``lax.cond``).
+  """
+
+  def update_fn(updates, state, params=None, **extra_args):
+    validation.check_task_axis(updates, num_tasks, method)
+    validation.check_task_losses(extra_args.get("task_losses"), num_tasks,
+                                 method, required=requires_task_losses)
+    if not jax.tree.leaves(updates):
+      return updates, state
+    update, new_state, finite = step(updates, state, params, extra_args)
+    new_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, jnp.asarray(new).astype(old.dtype),
+                                   old), new_state, state)
+    return update, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def finite_if_weights_and_update_are(step):
+  """Adapts ``step -> (update, new_state)`` for :func:`guarded_transformation`.
+
+  The step counts as finite when the new ``weights`` and the update are: for
+  methods that compute the update themselves rather than from a Gram matrix.
+  """
+  def checked(updates, state, params, extra_args):
+    update, new_state = step(updates, state, params, extra_args)
+    return update, new_state, all_finite(new_state.weights) & all_finite(update)
+  return checked
+
+
 def task_weighting_transformation(
     num_tasks: int,
     method: str,
@@ -66,42 +119,34 @@ def task_weighting_transformation(
     requires_task_losses: raise at trace time if ``task_losses`` is missing.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``.
+    An ``optax.GradientTransformationExtraArgs``. A step counts as non-finite
+    when the Gram matrix or the coefficients are (K x K work, no extra pass
+    over the gradients).
   """
 
   def init_fn(params):
     return init_state(state_dtype(params))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def step(updates, state, params, extra_args):
     del params
-    validation.check_task_axis(updates, num_tasks, method)
-    task_losses = extra_args.get("task_losses")
-    validation.check_task_losses(task_losses, num_tasks, method,
-                                 required=requires_task_losses)
     dtype = state.weights.dtype
-    if not jax.tree.leaves(updates):
-      return updates, state
     if needs_gram:
       normalized = tree_math.normalized_gram(updates)
       gram = normalized.gram.astype(jnp.promote_types(dtype, jnp.float32))
       rms_norm = normalized.rms_norm
     else:
       gram = rms_norm = None
-    context = WeightingContext(gram, rms_norm, task_losses, extra_args, dtype)
+    context = WeightingContext(gram, rms_norm, extra_args.get("task_losses"),
+                               extra_args, dtype)
     coefficients, new_state = weights_rule(context, state)
-    # A non-finite step (NaN/inf gradients) returns a non-finite update, for
-    # optax.apply_if_finite downstream to skip, but keeps the previous state so
-    # that warm starts, EMAs and keys are not poisoned. The state's dtypes stay
-    # fixed across steps (jit carries, lax.cond).
     finite = jnp.all(jnp.isfinite(coefficients))
     if gram is not None:
       finite &= jnp.all(jnp.isfinite(gram))
-    new_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, jnp.asarray(new).astype(old.dtype),
-                                   old), new_state, state)
-    return tree_math.weighted_task_sum(coefficients, updates), new_state
+    return (tree_math.weighted_task_sum(coefficients, updates), new_state,
+            finite)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return guarded_transformation(num_tasks, method, init_fn, step,
+                                requires_task_losses)
 
 
 def uniform_weights(num_tasks: int, dtype: jnp.dtype) -> jax.Array:
