@@ -131,31 +131,6 @@ def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
   return jnp.where(den > 0, jnp.clip(ratio, -big, big), 1.0)
 
 
-def _task_norms(stacked: Any) -> jax.Array:
-  """``||g_i||`` for each task row of a stacked tree, safe from 1e-30 to 1e30.
-
-  One pass in float32 (or wider); a second pass that first divides each row
-  by its largest entry only when the sum of squares overflows or underflows.
-  """
-  leaves = [jnp.asarray(x) for x in jax.tree.leaves(stacked)]
-  dtype = tree_math.accumulation_dtype(stacked)
-  num_tasks = leaves[0].shape[0]
-  rows = [x.reshape(num_tasks, -1).astype(dtype) for x in leaves]
-  sq = sum(jnp.sum(r * r, axis=1) for r in rows)
-  finfo = jnp.finfo(dtype)
-  needs_rescale = jnp.any(jnp.isinf(sq) | (
-      (sq < finfo.tiny / finfo.eps ** 2) & (sq > 0)))
-
-  def rescaled(_):
-    peak = jnp.max(jnp.stack([jnp.max(jnp.abs(r), axis=1) for r in rows]),
-                   axis=0)
-    scale = jnp.where(peak > 0, peak, 1.0)
-    sq_scaled = sum(jnp.sum((r / scale[:, None]) ** 2, axis=1) for r in rows)
-    return scale * jnp.sqrt(sq_scaled)
-
-  return jax.lax.cond(needs_rescale, rescaled, lambda _: jnp.sqrt(sq), None)
-
-
 def _updates_are_stacked(updates: Any, params: Any, num_tasks: int,
                          method: str) -> bool:
   """True for stacked per-task gradients, False for one ordinary gradient.
@@ -608,9 +583,9 @@ def gradnorm(
     layer = step.extra_args.get("layer_grads")
     if layer is not None:
       validation.check_task_axis(layer, num_tasks, method, what="layer_grads")
-      return _task_norms(layer)
+      return tree_math.task_norms(layer)
     if step.stacked:
-      return _task_norms(step.updates)
+      return tree_math.task_norms(step.updates)
     raise ValueError(
         f"{method}: per-task gradient norms are needed. On the single-backward "
         "path pass the extra argument layer_grads (stacked per-task gradients "
@@ -1120,7 +1095,7 @@ def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0,
       return h + beta_t.astype(buf.dtype) * (buf - h)
 
     buffer = jax.tree.map(ema, updates, state.grad_buffer)
-    norms = _task_norms(buffer).astype(dtype)
+    norms = tree_math.task_norms(buffer).astype(dtype)
     big = jnp.finfo(dtype).max
     peak = jnp.max(norms)
     alpha = jnp.where(norms > 0, jnp.clip(

@@ -205,7 +205,7 @@ def trimmed_mean(num_tasks: int, trim_number: int = 1
       outputs.append(mean.astype(leaf.dtype))
       rank = jnp.argsort(order, axis=0)
       inside = (rank >= trim_number) & (rank < num_tasks - trim_number)
-      kept = kept + jnp.sum(inside.reshape(num_tasks, -1), axis=1).astype(acc)
+      kept = kept + tree_math.per_task_sum(inside).astype(acc)
       size += grads[0].size
     weights = kept / (max(size, 1) * kept_count)
     return (jax.tree.unflatten(jax.tree.structure(updates), outputs),

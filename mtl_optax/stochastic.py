@@ -49,7 +49,6 @@ __all__ = [
     "SDMGradState",
 ]
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _check_positive(value, name: str, method: str) -> None:
@@ -68,45 +67,6 @@ def _capped_step(rate: jax.Array, scale: jax.Array) -> jax.Array:
   """
   cap = jnp.sqrt(jnp.finfo(scale.dtype).max)
   return jnp.minimum(rate * scale * scale, cap)
-
-
-def _cross_gram(first: Any, second: Any) -> tuple[jax.Array, jax.Array]:
-  """``(A_hat, scale)`` with ``A = J J'^T = A_hat * scale**2``, overflow-safe.
-
-  One pass in float32 (or wider) at the highest matmul precision; only when
-  the raw product overflows or underflows is a second pass taken on the
-  gradients divided by their largest magnitude, as
-  :func:`mtl_optax._src.tree_math.normalized_gram` does.
-  """
-  dtype = tree_math.accumulation_dtype((first, second))
-  a_leaves, b_leaves = jax.tree.leaves(first), jax.tree.leaves(second)
-  num_tasks = np.shape(a_leaves[0])[0]
-
-  def product(divisor):
-    total = jnp.zeros((num_tasks, num_tasks), dtype)
-    for a, b in zip(a_leaves, b_leaves):
-      rows_a = jnp.reshape(a, (num_tasks, -1)).astype(dtype) / divisor
-      rows_b = jnp.reshape(b, (num_tasks, -1)).astype(dtype) / divisor
-      total = total + jax.lax.dot_general(
-          rows_a, rows_b, (((1,), (1,)), ((), ())), precision=_HIGHEST,
-          preferred_element_type=dtype)
-    return total
-
-  raw = product(jnp.ones((), dtype))
-  peak_raw = jnp.max(jnp.abs(raw))
-  finfo = jnp.finfo(dtype)
-  # NaN compares False and stays on the fast path; exact zeros take the slow
-  # one, which is harmless.
-  needs_rescale = jnp.isinf(peak_raw) | (peak_raw < finfo.tiny / finfo.eps**2)
-
-  def rescaled(_):
-    peak = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype)
-                              for x in a_leaves + b_leaves]))
-    scale = jnp.where(peak > 0, peak, 1.0)
-    return product(scale), scale
-
-  return jax.lax.cond(needs_rescale, rescaled,
-                      lambda _: (raw, jnp.ones((), dtype)), None)
 
 
 def _weight_matrix(method: str, updates: Any, extra_args: dict,
@@ -133,7 +93,7 @@ def _weight_matrix(method: str, updates: Any, extra_args: dict,
         f"{method}: second_task_grads must have the same tree and leaf shapes "
         f"as updates, got {jax.tree.map(np.shape, second)} and "
         f"{jax.tree.map(np.shape, updates)}.")
-  return _cross_gram(updates, second)
+  return tree_math.scaled_cross_gram(updates, second)
 
 
 def _state_tree(params: Any, num_tasks: int) -> Any:
@@ -142,19 +102,6 @@ def _state_tree(params: Any, num_tasks: int) -> Any:
       lambda p: jnp.zeros((num_tasks,) + jnp.shape(p),
                           jnp.promote_types(jnp.asarray(p).dtype, jnp.float32)),
       params)
-
-
-def _task_norms(stacked: Any, num_tasks: int) -> jax.Array:
-  """``||g_i||`` over all leaves, finite for any finite gradients."""
-  leaves = jax.tree.leaves(stacked)
-  dtype = tree_math.accumulation_dtype(stacked)
-  peaks = jnp.max(jnp.stack([
-      jnp.max(jnp.abs(jnp.reshape(x, (num_tasks, -1))), axis=1,
-              initial=0).astype(dtype) for x in leaves]), axis=0)
-  safe = jnp.where(peaks > 0, peaks, 1.0)
-  sums = sum(jnp.sum((jnp.reshape(x, (num_tasks, -1)).astype(dtype)
-                      / safe[:, None]) ** 2, axis=1) for x in leaves)
-  return peaks * jnp.sqrt(sums)
 
 
 # ----------------------------------------------------------------- ExcessMTL
@@ -240,7 +187,7 @@ def excess_mtl(num_tasks: int, robust_step_size: float = 1e-2,
     def excess(r, g):
       size = jnp.abs(g.astype(r.dtype))
       ratio = jnp.where(r > 0, size / jnp.where(r > 0, r, 1.0), 0.0)
-      return jnp.sum((size * ratio).reshape(num_tasks, -1), axis=1)
+      return tree_math.per_task_sum(size * ratio)
 
     estimate = sum(jax.tree.leaves(jax.tree.map(excess, root, updates)))
     estimate = estimate.astype(dtype)
@@ -517,7 +464,7 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
     del params
     dtype = state.weights.dtype
     losses = jnp.asarray(extra_args["task_losses"])
-    norms = _task_norms(updates, num_tasks)
+    norms = tree_math.task_norms(updates)
     scale = jnp.where(norms > 0, losses.astype(norms.dtype) / jnp.where(
         norms > 0, norms, 1.0), 0.0)
     k = (state.count + 1).astype(dtype)

@@ -250,8 +250,7 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
     # Per-task peaks keep the squared norms of the weights summary finite for
     # gradients up to the dtype's range.
     peaks = jnp.max(jnp.stack([
-        jnp.max(jnp.abs(x.reshape(num_tasks, -1)), axis=1,
-                initial=0).astype(acc)
+        tree_math.per_task_max_abs(x).astype(acc)
         for x in leaves]), axis=0)
     peaks = jnp.where(peaks > 0, peaks, 1.0)
     kept = jnp.zeros((num_tasks,), acc)

@@ -15,7 +15,7 @@ build on ``base.guarded_transformation`` instead of
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp

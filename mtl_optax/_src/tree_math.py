@@ -23,16 +23,77 @@ def accumulation_dtype(tree: Any) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *dtypes) if dtypes else jnp.float32
 
 
-def _task_rows(leaf: jax.Array) -> jax.Array:
-  return jnp.reshape(leaf, (leaf.shape[0], -1))
+def _replicated_out_sharding():
+  """``P()`` under a mesh with explicit axes, else None (the compiler's pick).
+
+  A contraction over an explicitly sharded axis must name where its result
+  lives; the K x K Gram matrix is tiny, so it is replicated (one all-reduce).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  explicit = jax.sharding.AxisType.Explicit
+  if mesh.empty or explicit not in getattr(mesh, "axis_types", ()):
+    return None
+  return jax.sharding.PartitionSpec()
+
+
+def _contract_parameter_axes(left: jax.Array, right: jax.Array,
+                             dtype: jnp.dtype) -> jax.Array:
+  """``(K, *s) x (K', *s) -> (K, K')`` over every parameter axis at once.
+
+  No reshape to ``(K, -1)``: merging axes would force a leaf sharded on a
+  trailing axis to be gathered first.
+  """
+  axes = tuple(range(1, left.ndim))
+  return jax.lax.dot_general(
+      left, right, ((axes, axes), ((), ())), precision=_HIGHEST,
+      preferred_element_type=dtype, out_sharding=_replicated_out_sharding())
+
+
+def per_task_sum(leaf: jax.Array) -> jax.Array:
+  """``(K, *s) -> (K,)``: sum over every parameter axis, without a reshape."""
+  return jnp.sum(leaf, axis=tuple(range(1, jnp.ndim(leaf))))
+
+
+def per_task_max_abs(leaf: jax.Array) -> jax.Array:
+  """``(K, *s) -> (K,)``: largest magnitude per task (0 for empty leaves)."""
+  return jnp.max(jnp.abs(leaf), axis=tuple(range(1, jnp.ndim(leaf))),
+                 initial=0)
+
+
+def cross_gram_matrix(first: Any, second: Any,
+                      dtype: jnp.dtype | None = None) -> jax.Array:
+  """``A[i, j] = <g_i, h_j>`` for two stacked trees of the same structure.
+
+  Accumulates in float32 (or wider) whatever the leaves' dtype, so bf16 and
+  f16 gradients are safe; uses the highest matmul precision so that GPUs and
+  TPUs do not silently drop to TF32/bf16 passes. Each leaf is contracted over
+  all its parameter axes in place, so sharded leaves stay sharded and only
+  the K x K result is reduced across devices.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from mtl_optax._src.tree_math import cross_gram_matrix
+    >>> g = {'w': jnp.array([[1., 0.], [1., 1.]])}
+    >>> h = {'w': jnp.array([[2., 3.], [0., 1.]])}
+    >>> print(cross_gram_matrix(g, h))
+    [[2. 0.]
+     [5. 1.]]
+  """
+  dtype = dtype or accumulation_dtype((first, second))
+  pairs = list(zip(jax.tree.leaves(first), jax.tree.leaves(second)))
+  if not pairs:
+    raise ValueError("gram_matrix: the stacked gradient tree has no leaves.")
+  total = None
+  for a, b in pairs:
+    part = _contract_parameter_axes(jnp.asarray(a), jnp.asarray(b), dtype)
+    total = part if total is None else total + part
+  return total
 
 
 def gram_matrix(stacked: Any, dtype: jnp.dtype | None = None) -> jax.Array:
   """Raw Gram matrix ``A[i, j] = <g_i, g_j>`` summed over every leaf.
 
-  Accumulates in float32 (or wider) whatever the leaves' dtype, so bf16 and
-  f16 gradients are safe; uses the highest matmul precision so that GPUs and
-  TPUs do not silently drop to TF32/bf16 passes.
+  See :func:`cross_gram_matrix` for the precision and sharding guarantees.
 
   Args:
     stacked: tree whose leaves are shaped ``(K, ...)``.
@@ -49,18 +110,70 @@ def gram_matrix(stacked: Any, dtype: jnp.dtype | None = None) -> jax.Array:
     [[5. 1.]
      [1. 2.]]
   """
-  dtype = dtype or accumulation_dtype(stacked)
-  leaves = jax.tree.leaves(stacked)
-  if not leaves:
-    raise ValueError("gram_matrix: the stacked gradient tree has no leaves.")
-  total = None
-  for leaf in leaves:
-    rows = _task_rows(jnp.asarray(leaf))
-    part = jax.lax.dot_general(
-        rows, rows, (((1,), (1,)), ((), ())), precision=_HIGHEST,
-        preferred_element_type=dtype)
-    total = part if total is None else total + part
-  return total
+  return cross_gram_matrix(stacked, stacked, dtype)
+
+
+def _lost_range(raw_peak: jax.Array, dtype) -> jax.Array:
+  """True when a sum of squares lost range: inf, or within eps**2 of tiny.
+
+  NaN compares False and so stays on the fast path, where it propagates.
+  """
+  finfo = jnp.finfo(dtype)
+  return jnp.isinf(raw_peak) | (
+      (raw_peak < finfo.tiny / finfo.eps ** 2) & (raw_peak >= 0))
+
+
+def scaled_cross_gram(first: Any, second: Any) -> tuple[jax.Array, jax.Array]:
+  """``(A_hat, scale)`` with ``<g_i, h_j> = A_hat[i, j] * scale**2``.
+
+  One pass when the raw products are representable; otherwise a second pass
+  on both trees divided by their largest magnitude, so gradients from 1e-30
+  to 1e30 give a finite ``A_hat``.
+  """
+  dtype = accumulation_dtype((first, second))
+  raw = cross_gram_matrix(first, second, dtype)
+
+  def rescaled(_):
+    leaves = jax.tree.leaves(first) + jax.tree.leaves(second)
+    peak = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype)
+                              for x in leaves]))
+    scale = jnp.where(peak > 0, peak, 1.0)
+    divide = lambda tree: jax.tree.map(lambda x: x.astype(dtype) / scale, tree)
+    return cross_gram_matrix(divide(first), divide(second), dtype), scale
+
+  return jax.lax.cond(_lost_range(jnp.max(jnp.abs(raw)), dtype), rescaled,
+                      lambda _: (raw, jnp.ones((), dtype)), None)
+
+
+def task_norms(stacked: Any) -> jax.Array:
+  """``||g_i||`` for each task of a stacked tree, finite from 1e-30 to 1e30.
+
+  One pass in float32 (or wider); a second pass that first divides each task
+  by its largest entry only when a sum of squares overflows or underflows.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from mtl_optax._src.tree_math import task_norms
+    >>> print(task_norms({'w': jnp.array([[3e30, 4e30], [0., 0.]])}))
+    [5.e+30 0.e+00]
+  """
+  leaves = [jnp.asarray(x) for x in jax.tree.leaves(stacked)]
+  dtype = accumulation_dtype(stacked)
+  squares = sum(per_task_sum(jnp.square(x.astype(dtype))) for x in leaves)
+  # An all-zero task also takes the second pass, which is harmless.
+  needs_rescale = jnp.any(_lost_range(squares, dtype))
+
+  def rescaled(_):
+    peak = jnp.max(jnp.stack([per_task_max_abs(x).astype(dtype)
+                              for x in leaves]), axis=0)
+    scale = jnp.where(peak > 0, peak, 1.0)
+    expand = lambda x: jnp.reshape(scale, (-1,) + (1,) * (x.ndim - 1))
+    scaled = sum(per_task_sum(jnp.square(x.astype(dtype) / expand(x)))
+                 for x in leaves)
+    return scale * jnp.sqrt(scaled)
+
+  return jax.lax.cond(needs_rescale, rescaled, lambda _: jnp.sqrt(squares),
+                      None)
 
 
 class NormalizedGram(NamedTuple):
@@ -102,7 +215,6 @@ def normalized_gram(stacked: Any) -> NormalizedGram:
   dtype = accumulation_dtype(stacked)
   leaves = jax.tree.leaves(stacked)
   num_tasks = jnp.shape(leaves[0])[0]
-  tiny = jnp.finfo(dtype).tiny
 
   def from_gram(raw: jax.Array, scale: jax.Array) -> NormalizedGram:
     mean_sq = jnp.trace(raw) / num_tasks
@@ -113,10 +225,7 @@ def normalized_gram(stacked: Any) -> NormalizedGram:
 
   raw = gram_matrix(stacked, dtype)
   mean_sq = jnp.trace(raw) / num_tasks
-  # Below ~1/eps**2 * tiny the trace has lost relative precision to underflow;
-  # rescale then too. NaN compares False and is kept on the fast path.
-  needs_rescale = jnp.isinf(mean_sq) | (
-      (mean_sq < tiny / jnp.finfo(dtype).eps ** 2) & (mean_sq >= 0))
+  needs_rescale = _lost_range(mean_sq, dtype)
 
   def rescaled(_):
     peak = jnp.max(jnp.stack(
