@@ -16,6 +16,7 @@ import types as _types
 
 # --- per-task gradients and protocols ---
 from mtl_optax._src.base import LossWeightingTransformation
+from mtl_optax._src.base import masked_loss_fn
 from mtl_optax.grads import value_and_task_grads
 from mtl_optax.grads import value_and_task_grads_from_batches
 from mtl_optax.grads import value_and_representation_grads
@@ -61,6 +62,9 @@ from mtl_optax.weightings import RandomWeightingState
 # --- transference, TAG, IT-MTL (issue 4) ---
 
 # --- MARIGOLD (issue 5) ---
+from mtl_optax.marigold import gram_vector_product
+from mtl_optax.marigold import marigold
+from mtl_optax.marigold import MarigoldState
 
 # --- loss weightings (issue 6) ---
 from mtl_optax.loss_weighting import db_mtl

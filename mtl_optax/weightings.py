@@ -170,27 +170,6 @@ class EMAWeightsState(NamedTuple):
   inner_state: Any
 
 
-class _Opaque:
-  """A pytree node that hides the structure of the value it holds.
-
-  It flattens to the value's leaves with the value's tree structure as static
-  data, so ``jit``, ``tree.map`` and checkpointing see ordinary arrays while
-  ``optax.tree.get`` cannot reach the NamedTuple fields inside.
-  """
-
-  def __init__(self, value):
-    self.value = value
-
-  def __repr__(self):
-    return f"_Opaque({self.value!r})"
-
-
-jax.tree_util.register_pytree_node(
-    _Opaque,
-    lambda node: (jax.tree.leaves(node.value), jax.tree.structure(node.value)),
-    lambda treedef, leaves: _Opaque(jax.tree.unflatten(treedef, leaves)))
-
-
 def ema_weights(inner: optax.GradientTransformation, num_tasks: int,
                 alpha: float = 0.9) -> optax.GradientTransformationExtraArgs:
   """CR-MOGM: exponential moving average over another method's task weights.
@@ -262,7 +241,7 @@ def ema_weights(inner: optax.GradientTransformation, num_tasks: int,
     inner_weights(inner_state)
     return EMAWeightsState(
         base.uniform_weights(num_tasks, base.state_dtype(params)),
-        jnp.zeros((), jnp.int32), _Opaque(inner_state))
+        jnp.zeros((), jnp.int32), base.Opaque(inner_state))
 
   def step(updates, state, params, extra_args):
     _, inner_state = inner.update(updates, state.inner_state.value, params,
@@ -272,7 +251,7 @@ def ema_weights(inner: optax.GradientTransformation, num_tasks: int,
     smoothed = jnp.where(state.count == 0, fresh,
                          a * state.weights + (1 - a) * fresh)
     return (tree_math.weighted_task_sum(smoothed, updates),
-            EMAWeightsState(smoothed, state.count + 1, _Opaque(inner_state)))
+            EMAWeightsState(smoothed, state.count + 1, base.Opaque(inner_state)))
 
   return base.guarded_transformation(
       num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))

@@ -33,6 +33,9 @@ class MethodCase:
     min_tasks: smallest K the method accepts.
     trains_every_task: whether a short run on the conflicting quadratic
       problem is expected to lower every task's loss.
+    jit_rtol: relative tolerance of jit against eager execution. Finite
+      differences of losses divide rounding noise by a small radius, so
+      zeroth-order estimators are looser than the default.
   """
   name: str
   factory: Callable[..., Any]
@@ -42,6 +45,7 @@ class MethodCase:
   extra_args: Callable[[Any, Any, Any], dict] | None = None
   min_tasks: int = 1
   trains_every_task: bool = True
+  jit_rtol: float = 1e-4
 
   def make(self, num_tasks: int):
     return self.factory(num_tasks, **self.kwargs)

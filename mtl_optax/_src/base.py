@@ -9,10 +9,11 @@ sum and the optax plumbing, so each method's module contains only its math.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtl_optax._src import tree_math
@@ -158,6 +159,38 @@ def finite_or(value: jax.Array, fallback: jax.Array) -> jax.Array:
   return jnp.where(jnp.all(jnp.isfinite(value)), value, fallback)
 
 
+def poison_if_nonfinite(values: jax.Array, gram: jax.Array) -> jax.Array:
+  """``values``, or NaN everywhere when ``gram`` is not finite.
+
+  Eigendecompositions and solvers may return finite numbers for a NaN input;
+  this makes the whole update NaN, for ``optax.apply_if_finite`` to skip.
+  """
+  return jnp.where(jnp.all(jnp.isfinite(gram)), values, jnp.nan)
+
+
+PrefVector = Optional[Sequence[float] | jax.Array]
+
+
+def preference_vector(pref_vector: PrefVector, num_tasks: int, method: str,
+                      default: float) -> Callable[[jnp.dtype], jax.Array]:
+  """Checks a preference vector's shape; returns ``dtype -> (K,) array``.
+
+  ``None`` gives the constant vector ``default``. Values may be traced (e.g.
+  injected by ``optax.inject_hyperparams``); only the shape is checked, at
+  construction.
+  """
+  if pref_vector is not None and np.shape(pref_vector) != (num_tasks,):
+    raise ValueError(
+        f"{method}: pref_vector has shape {tuple(np.shape(pref_vector))}, "
+        f"expected ({num_tasks},) (one preference per task).")
+
+  def make(dtype):
+    if pref_vector is None:
+      return jnp.full((num_tasks,), default, dtype)
+    return jnp.asarray(pref_vector, dtype)
+  return make
+
+
 class LossWeightingTransformation(optax.GradientTransformationExtraArgs):
   """A transformation on the single-backward path (one weighted-loss gradient).
 
@@ -196,3 +229,85 @@ def is_stacked(updates: Any, params: Any, num_tasks: int) -> bool:
     return True
   return all(jnp.ndim(u) == jnp.ndim(p) + 1 and jnp.shape(u)[0] == num_tasks
              for u, p in zip(u_leaves, p_leaves))
+
+
+class Opaque:
+  """A pytree node that hides the structure of the value it holds.
+
+  It flattens to the value's leaves with the value's tree structure as static
+  data, so ``jit``, ``tree.map`` and checkpointing see ordinary arrays while
+  ``optax.tree.get`` (used by ``optax.inject_hyperparams`` and friends) cannot
+  reach the NamedTuple fields of a wrapped method's state: a wrapper exposes
+  only its own ``weights``.
+  """
+
+  def __init__(self, value):
+    self.value = value
+
+  def __repr__(self):
+    return f"Opaque({self.value!r})"
+
+
+jax.tree_util.register_pytree_node(
+    Opaque,
+    lambda node: (jax.tree.leaves(node.value), jax.tree.structure(node.value)),
+    lambda treedef, leaves: Opaque(jax.tree.unflatten(treedef, leaves)))
+
+
+def _is_masked_node(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def has_masked_nodes(tree: Any) -> bool:
+  """Whether ``optax.partition``/``optax.masked`` replaced some leaves."""
+  return any(_is_masked_node(x)
+             for x in jax.tree.leaves(tree, is_leaf=_is_masked_node))
+
+
+def masked_loss_fn(loss_fn: Callable[[Any], jax.Array],
+                   params: Any) -> Callable[[Any], jax.Array]:
+  """Lets a ``loss_fn`` of the full parameters be called inside a partition.
+
+  ``optax.partition`` / ``optax.masked`` hand the inner method its leaves with
+  ``optax.MaskedNode`` in place of the others. Look-ahead methods
+  (``mo.marigold``, ``mo.it_mtl``, ``mo.track_affinity``) call ``loss_fn`` at
+  displaced parameters; the returned function fills the masked leaves from
+  ``params`` (the full current parameters) so that only the method's own
+  partition moves.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import mtl_optax as mo
+    >>> params = {'shared': jnp.array([1., 2.]), 'head': jnp.array([3.])}
+    >>> fn = mo.masked_loss_fn(lambda p: p['shared'] * p['head'], params)
+    >>> print(fn({'shared': jnp.array([0., 1.]), 'head': optax.MaskedNode()}))
+    [0. 3.]
+  """
+  def wrapped(partial_params):
+    if not has_masked_nodes(partial_params):
+      return loss_fn(partial_params)
+    # A MaskedNode may stand for a whole subtree (masks can be prefixes).
+    full = jax.tree.map(lambda q, p: p if _is_masked_node(q) else q,
+                        partial_params, params, is_leaf=_is_masked_node)
+    return loss_fn(full)
+  wrapped.accepts_masked_params = True
+  return wrapped
+
+
+def guard_loss_fn(loss_fn: Callable[[Any], jax.Array], params: Any,
+                  method: str) -> Callable[[Any], jax.Array]:
+  """A clear error when a full-tree ``loss_fn`` meets a masked partition."""
+  if not has_masked_nodes(params) or getattr(loss_fn, "accepts_masked_params",
+                                             False):
+    return loss_fn
+
+  def guarded(p):
+    try:
+      return loss_fn(p)
+    except Exception as err:  # pylint: disable=broad-except
+      raise ValueError(
+          f"{method}: inside optax.partition/optax.masked, loss_fn is called "
+          "with optax.MaskedNode in place of the other partitions' leaves. "
+          "Wrap it: loss_fn=mo.masked_loss_fn(loss_fn, params) with the full "
+          f"params. (Original error: {err!r})") from err
+  return guarded
