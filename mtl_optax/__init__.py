@@ -60,6 +60,13 @@ from mtl_optax.weightings import random_weighting
 from mtl_optax.weightings import RandomWeightingState
 
 # --- transference, TAG, IT-MTL (issue 4) ---
+from mtl_optax.transference import it_mtl
+from mtl_optax.transference import ITMTLState
+from mtl_optax.transference import select_task_groups
+from mtl_optax.transference import task_affinity
+from mtl_optax.transference import TaskGrouping
+from mtl_optax.transference import track_affinity
+from mtl_optax.transference import TrackAffinityState
 
 # --- MARIGOLD (issue 5) ---
 from mtl_optax.marigold import gram_vector_product
