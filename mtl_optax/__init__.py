@@ -93,6 +93,14 @@ from mtl_optax.loss_weighting import stch
 from mtl_optax.loss_weighting import STCHState
 from mtl_optax.loss_weighting import uncertainty_weighting
 
+# --- Flax (issue 7) ---
+from mtl_optax.flax_utils import apply_task_gradients
+from mtl_optax.flax_utils import label_by_path
+from mtl_optax.flax_utils import nnx_loss_fn
+from mtl_optax.flax_utils import nnx_train_step
+from mtl_optax.flax_utils import nnx_value_and_task_grads
+from mtl_optax.flax_utils import nnx_value_and_weighted_grad
+
 # --- metrics ---
 from mtl_optax.metrics import delta_m_flat
 from mtl_optax.metrics import delta_m_per_task

@@ -1,0 +1,507 @@
+"""Flax glue: per-task gradients of NNX modules, train steps, Linen TrainState.
+
+Everything here is a thin layer over the functional API of the library
+(:func:`mtl_optax.value_and_task_grads`,
+:func:`mtl_optax.value_and_weighted_grad`), so Flax models get exactly the
+same methods as plain parameter trees.
+
+Flax NNX
+  * :func:`nnx_value_and_task_grads`: ``(model, *args) -> (losses, grads)``,
+    ``grads`` an ``nnx.State`` shaped like the model's parameters with a
+    leading task axis on every leaf.
+  * :func:`nnx_value_and_weighted_grad`: the single-backward path
+    (loss-weighting methods, FAMO, MARIGOLD) for NNX modules.
+  * :func:`nnx_loss_fn`: the ``params -> (K,)`` closure on the current batch
+    that look-ahead methods take as ``loss_fn``.
+  * :func:`nnx_train_step`: a jitted multi-task train step around
+    ``nnx.Optimizer``. ``nnx.Optimizer.update(model, grads, **kwargs)``
+    forwards its keyword arguments to ``tx.update`` (flax >= 0.11), so
+    ``task_losses`` and ``loss_fn`` reach the method.
+
+Flax Linen
+  * :func:`apply_task_gradients`: what ``TrainState.apply_gradients`` cannot
+    do: its keyword arguments replace dataclass fields and never reach
+    ``tx.update``.
+
+Both
+  * :func:`label_by_path`: labels parameter leaves by path (shared trunk vs
+    task heads, or per block) for ``optax.partition``.
+
+Flax is imported lazily, on the first call.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+import jax
+import optax
+
+from mtl_optax import grads as grads_lib
+from mtl_optax._src import base
+
+__all__ = ("apply_task_gradients", "label_by_path", "nnx_loss_fn",
+           "nnx_train_step", "nnx_value_and_task_grads",
+           "nnx_value_and_weighted_grad")
+
+
+def _nnx():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx
+
+
+def _param_filter(wrt):
+  return _nnx().Param if wrt is None else wrt
+
+
+# ---------------------------------------------------------------------------
+# Labelling by path, for optax.partition.
+# ---------------------------------------------------------------------------
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def _key_name(key: Any) -> str:
+  tu = jax.tree_util
+  if isinstance(key, tu.DictKey):
+    return str(key.key)
+  if isinstance(key, tu.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, tu.GetAttrKey):
+    return key.name
+  if isinstance(key, tu.FlattenedIndexKey):
+    return str(key.key)
+  return str(key)
+
+
+def _path_names(path: Sequence[Any]) -> tuple[str, ...]:
+  names = tuple(_key_name(k) for k in path)
+  # nnx.Variable nodes add a trailing ``.value``; it is not part of the name.
+  if names and names[-1] == "value" and isinstance(
+      path[-1], jax.tree_util.GetAttrKey):
+    names = names[:-1]
+  return names
+
+
+def label_by_path(
+    rules: Mapping[str, Hashable] | Sequence[tuple[str, Hashable]],
+    default: Hashable | None = None) -> Callable[[Any], Any]:
+  """Labels parameter leaves by their path, for ``optax.partition``.
+
+  A leaf's path is the ``/``-joined sequence of its keys: ``trunk/kernel``,
+  ``heads/0/bias`` (a Linen ``params`` dict, an ``nnx.State``, any pytree;
+  the ``.value`` of NNX variables is dropped). A rule ``pattern -> label``
+  matches when ``pattern`` is a prefix of the path made of whole components
+  (``"heads"`` matches ``heads/0/bias``, not ``heads_extra/w``), or, if the
+  pattern contains ``*``, ``?`` or ``[``, when it matches the whole path as a
+  shell glob (``"*/head_*"``). The first matching rule wins (rules are tried
+  in order); leaves that match none get ``default``, or raise a
+  ``ValueError`` naming the leaf when ``default`` is None.
+
+  The result is a function ``tree -> labels`` (same structure), which
+  ``optax.partition`` calls on the parameters at ``init`` and on the stacked
+  task gradients at ``update``: since it reads only paths it labels both
+  alike, and it works for the ``nnx.State`` of ``nnx.Optimizer``.
+
+  Args:
+    rules: mapping (or sequence of pairs) from path pattern to label.
+    default: label of leaves that match no rule.
+
+  Returns:
+    A function mapping a pytree to the same tree of labels.
+
+  Example (the method on the shared trunk, a plain task sum on the heads):
+    >>> import jax.numpy as jnp, optax, mtl_optax as mo
+    >>> params = {'trunk': {'w': jnp.ones(3)},
+    ...           'heads': [{'w': jnp.ones(3)}, {'w': jnp.ones(3)}]}
+    >>> labels = mo.label_by_path({'trunk': 'shared', 'heads': 'head'})
+    >>> print(labels(params))
+    {'heads': [{'w': 'head'}, {'w': 'head'}], 'trunk': {'w': 'shared'}}
+    >>> tx = optax.partition({'shared': mo.cagrad(2, c=0.4),
+    ...                       'head': mo.task_sum(2)}, labels)
+  """
+  items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
+  compiled = []
+  for pattern, label in items:
+    if not isinstance(pattern, str):
+      raise TypeError(f"label_by_path: patterns must be strings, got "
+                      f"{pattern!r}.")
+    if _GLOB_CHARS & set(pattern):
+      compiled.append((True, pattern, label))
+    else:
+      compiled.append((False, tuple(p for p in pattern.split("/") if p),
+                       label))
+
+  def label_of(path):
+    names = _path_names(path)
+    joined = "/".join(names)
+    for is_glob, pattern, label in compiled:
+      if is_glob:
+        if fnmatch.fnmatchcase(joined, pattern):
+          return label
+      elif names[:len(pattern)] == pattern:
+        return label
+    if default is None:
+      raise ValueError(
+          f"label_by_path: leaf '{joined}' matches no rule "
+          f"({[p for p, _ in items]}) and no default label was given.")
+    return default
+
+  def labeller(tree):
+    return jax.tree_util.tree_map_with_path(lambda p, _: label_of(p), tree)
+
+  return labeller
+
+
+# ---------------------------------------------------------------------------
+# Flax NNX.
+# ---------------------------------------------------------------------------
+
+
+def _fresh(state):
+  """A copy of an ``nnx.State`` with new variable objects, same values."""
+  return jax.tree.map(lambda x: x, state)
+
+
+def _split_model(model, wrt):
+  nnx = _nnx()
+  return nnx.split(model, _param_filter(wrt), ...)
+
+
+def _pure_losses(fn, graphdef, rest, wrt, has_aux, args, kwargs):
+  """``params -> (losses, (aux, new_rest))`` for the differentiation.
+
+  The module is rebuilt from ``params`` with fresh copies of its other
+  variables (the model's own cannot be mutated from inside the
+  differentiation's trace); their new values come back in ``new_rest`` and
+  are written to the model afterwards, as ``nnx.grad`` does.
+  """
+  nnx = _nnx()
+
+  def pure(params):
+    m = nnx.merge(graphdef, params, _fresh(rest))
+    out = fn(m, *args, **kwargs)
+    losses, aux = out if has_aux else (out, None)
+    _, _, new_rest = _split_model(m, wrt)
+    return losses, (aux, new_rest)
+
+  return pure
+
+
+def nnx_value_and_task_grads(
+    fn: Callable[..., Any], wrt: Any = None,
+    has_aux: bool = False) -> Callable[..., tuple[Any, Any]]:
+  """Per-task losses and gradients of an ``nnx.Module``.
+
+  ``fn(model, *args, **kwargs)`` returns the ``(K,)`` task losses (or
+  ``(losses, aux)`` with ``has_aux``). The wrapped function
+  ``wrapped(model, *args, **kwargs)`` returns ``(losses, grads)``, where
+  ``grads`` is an ``nnx.State`` of the variables selected by ``wrt`` (the
+  structure ``nnx.grad`` returns), every leaf with a leading task axis
+  ``(K, *shape)``: row ``i`` is ``d losses[i] / d params``. One forward pass
+  and K vmapped backward passes (:func:`mtl_optax.value_and_task_grads`).
+
+  Like ``nnx.grad``, changes the forward pass makes to the model's other
+  state (BatchNorm statistics, RNG counters, counters) are written back to
+  ``model``. Works eagerly, under ``nnx.jit``, and inside ``jax.jit`` /
+  ``lax.scan`` on a module rebuilt there with ``nnx.merge`` (a functional
+  training loop).
+
+  Args:
+    fn: ``(model, *args) -> (K,)`` task losses.
+    wrt: an NNX filter of the variables to differentiate (default
+      ``nnx.Param``), as in ``nnx.grad`` and ``nnx.Optimizer(wrt=...)``.
+    has_aux: whether ``fn`` returns ``(losses, aux)``.
+
+  Returns:
+    The wrapped function.
+
+  Example:
+    >>> import jax.numpy as jnp, mtl_optax as mo
+    >>> from flax import nnx
+    >>> model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    >>> fn = lambda m, x: jnp.sum(m(x) ** 2, axis=0)   # one loss per output
+    >>> losses, grads = mo.nnx_value_and_task_grads(fn)(model, jnp.ones((4, 2)))
+    >>> print(losses.shape, grads['kernel'].shape, grads['bias'].shape)
+    (2,) (2, 2, 2) (2, 2)
+  """
+
+  def wrapped(model, *args, **kwargs):
+    nnx = _nnx()
+    graphdef, params, rest = _split_model(model, wrt)
+    pure = _pure_losses(fn, graphdef, rest, wrt, has_aux, args, kwargs)
+    (losses, (aux, new_rest)), grads = grads_lib.value_and_task_grads(
+        pure, has_aux=True)(params)
+    nnx.update(model, new_rest)
+    return ((losses, aux) if has_aux else losses), grads
+
+  return wrapped
+
+
+def nnx_value_and_weighted_grad(
+    fn: Callable[..., Any], method: Any, wrt: Any = None,
+    has_aux: bool = False) -> Callable[..., tuple[Any, Any]]:
+  """The single-backward path for an ``nnx.Module``.
+
+  For :class:`~mtl_optax.LossWeightingTransformation` methods (loss
+  weightings, FAMO, MARIGOLD): ``wrapped(method_state, model, *args)``
+  returns ``(losses, grads)`` with ``grads`` the gradient (an ``nnx.State``
+  like ``nnx.grad``'s, no task axis) of ONE weighted loss ``sum_i c_i L_i``,
+  ``c = method.loss_weights(method_state, losses)`` held constant. One
+  forward and one backward pass whatever K is
+  (:func:`mtl_optax.value_and_weighted_grad`).
+
+  ``method_state`` is the method's own state: with
+  ``nnx.Optimizer(model, optax.chain(method, ...), wrt=...)`` it is
+  ``nnx.as_pure(optimizer.opt_state)[0]`` (:func:`nnx_train_step` finds it
+  for you). Variables in it are unwrapped.
+
+  Args:
+    fn: ``(model, *args) -> (K,)`` task losses.
+    method: a transformation with a ``loss_weights`` rule.
+    wrt: NNX filter of the differentiated variables (default ``nnx.Param``).
+    has_aux: whether ``fn`` returns ``(losses, aux)``.
+
+  Returns:
+    The wrapped function.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, mtl_optax as mo
+    >>> from flax import nnx
+    >>> model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    >>> fn = lambda m, x: jnp.sum(m(x) ** 2, axis=0)
+    >>> method = mo.gls(2)
+    >>> opt = nnx.Optimizer(model, optax.chain(method, optax.sgd(0.1)),
+    ...                     wrt=nnx.Param)
+    >>> losses, grads = mo.nnx_value_and_weighted_grad(fn, method)(
+    ...     nnx.as_pure(opt.opt_state)[0], model, jnp.ones((4, 2)))
+    >>> print(losses.shape, grads['kernel'].shape)
+    (2,) (2, 2)
+  """
+  if getattr(method, "loss_weights", None) is None:
+    raise TypeError(
+        "nnx_value_and_weighted_grad: method has no loss_weights rule; it must "
+        "be a single-backward method (a LossWeightingTransformation such as "
+        "mo.famo or mo.marigold). Use mo.nnx_value_and_task_grads for "
+        "stacked-gradient methods.")
+
+  def wrapped(method_state, model, *args, **kwargs):
+    nnx = _nnx()
+    graphdef, params, rest = _split_model(model, wrt)
+    pure = _pure_losses(fn, graphdef, rest, wrt, has_aux, args, kwargs)
+    (losses, (aux, new_rest)), grads = grads_lib.value_and_weighted_grad(
+        pure, method, has_aux=True)(nnx.as_pure(method_state), params)
+    nnx.update(model, new_rest)
+    return ((losses, aux) if has_aux else losses), grads
+
+  return wrapped
+
+
+def nnx_loss_fn(fn: Callable[..., Any], model: Any, *args: Any,
+                wrt: Any = None, has_aux: bool = False,
+                **kwargs: Any) -> Callable[[Any], Any]:
+  """The ``loss_fn`` extra argument for an NNX model on the current batch.
+
+  Returns ``loss_fn(params) -> (K,)``: ``fn(model', *args)`` where ``model'``
+  is ``model`` with its ``wrt`` variables replaced by ``params``, which may
+  be the pure ``nnx.State`` that ``nnx.Optimizer`` passes to ``tx.update``
+  or a state of variables. Inside ``optax.partition`` a look-ahead method
+  (``mo.it_mtl``, ``mo.track_affinity``, ...) passes ``optax.MaskedNode`` for
+  the leaves outside its partition: those keep their current values (e.g.
+  the heads stay fixed while the shared trunk looks ahead). The model's other
+  state is read as it is now; whatever the look-ahead forward passes change
+  in it is discarded.
+
+  Args:
+    fn: ``(model, *args) -> (K,)`` task losses (``(losses, aux)`` with
+      ``has_aux``; the aux is dropped).
+    model: the ``nnx.Module``.
+    *args: ``fn``'s other arguments (the batch).
+    wrt: NNX filter of the parameters (default ``nnx.Param``).
+    has_aux: whether ``fn`` returns ``(losses, aux)``.
+    **kwargs: ``fn``'s keyword arguments.
+
+  Returns:
+    ``params -> (K,)`` losses.
+  """
+  nnx = _nnx()
+  graphdef, current, rest = _split_model(model, wrt)
+  current = nnx.as_pure(current)
+
+  def loss_fn(params):
+    out = fn(nnx.merge(graphdef, params, _fresh(rest)), *args, **kwargs)
+    return out[0] if has_aux else out
+
+  # Inside optax.partition a method sees its own leaves only; the others
+  # arrive as MaskedNode and keep their current values.
+  return base.masked_loss_fn(loss_fn, current)
+
+
+def _default_method_state(optimizer, method):
+  opt_state = optimizer.opt_state
+  if optimizer.tx is method:
+    return opt_state
+  if type(opt_state) is tuple and opt_state:  # pylint: disable=unidiomatic-typecheck
+    return opt_state[0]  # optax.chain's state: a plain tuple.
+  raise ValueError(
+      "nnx_train_step: cannot find the method's state in the optimizer state; "
+      "build the optimizer with optax.chain(method, ...) or pass "
+      "method_state=lambda opt_state: ...")
+
+
+def nnx_train_step(
+    fn: Callable[..., Any], *, method: Any = None, wrt: Any = None,
+    has_aux: bool = False, pass_loss_fn: bool = True,
+    method_state: Callable[[Any], Any] | None = None,
+    jit: bool = True) -> Callable[..., Any]:
+  """A multi-task train step for an ``nnx.Module`` and an ``nnx.Optimizer``.
+
+  ``step(model, optimizer, *args, **kwargs)`` computes the task losses
+  ``fn(model, *args, **kwargs)`` and their gradients, then calls
+  ``optimizer.update(model, grads, task_losses=losses, loss_fn=loss_fn)``,
+  which forwards both keyword arguments to ``tx.update`` (``loss_fn`` is
+  :func:`nnx_loss_fn` on the same batch; ``pass_loss_fn=False`` leaves it
+  out). It updates ``model`` and ``optimizer`` in place and returns the
+  losses (``(losses, aux)`` with ``has_aux``); the weights the method used
+  are ``optax.tree.get(nnx.as_pure(optimizer.opt_state), "weights")`` (or
+  with ``optimizer.opt_state[0]`` when several states have one).
+
+  Gradients:
+    * ``method=None`` (default): stacked per-task gradients
+      (:func:`nnx_value_and_task_grads`), for every aggregator (CAGrad, MGDA,
+      PCGrad, ...); ``optimizer.tx`` starts with the method, e.g.
+      ``optax.chain(mo.cagrad(K), optax.adam(1e-3))``, possibly inside an
+      ``optax.partition`` (:func:`label_by_path`).
+    * ``method=<LossWeightingTransformation>``: the single-backward path
+      (:func:`nnx_value_and_weighted_grad`); ``method`` must be the same
+      object the optimizer was built with. Its state is found as
+      ``optimizer.opt_state`` if ``optimizer.tx is method``, else as
+      ``optimizer.opt_state[0]`` (``optax.chain(method, ...)``); pass
+      ``method_state=lambda opt_state: ...`` for other layouts.
+
+  Args:
+    fn: ``(model, *args) -> (K,)`` task losses.
+    method: the single-backward method, or None for stacked gradients.
+    wrt: NNX filter of the trained variables (default ``nnx.Param``); must
+      match the optimizer's ``wrt``.
+    has_aux: whether ``fn`` returns ``(losses, aux)``.
+    pass_loss_fn: whether to pass ``loss_fn`` (look-ahead methods need it;
+      tracing a closure costs nothing when the method ignores it).
+    method_state: locates the method's state in ``optimizer.opt_state``.
+    jit: wrap the step in ``nnx.jit``.
+
+  Returns:
+    ``step(model, optimizer, *args, **kwargs) -> losses``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, mtl_optax as mo
+    >>> from flax import nnx
+    >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(
+    ...     model, optax.chain(mo.mgda(2), optax.sgd(0.1)), wrt=nnx.Param)
+    >>> x = jax.random.normal(jax.random.key(0), (32, 3))
+    >>> y = jnp.stack([x[:, 0], x[:, 1]], axis=1)
+    >>> fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2, axis=0)
+    >>> step = mo.nnx_train_step(fn)
+    >>> first = step(model, optimizer, x, y)
+    >>> for _ in range(20):
+    ...   last = step(model, optimizer, x, y)
+    >>> print(bool(jax.numpy.all(last < first)), int(optimizer.step[...]))
+    True 21
+  """
+  if method is not None and getattr(method, "loss_weights", None) is None:
+    raise TypeError(
+        "nnx_train_step: method must be a LossWeightingTransformation (with a "
+        "loss_weights rule); for stacked-gradient methods leave method=None "
+        "and put the method in the optimizer's transformation.")
+
+  def step(model, optimizer, *args, **kwargs):
+    nnx = _nnx()
+    if method is None:
+      out, grads = nnx_value_and_task_grads(fn, wrt=wrt, has_aux=has_aux)(
+          model, *args, **kwargs)
+    else:
+      locate = method_state or (
+          lambda _: _default_method_state(optimizer, method))
+      state = nnx.as_pure(locate(optimizer.opt_state))
+      out, grads = nnx_value_and_weighted_grad(
+          fn, method, wrt=wrt, has_aux=has_aux)(state, model, *args, **kwargs)
+    losses = out[0] if has_aux else out
+    extra = {"task_losses": losses}
+    if pass_loss_fn:
+      extra["loss_fn"] = nnx_loss_fn(fn, model, *args, wrt=wrt,
+                                     has_aux=has_aux, **kwargs)
+    optimizer.update(model, grads, **extra)
+    return out
+
+  return _nnx().jit(step) if jit else step
+
+
+# ---------------------------------------------------------------------------
+# Flax Linen.
+# ---------------------------------------------------------------------------
+
+
+def apply_task_gradients(state: Any, grads: Any, *, task_losses: Any = None,
+                         loss_fn: Callable[[Any], Any] | None = None,
+                         **extra_args: Any) -> Any:
+  """``TrainState.apply_gradients`` for multi-task methods (Flax Linen).
+
+  ``flax.training.train_state.TrainState.apply_gradients(grads=...,
+  **kwargs)`` uses its keyword arguments to ``.replace()`` dataclass fields
+  and calls ``tx.update(grads, opt_state, params)`` with nothing else, so a
+  method never sees ``task_losses`` or ``loss_fn``. This helper calls
+  ``state.tx.update(grads, state.opt_state, state.params,
+  task_losses=..., loss_fn=..., **extra_args)`` (only the arguments given),
+  applies the updates, and returns ``state.replace(step=step + 1,
+  params=..., opt_state=...)``. It works for any TrainState subclass (or
+  any dataclass with ``step``, ``params``, ``tx``, ``opt_state`` and
+  ``replace``) and under ``jax.jit``.
+
+  ``grads`` are the stacked per-task gradients of ``state.params``
+  (``mo.value_and_task_grads(lambda p: task_losses(p, batch))(state.params)``)
+  or, for single-backward methods, the gradient of
+  ``mo.value_and_weighted_grad(fn, method)(state.opt_state[0],
+  state.params, batch)`` (``tx = optax.chain(method, ...)``). ``loss_fn`` is
+  ``lambda p: task_losses(p, batch)``: the params it receives have the
+  structure of ``state.params``.
+
+  Args:
+    state: a Linen ``TrainState``.
+    grads: gradients for ``state.tx``.
+    task_losses: ``(K,)`` task losses, forwarded when given.
+    loss_fn: ``params -> (K,)`` losses on the current batch, forwarded when
+      given.
+    **extra_args: other keyword arguments for ``tx.update``.
+
+  Returns:
+    The new state.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, mtl_optax as mo
+    >>> import flax.linen as nn
+    >>> from flax.training import train_state
+    >>> module = nn.Dense(2)
+    >>> x = jax.random.normal(jax.random.key(0), (32, 3))
+    >>> y = jnp.stack([x[:, 0], x[:, 1]], axis=1)
+    >>> state = train_state.TrainState.create(
+    ...     apply_fn=module.apply,
+    ...     params=module.init(jax.random.key(1), x)['params'],
+    ...     tx=optax.chain(mo.cagrad(2, c=0.4), optax.sgd(0.1)))
+    >>> fn = lambda p: jnp.mean((state.apply_fn({'params': p}, x) - y) ** 2, 0)
+    >>> losses, grads = mo.value_and_task_grads(fn)(state.params)
+    >>> state = mo.apply_task_gradients(state, grads, task_losses=losses,
+    ...                                 loss_fn=fn)
+    >>> print(int(state.step), bool(jnp.all(fn(state.params) < losses)))
+    1 True
+  """
+  if task_losses is not None:
+    extra_args["task_losses"] = task_losses
+  if loss_fn is not None:
+    extra_args["loss_fn"] = loss_fn
+  updates, new_opt_state = state.tx.update(grads, state.opt_state,
+                                           state.params, **extra_args)
+  new_params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=new_params,
+                       opt_state=new_opt_state)
