@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -257,24 +258,28 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
     total = jnp.zeros((num_tasks,), acc)
     outputs = []
     for leaf, leaf_key in zip(leaves, keys):
-      grads = leaf.astype(acc)
-      task_shape = (num_tasks,) + (1,) * (grads.ndim - 1)
-      peak = jnp.max(jnp.abs(grads), axis=0)
+      # Reductions over the task axis are unrolled over the K rows: XLA:CPU
+      # reduces a leading axis of a (K, P) array an order of magnitude below
+      # memory bandwidth, while K elementwise rows fuse into one pass.
+      rows = [leaf[i].astype(acc) for i in range(num_tasks)]
+      peak = functools.reduce(jnp.maximum, [jnp.abs(r) for r in rows])
       peak = jnp.where(peak > 0, peak, 1.0)
-      purity = 0.5 * (1.0 + jnp.sum(grads / peak, axis=0) / jnp.maximum(
-          jnp.sum(jnp.abs(grads) / peak, axis=0), 1.0))
-      uniform = jax.random.uniform(leaf_key, grads.shape[1:], acc)
-      mask = (((purity > uniform) & (grads > 0))
-              | ((purity < uniform) & (grads < 0)))
-      leak_b = leaks.reshape(task_shape)
-      factor = leak_b + (1.0 - leak_b) * mask
-      # Multiplying (not selecting) keeps NaN at a NaN coordinate.
-      outputs.append((jnp.sum(factor * grads, axis=0) / num_tasks).astype(
+      signed = functools.reduce(jnp.add, rows) / peak
+      magnitude = functools.reduce(jnp.add, [jnp.abs(r) for r in rows]) / peak
+      purity = 0.5 * (1.0 + signed / jnp.maximum(magnitude, 1.0))
+      uniform = jax.random.uniform(leaf_key, leaf.shape[1:], acc)
+      keep_positive, keep_negative = purity > uniform, purity < uniform
+      combined = []
+      for i, row in enumerate(rows):
+        mask = (keep_positive & (row > 0)) | (keep_negative & (row < 0))
+        factor = leaks[i] + (1.0 - leaks[i]) * mask
+        # Multiplying (not selecting) keeps NaN at a NaN coordinate.
+        combined.append(factor * row)
+        scaled = jnp.square(row / peaks[i])
+        kept = kept.at[i].add(jnp.sum(factor * scaled))
+        total = total.at[i].add(jnp.sum(scaled))
+      outputs.append((functools.reduce(jnp.add, combined) / num_tasks).astype(
           leaf.dtype))
-      scaled = (grads / peaks.reshape(task_shape)) ** 2
-      axes = tuple(range(1, grads.ndim))
-      kept = kept + jnp.sum(factor * scaled, axis=axes)
-      total = total + jnp.sum(scaled, axis=axes)
     weights = jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0),
                         1.0) / num_tasks
     return (jax.tree.unflatten(treedef, outputs),

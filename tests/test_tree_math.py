@@ -81,3 +81,20 @@ def test_weighted_sum_keeps_leaf_dtype():
   tree = _stacked(jax.random.PRNGKey(6), 2, jnp.bfloat16)
   out = tree_math.weighted_task_sum(jnp.array([0.5, 0.5]), tree)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
+
+
+@pytest.mark.parametrize("num_tasks,size", [(3, 2 ** 19 + 1001), (40, 40_000)])
+def test_blocked_cpu_gram_matches_one_contraction(num_tasks, size):
+  # Long leaves take the blocked CPU path (a fori_loop over slices plus a
+  # remainder); the result must be the plain contraction's.
+  assert tree_math._use_blocked_cpu_gram(num_tasks, size)
+  rng = np.random.default_rng(0)
+  rows = rng.normal(size=(num_tasks, size)).astype(np.float32)
+  other = rng.normal(size=(num_tasks, size)).astype(np.float32)
+  expected = rows.astype(np.float64) @ other.astype(np.float64).T
+  got = tree_math.cross_gram_matrix({"w": jnp.asarray(rows)},
+                                    {"w": jnp.asarray(other)})
+  np.testing.assert_allclose(got, expected, rtol=1e-4,
+                             atol=1e-4 * np.abs(expected).max())
+  bf16 = tree_math.gram_matrix(jnp.asarray(rows, jnp.bfloat16))
+  assert bf16.dtype == jnp.float32

@@ -9,6 +9,7 @@ concatenates the leaves into one flat vector.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -43,10 +44,59 @@ def _contract_parameter_axes(left: jax.Array, right: jax.Array,
   No reshape to ``(K, -1)``: merging axes would force a leaf sharded on a
   trailing axis to be gathered first.
   """
+  size = math.prod(left.shape[1:])
+  if _use_blocked_cpu_gram(left.shape[0], size):
+    return _blocked_rows_product(jnp.reshape(left, (left.shape[0], size)),
+                                 jnp.reshape(right, (right.shape[0], size)),
+                                 dtype)
   axes = tuple(range(1, left.ndim))
   return jax.lax.dot_general(
       left, right, ((axes, axes), ((), ())), precision=_HIGHEST,
       preferred_element_type=dtype, out_sharding=_replicated_out_sharding())
+
+
+# XLA:CPU contracts a long (K, P) x (P, K) product far below memory bandwidth
+# (benchmarks/micro_gram.py: 3-8x slower than the same product accumulated
+# over cache-sized blocks of P). The blocked loop is used on a single CPU
+# device only: accelerators' matmuls do not need it, and slicing a sharded
+# axis would gather it.
+_CPU_BLOCK_ELEMENTS = 2 ** 19   # K x block float32 entries: 2 MiB per block
+
+
+def _cpu_block_size(num_rows: int) -> int:
+  return max(4096, (_CPU_BLOCK_ELEMENTS // max(num_rows, 1)) // 1024 * 1024)
+
+
+def _use_blocked_cpu_gram(num_rows: int, size: int) -> bool:
+  return (size >= 2 * _cpu_block_size(num_rows)
+          and jax.default_backend() == "cpu" and jax.device_count() == 1
+          and jax.sharding.get_abstract_mesh().empty)
+
+
+def _blocked_rows_product(left: jax.Array, right: jax.Array,
+                          dtype: jnp.dtype) -> jax.Array:
+  """``left @ right.T`` for ``(K, n)`` rows, accumulated block by block."""
+  block = _cpu_block_size(left.shape[0])
+  num_blocks, rest = divmod(left.shape[1], block)
+
+  def product(a, b):
+    return jax.lax.dot_general(
+        a.astype(dtype), b.astype(dtype), (((1,), (1,)), ((), ())),
+        precision=_HIGHEST, preferred_element_type=dtype)
+
+  def body(i, total):
+    start = i * block
+    return total + product(
+        jax.lax.dynamic_slice_in_dim(left, start, block, axis=1),
+        jax.lax.dynamic_slice_in_dim(right, start, block, axis=1))
+
+  total = jax.lax.fori_loop(
+      0, num_blocks, body,
+      jnp.zeros((left.shape[0], right.shape[0]), dtype))
+  if rest:
+    total = total + product(left[:, num_blocks * block:],
+                            right[:, num_blocks * block:])
+  return total
 
 
 def per_task_sum(leaf: jax.Array) -> jax.Array:
