@@ -139,7 +139,7 @@ and advances ``w`` the same way, so both paths agree.
 **With** ``optax.partition`` the method sees the parameters of its own
 partition, with ``optax.MaskedNode`` in place of the others: wrap ``loss_fn``
 with ``mo.masked_loss_fn(loss_fn, params)`` (it fills those from the
-full parameters; also importable from this module), and
+full parameters), and
 give the other partitions ``optax.identity()`` on the single-backward path
 (their gradient is already ``sum_i c_i grad L_i``; ``mo.task_sum`` wants
 stacked gradients). The look-ahead then moves only the method's leaves, so
