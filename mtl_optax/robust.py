@@ -14,6 +14,8 @@ task gradients, at the price of ignoring them.
 
 from __future__ import annotations
 
+import functools
+
 from typing import NamedTuple
 
 import jax
@@ -146,6 +148,25 @@ class TrimmedMeanState(NamedTuple):
   weights_are_coefficients = False
 
 
+def _inside_trimmed_range(rows, trim_number):
+  """Per task, where its value is neither among the ``trim_number`` smallest
+  nor among the largest at that coordinate (ties broken by task index).
+
+  Ranks from K^2 elementwise comparisons of the K rows rather than a sort
+  along the task axis: XLA:CPU sorts a leading axis two orders of magnitude
+  slower, and the comparisons fuse into one pass over the gradients.
+  """
+  num_tasks = len(rows)
+  inside = []
+  for i, row in enumerate(rows):
+    below = [(other <= row) if j < i else (other < row)
+             for j, other in enumerate(rows) if j != i]
+    rank = functools.reduce(jnp.add, [b.astype(jnp.int32) for b in below],
+                            jnp.zeros(row.shape, jnp.int32))
+    inside.append((rank >= trim_number) & (rank < num_tasks - trim_number))
+  return inside
+
+
 def trimmed_mean(num_tasks: int, trim_number: int = 1
                  ) -> optax.GradientTransformationExtraArgs:
   """Coordinate-wise trimmed mean of the task gradients.
@@ -196,17 +217,17 @@ def trimmed_mean(num_tasks: int, trim_number: int = 1
     size = 0
     outputs = []
     for leaf in jax.tree.leaves(updates):
-      grads = leaf.astype(acc)
-      order = jnp.argsort(grads, axis=0)
-      ordered = jnp.take_along_axis(grads, order, axis=0)
-      mean = jnp.mean(ordered[trim_number:num_tasks - trim_number], axis=0)
-      # Sorting moves NaN to the end, where it could be trimmed away.
-      mean = jnp.where(jnp.all(jnp.isfinite(grads), axis=0), mean, jnp.nan)
-      outputs.append(mean.astype(leaf.dtype))
-      rank = jnp.argsort(order, axis=0)
-      inside = (rank >= trim_number) & (rank < num_tasks - trim_number)
-      kept = kept + tree_math.per_task_sum(inside).astype(acc)
-      size += grads[0].size
+      rows = [leaf[i].astype(acc) for i in range(num_tasks)]
+      inside = _inside_trimmed_range(rows, trim_number)
+      mean = functools.reduce(jnp.add, [
+          jnp.where(keep, row, 0.0) for keep, row in zip(inside, rows)])
+      mean = mean / kept_count
+      # A NaN would compare False everywhere and could be trimmed away.
+      finite = functools.reduce(jnp.logical_and,
+                                [jnp.isfinite(row) for row in rows])
+      outputs.append(jnp.where(finite, mean, jnp.nan).astype(leaf.dtype))
+      kept = kept + jnp.stack([jnp.sum(keep) for keep in inside]).astype(acc)
+      size += rows[0].size
     weights = kept / (max(size, 1) * kept_count)
     return (jax.tree.unflatten(jax.tree.structure(updates), outputs),
             TrimmedMeanState(weights.astype(state.weights.dtype)))
