@@ -34,6 +34,16 @@ from mtl_optax.cagrad import cagrad
 from mtl_optax.cagrad import CAGradState
 
 # --- aggregators: dual cone, closed forms, bargaining (issue 3, part A) ---
+from mtl_optax.bargaining import fairgrad
+from mtl_optax.bargaining import FairGradState
+from mtl_optax.bargaining import nash_mtl
+from mtl_optax.bargaining import NashMTLState
+from mtl_optax.closed_form import aligned_mtl
+from mtl_optax.closed_form import config
+from mtl_optax.closed_form import imtl_g
+from mtl_optax.dual_cone import DualConeState
+from mtl_optax.dual_cone import dualproj
+from mtl_optax.dual_cone import upgrad
 
 # --- aggregators: surgery, stochastic, robust, weightings (issue 3, part B) ---
 from mtl_optax.robust import krum

@@ -147,3 +147,26 @@ def test_warm_start_at_the_solution_takes_one_step():
   warm = solvers.cagrad_dual_weights(gram, 0.4, init=cold.weights)
   assert int(warm.iterations) <= 2 < int(cold.iterations)
   np.testing.assert_allclose(warm.weights, cold.weights, atol=1e-5)
+
+
+def test_jacobi_cholesky_solver_and_step_to_boundary():
+  """The two linear-algebra helpers shared by the interior-point QP and the
+  alpha-fair Newton solver, against NumPy in float64."""
+  rng = np.random.default_rng(12)
+  root = rng.normal(size=(5, 5)) * np.exp(rng.normal(size=(1, 5)))
+  matrix = root @ root.T  # badly scaled but positive definite
+  rhs = rng.normal(size=5)
+  with jax.enable_x64(True):
+    solve = solvers._jacobi_cholesky_solver(jnp.asarray(matrix))
+    np.testing.assert_allclose(solve(jnp.asarray(rhs)),
+                               np.linalg.solve(matrix, rhs), rtol=1e-9)
+    # A shift of the unit-diagonal matrix: D^1/2 (S + s I) D^1/2.
+    shifted = solvers._jacobi_cholesky_solver(jnp.asarray(matrix), 0.5)
+    d = np.sqrt(np.diag(matrix))
+    expected = np.linalg.solve(matrix + 0.5 * np.diag(d * d), rhs)
+    np.testing.assert_allclose(shifted(jnp.asarray(rhs)), expected,
+                               rtol=1e-9)
+    z = jnp.array([1.0, 2.0, 0.5])
+    np.testing.assert_allclose(
+        solvers._step_to_boundary(z, jnp.array([-2.0, 1.0, -0.25])), 0.5)
+    assert float(solvers._step_to_boundary(z, jnp.ones(3))) == np.inf

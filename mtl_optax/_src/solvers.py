@@ -241,3 +241,369 @@ def cagrad_dual_weights(gram: jax.Array, c: jax.Array | float,
   start_norm = jnp.sqrt(jnp.maximum(init @ gram @ init, 0.0) + smooth)
   lipschitz = largest_eigenvalue(gram) * radius / start_norm
   return minimize_on_simplex(value_and_grad, init, lipschitz, max_iter, tol)
+
+
+# --- Lower-bounded QPs (UPGrad, DualProj) and alpha-fair systems (Nash-MTL,
+# FairGrad), issue 3 part A. ---
+# Neither fits minimize_on_simplex: the dual-cone QPs live on a shifted
+# orthant, not the simplex, and need their exact active set (a first-order
+# method crawls on the near-colinear Gram matrices where it matters); the
+# alpha-fair potential has a log barrier at w = 0, with no Lipschitz
+# gradient. Both are second-order loops on K x K systems and share the two
+# helpers below.
+
+# Iterations without the residual halving before an interior-point loop
+# stops: the float floor has been reached.
+_PATIENCE = 8
+# Armijo sufficient-decrease fraction of the Newton solver below.
+_ARMIJO = 1e-4
+# Halvings of the step before a line search gives up (no representable
+# decrease left); the solver then stops and reports its residual.
+_MAX_HALVINGS = 30
+
+
+class BoxQPSolution(NamedTuple):
+  """Result of :func:`lower_bounded_qp`.
+
+  Attributes:
+    solution: ``(..., K)``, one solution per row of ``lower``.
+    residual: ``()`` largest relative residual over the rows:
+      ``max_i |v_i - max(l_i, v_i - (Q v)_i)| / max_i |l_i|``, the fixed-point
+      (projected gradient) condition; zero exactly at the optimum.
+    iterations: ``()`` largest number of interior-point iterations over the
+      rows.
+  """
+  solution: jax.Array
+  residual: jax.Array
+  iterations: jax.Array
+
+
+def _jacobi_cholesky_solver(matrix, shift=0.0):
+  """``rhs -> (matrix + shift D)^-1 rhs``, ``D = diag(matrix)``, through a
+  Cholesky factor of the Jacobi-scaled ``D^-1/2 matrix D^-1/2 + shift I``
+  (unit diagonal, better conditioned). A failed factorisation is not always
+  signalled by NaN (batched Cholesky): callers test the result."""
+  jacobi = jax.lax.rsqrt(jnp.diagonal(matrix))
+  scaled = jacobi[:, None] * matrix * jacobi[None, :]
+  factor = jnp.linalg.cholesky(
+      scaled + shift * jnp.eye(matrix.shape[0], dtype=matrix.dtype))
+  return lambda rhs: jacobi * jax.scipy.linalg.cho_solve((factor, True),
+                                                         jacobi * rhs)
+
+
+def _step_to_boundary(z, dz):
+  """Largest ``t`` with ``z + t dz >= 0`` for ``z > 0`` (inf if ``dz >= 0``)."""
+  shrinking = dz < 0
+  return jnp.min(jnp.where(shrinking, -z / jnp.where(shrinking, dz, -1.0),
+                           jnp.inf))
+
+
+def _first_acceptable(trial, t_max):
+  """Backtracking without a nested loop: ``trial(t) -> (point, ok)`` on the
+  steps ``t_max * 2**-k``, k < ``_MAX_HALVINGS``, all at once; returns the
+  point of the longest accepted step (and whether there was one)."""
+  steps = t_max * 0.5 ** jnp.arange(_MAX_HALVINGS, dtype=t_max.dtype)
+  points, oks = jax.vmap(trial)(steps)
+  first = jnp.argmax(oks)
+  return points[first], oks[first]
+
+
+def _lower_bounded_qp_row(quad, lower, max_iter, tol):
+  dtype = quad.dtype
+  num = quad.shape[0]
+  eps = jnp.finfo(dtype).eps
+  tiny = jnp.finfo(dtype).tiny
+  largest = jnp.max(jnp.abs(lower))
+  scale = jnp.where(largest > 0, largest, 1.0)
+  q_max = jnp.maximum(jnp.max(jnp.diagonal(quad)), tiny)
+  # A floor of eps * max(diag Q), below the resolution of a float Gram matrix,
+  # keeps every barrier subproblem bounded: zero rows (zero gradients) and
+  # directions z >= 0 with Q z = 0 (Pareto-stationary points) would
+  # otherwise send the slacks to infinity.
+  q = quad + eps * q_max * jnp.eye(num, dtype=dtype)
+  q_lower = q @ lower
+
+  def residual(x):  # v = lower + x; the projected-gradient condition on Q.
+    grad = quad @ (lower + x)
+    return jnp.max(jnp.abs(x - jnp.maximum(0.0, x - grad))) / scale
+
+  def to_boundary(z, dz):
+    return jnp.minimum(1.0, _step_to_boundary(z, dz))
+
+  class Loop(NamedTuple):
+    x: jax.Array          # slack v - lower > 0
+    lam: jax.Array        # multiplier of v >= lower, > 0
+    iteration: jax.Array
+    best_x: jax.Array
+    best_lam: jax.Array
+    best_residual: jax.Array
+    stall: jax.Array      # iterations since the residual last halved
+
+  def cond(s):
+    return ((s.iteration < max_iter) & (s.best_residual > tol)
+            & (s.stall < _PATIENCE))
+
+  def body(s):
+    x, lam = s.x, s.lam
+    grad = q_lower + q @ x
+    mu = x @ lam / num
+    ratio = lam / x
+    solve = _jacobi_cholesky_solver(q + jnp.diag(ratio))
+    # Mehrotra predictor-corrector: one factorisation, two solves.
+    dx = solve(-grad)
+    dlam = -lam - ratio * dx
+    mu_affine = (x + to_boundary(x, dx) * dx) @ (
+        lam + to_boundary(lam, dlam) * dlam) / num
+    sigma = jnp.where(mu > 0, jnp.clip(
+        mu_affine / jnp.where(mu > 0, mu, 1.0), 0.0, 1.0) ** 3, 0.0)
+    centring = sigma * mu - dx * dlam
+    dx = solve(centring / x - grad)
+    dlam = centring / x - lam - ratio * dx
+    # A failed factorisation (at the float floor) ends the loop; batched
+    # Cholesky does not always signal it with NaN, so test every output.
+    ok = jnp.all(jnp.isfinite(dx)) & jnp.all(jnp.isfinite(dlam))
+    x = jnp.where(ok, jnp.maximum(x + 0.99 * to_boundary(x, dx) * dx, tiny), x)
+    lam = jnp.where(ok, jnp.maximum(
+        lam + 0.99 * to_boundary(lam, dlam) * dlam, tiny), lam)
+    res = residual(x)
+    better = ok & (res < s.best_residual)
+    halved = ok & (res < 0.5 * s.best_residual)
+    return Loop(x, lam, s.iteration + 1,
+                jnp.where(better, x, s.best_x),
+                jnp.where(better, lam, s.best_lam),
+                jnp.where(better, res, s.best_residual),
+                jnp.where(halved, 0, jnp.where(ok, s.stall + 1, _PATIENCE)))
+
+  x0 = jnp.full((num,), scale, dtype)
+  lam0 = jnp.full((num,), scale * q_max, dtype)
+  res0 = residual(x0)
+  out = jax.lax.while_loop(cond, body, Loop(
+      x0, lam0, jnp.zeros((), jnp.int32), x0, lam0, res0,
+      jnp.zeros((), jnp.int32)))
+  # Crossover: the face read off the interior point (slack large relative to
+  # its multiplier) gives the exact solution by one linear solve.
+  x, lam = out.best_x, out.best_lam
+  free = x * q_max > lam
+  # On a singular face (colinear gradients) the factorisation may fail; its
+  # NaN is rejected by the comparison below.
+  face = jnp.where(free[:, None] & free[None, :], q, 0.0) + jnp.diag(
+      jnp.where(free, 0.0, 1.0))
+  polished = _jacobi_cholesky_solver(face)(jnp.where(free, -q_lower, 0.0))
+  polished = jnp.where(free, jnp.maximum(polished, 0.0), 0.0)
+  polished_residual = residual(polished)
+  use = jnp.all(jnp.isfinite(polished)) & (polished_residual
+                                           < out.best_residual)
+  x = jnp.where(use, polished, x)
+  # Variables with a zero row of Q (zero gradients) do not enter the
+  # objective; the smallest feasible value is the natural choice.
+  x = jnp.where(jnp.diagonal(quad) > 0, x, 0.0)
+  return (lower + x, jnp.where(use, polished_residual, out.best_residual),
+          out.iteration)
+
+
+def lower_bounded_qp(quad: jax.Array, lower: jax.Array, max_iter: int = 100,
+                     tol: float | jax.Array | None = None) -> BoxQPSolution:
+  """``argmin_v 1/2 v^T Q v  s.t.  v >= lower`` for a PSD ``Q``, batched.
+
+  The dual of the projection onto the dual cone of the task gradients
+  (Lopez-Paz & Ranzato, 2017, Eq. 11; Quinton & Rey, "Jacobian Descent for
+  Multi-Objective Optimization", 2024, Prop. 1), solved for every row of
+  ``lower`` at once (``vmap``), by a primal-dual interior-point method with
+  Mehrotra's predictor-corrector (Nocedal & Wright, "Numerical
+  Optimization", 2nd ed., 2006, Sec. 16.6), which needs 10-25 iterations
+  whatever the conditioning, then a crossover: the active face read off the
+  interior point gives the exact solution by one linear solve, kept when its
+  residual is smaller. Each iteration costs one ``K x K`` Cholesky per row (Jacobi-
+  scaled); a floor of ``eps * max(diag Q)`` on the diagonal keeps singular
+  ``Q`` (colinear, zero or Pareto-stationary task gradients) bounded. The
+  loop stops at the tolerance, after ``max_iter`` steps, or when the
+  residual has not halved for eight steps (the float floor). Everything is
+  ``lax`` loops.
+
+  Args:
+    quad: ``(K, K)`` symmetric PSD matrix, ideally unit scale (e.g. the
+      normalised Gram matrix, plus any ridge).
+    lower: ``(K,)`` or ``(B, K)`` lower bounds; one problem per row.
+    max_iter: cap on interior-point iterations per row (an int; may be
+      traced).
+    tol: stopping tolerance on the relative residual (see
+      :class:`BoxQPSolution`); default :func:`default_tolerance`.
+
+  Returns:
+    A :class:`BoxQPSolution` whose ``solution`` has the shape of ``lower``.
+
+  Example (the min-norm element of ``{J^T v : v >= (1/2, 0)}``):
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from mtl_optax._src.solvers import lower_bounded_qp
+    >>> q = jnp.array([[1., -1.], [-1., 2.]])
+    >>> sol = lower_bounded_qp(q, jnp.array([0.5, 0.]))
+    >>> print(np.asarray(sol.solution, np.float64).round(4))
+    [0.5  0.25]
+  """
+  return _lower_bounded_qp(quad, jnp.asarray(lower, quad.dtype), max_iter,
+                           tol)
+
+
+# Jitted once at module level, so that eager (un-jitted) calls reuse the
+# compiled loops instead of recompiling them on every call; iteration caps
+# and tolerances are traced, so injected hyper-parameters work too.
+@jax.jit
+def _lower_bounded_qp(quad, lower, max_iter, tol):
+  tol = default_tolerance(quad.dtype) if tol is None else tol
+  rows = jnp.reshape(lower, (-1, quad.shape[0]))
+  solve = jax.vmap(lambda row: _lower_bounded_qp_row(quad, row, max_iter, tol))
+  v, residual, iterations = solve(rows)
+  return BoxQPSolution(jnp.reshape(v, lower.shape), jnp.max(residual),
+                       jnp.max(iterations))
+
+
+class PositiveSolution(NamedTuple):
+  """Result of :func:`alpha_fair_weights`.
+
+  Attributes:
+    weights: ``(K,)`` positive solution; zero for tasks whose Gram diagonal
+      is exactly zero.
+    residual: ``()`` ``max_i |w_i^(1/alpha) (A w)_i - 1|`` over tasks with a
+      non-zero gradient, for the Gram matrix ``A`` as given (without the
+      ridge): zero at an exact solution; close to 1 when none exists.
+    iterations: ``()`` Newton steps taken.
+  """
+  weights: jax.Array
+  residual: jax.Array
+  iterations: jax.Array
+
+
+def _exprel(x):
+  """``expm1(x) / x``, equal to 1 at 0 and accurate near it."""
+  small = jnp.abs(x) < 1e-3
+  safe = jnp.where(small, 1.0, x)
+  return jnp.where(small, 1.0 + x / 2 + x * x / 6, jnp.expm1(safe) / safe)
+
+
+def alpha_fair_weights(gram: jax.Array, alpha: float | jax.Array = 1.0,
+                       init: jax.Array | None = None, max_iter: int = 50,
+                       tol: float | jax.Array | None = None,
+                       ridge: float | jax.Array | None = None
+                       ) -> PositiveSolution:
+  """Solves ``A w = w^(-1/alpha)``, ``w > 0`` (Nash-MTL, FairGrad).
+
+  ``alpha = 1`` is the Nash bargaining system ``w_i (A w)_i = 1`` of Navon et
+  al. (ICML 2022); general ``alpha > 0`` is FairGrad's alpha-fair system (Ban
+  & Ji, ICML 2024, Eq. 4). Both are the stationarity condition of the
+  strictly convex potential
+
+      ``f(w) = 1/2 w^T A w - sum_i (w_i^p - 1) / p,   p = 1 - 1/alpha``
+
+  (``- sum_i log w_i`` for ``alpha = 1``) on the positive orthant, which is
+  minimised by Newton's method with Jacobi-scaled steps, a fraction-to-the-
+  boundary rule and Armijo backtracking. The starting point is the solution
+  for the diagonal of ``A``, rescaled optimally along its ray.
+
+  A solution exists iff no non-negative combination of the task gradients
+  vanishes (the point is not Pareto-stationary). A relative ridge
+  ``ridge * diag(A)`` (by default the dtype's epsilon, the resolution of a
+  float Gram matrix) keeps the potential bounded below, so the answer is
+  always finite; at a Pareto-stationary point it is the ridge-regularised
+  solution and ``residual`` (measured without the ridge) is near 1. Tasks
+  with an exactly zero gradient are left out of the system and get weight 0.
+
+  Args:
+    gram: ``(K, K)`` Gram matrix (any scale; the solution scales as
+      ``A^(-alpha/(1+alpha))``).
+    alpha: fairness parameter, > 0.
+    init: optional warm start (its direction is used).
+    max_iter: cap on Newton steps (an int; may be traced).
+    tol: stopping tolerance on the residual of the regularised system;
+      default :func:`default_tolerance`.
+    ridge: ridge relative to the diagonal of ``A``; default as above.
+
+  Returns:
+    A :class:`PositiveSolution`.
+
+  Example (``w_i (A w)_i = 1`` for TorchJD's J = [[-4, 1, 1], [6, 1, 1]]):
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from mtl_optax._src.solvers import alpha_fair_weights
+    >>> a = jnp.array([[18., -22.], [-22., 38.]])
+    >>> sol = alpha_fair_weights(a)
+    >>> print(np.asarray(sol.weights, np.float64).round(4), sol.residual < 1e-5)
+    [0.5915 0.4071] True
+  """
+  return _alpha_fair_weights(gram, alpha, init, max_iter, tol, ridge)
+
+
+@jax.jit
+def _alpha_fair_weights(gram, alpha, init, max_iter, tol, ridge):
+  dtype = gram.dtype
+  eps = jnp.finfo(dtype).eps
+  tol = default_tolerance(dtype) if tol is None else tol
+  alpha = jnp.asarray(alpha, dtype)
+  inv_alpha = 1.0 / alpha
+  power = 1.0 - inv_alpha
+  diag = jnp.diagonal(gram)
+  active = diag > 0
+  ridge = eps if ridge is None else ridge
+  pair = active[:, None] & active[None, :]
+  # Tasks with a zero gradient decouple (their row of A is zero) and would
+  # push their weight to infinity; they are given the equation w_i = 1 and
+  # reported as 0. The ridge is relative to each task's own squared norm,
+  # which keeps the alpha = 1 system invariant to per-task gradient scales.
+  system = jnp.where(pair, gram, 0.0) + jnp.diag(
+      jnp.where(active, jnp.asarray(ridge, dtype) * diag, 1.0))
+
+  def residual_of(matrix, w):
+    lhs = jnp.exp(jnp.log(w) * inv_alpha) * (matrix @ w)
+    return jnp.max(jnp.where(active, jnp.abs(lhs - 1.0), 0.0))
+
+  start = jnp.exp(-alpha / (1.0 + alpha) * jnp.log(jnp.diagonal(system)))
+  if init is not None:
+    init = jnp.asarray(init, dtype)
+    usable = jnp.all(jnp.isfinite(init) & (init > 0))
+    start = jnp.where(usable, init / jnp.where(usable, jnp.max(init), 1.0),
+                      start)
+  # Optimal scale along the ray: d/ds f(s w0) = 0.
+  total = jnp.sum(jnp.exp(power * jnp.log(start)))
+  curvature = start @ system @ start
+  start = start * jnp.exp(alpha / (1.0 + alpha) * jnp.log(total / curvature))
+
+  class Loop(NamedTuple):
+    w: jax.Array
+    residual: jax.Array
+    iteration: jax.Array
+    moved: jax.Array
+
+  def cond(s):
+    return (s.iteration < max_iter) & (s.residual > tol) & s.moved
+
+  def body(s):
+    w = s.w
+    log_w = jnp.log(w)
+    aw = system @ w
+    barrier_grad = jnp.exp(-inv_alpha * log_w)
+    grad = aw - barrier_grad
+    hessian = system + jnp.diag(inv_alpha * barrier_grad / w)
+    step = -_jacobi_cholesky_solver(hessian, eps)(grad)
+    # A failed factorisation is not always NaN (batched Cholesky): no step.
+    step = jnp.where(jnp.all(jnp.isfinite(step)), step, 0.0)
+    slope = grad @ step
+    t_max = jnp.minimum(1.0, 0.99 * _step_to_boundary(w, step))
+    quad_step = step @ system @ step
+    w_pow = jnp.exp(power * log_w)
+
+    def trial(t):
+      ratio = jnp.log1p(t * step / w)
+      barrier = -jnp.sum(w_pow * ratio * _exprel(power * ratio))
+      linear = t * (aw @ step)
+      value = linear + 0.5 * t * t * quad_step + barrier
+      slack = 8 * eps * (jnp.abs(linear) + jnp.abs(barrier))
+      return w + t * step, value <= _ARMIJO * t * slope + slack
+
+    candidate, ok = _first_acceptable(trial, t_max)
+    new_w = jnp.where(ok, candidate, w)
+    moved = ok & jnp.any(new_w != w)
+    return Loop(new_w, residual_of(system, new_w), s.iteration + 1, moved)
+
+  out = jax.lax.while_loop(
+      cond, body, Loop(start, residual_of(system, start),
+                       jnp.zeros((), jnp.int32), jnp.ones((), bool)))
+  weights = jnp.where(active, out.w, 0.0)
+  return PositiveSolution(weights, residual_of(gram, out.w), out.iteration)

@@ -90,3 +90,16 @@ def check_loss_fn(loss_fn: Any, method: str) -> None:
         "losses on the current batch) is required: call "
         "tx.update(grads, state, params, loss_fn=lambda p: task_losses(p, batch))."
     )
+
+
+def check_positive_int(value: Any, name: str, method: str) -> None:
+  """Raises for a concrete value that is not an int >= 1.
+
+  For iteration counts that only bound ``lax`` loops: a traced value (an int
+  left out of ``static_args`` of ``optax.inject_hyperparams``) passes.
+  """
+  if not is_concrete(value):
+    return
+  if (isinstance(value, (bool, np.bool_)) or np.ndim(value) != 0
+      or int(value) != value or int(value) < 1):
+    raise ValueError(f"{method}: {name} must be an int >= 1, got {value!r}.")

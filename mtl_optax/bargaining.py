@@ -1,0 +1,252 @@
+"""Bargaining and fairness weightings: Nash-MTL and FairGrad.
+
+Both pick ``d = sum_i w_i g_i`` from the nonlinear system
+``A w = w^(-1/alpha)`` on the Gram matrix ``A``: ``alpha = 1`` is the Nash
+bargaining solution ``w_i (A w)_i = 1`` (Nash-MTL), general ``alpha`` is
+FairGrad's alpha-fairness. The system is the stationarity condition of a
+strictly convex potential and is solved on device by Newton's method
+(:func:`mtl_optax._src.solvers.alpha_fair_weights`), not by host-side cvxpy
+or scipy calls, and never replaced silently by plain averaging: the residual
+of the system is kept in the state.
+
+Neither method is invariant to the scale of the gradients: the weights solve
+the system for the raw Gram matrix ``A = rms**2 * gram``, recovered from the
+scale-free one by a closed-form factor (the solution of
+``c A w = w^(-1/alpha)`` is ``c^(-alpha/(1+alpha))`` times that of
+``A w = w^(-1/alpha)``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_optax._src import base
+from mtl_optax._src import solvers
+from mtl_optax._src import validation
+
+__all__ = (
+    "FairGradState",
+    "NashMTLState",
+    "fairgrad",
+    "nash_mtl",
+)
+
+
+def _to_raw_scale(weights: jax.Array, rms_norm: jax.Array,
+                  exponent: jax.Array) -> jax.Array:
+  """``weights * rms_norm**exponent``, 0 where ``weights`` is 0 (all-zero
+  gradients have ``rms_norm = 0``)."""
+  factor = jnp.exp(exponent * jnp.log(rms_norm))
+  return jnp.where(weights > 0, weights * factor, 0.0)
+
+
+@jax.jit
+def _nash_alpha(gram, rms, previous, residual, step, every, max_iter, tol):
+  """Raw-scale bargaining solution, solved every ``every`` steps."""
+  # Module-level jit: eager calls reuse the compiled solver and cond.
+
+  def solve(_):
+    sol = solvers.alpha_fair_weights(gram, 1.0, init=previous,
+                                     max_iter=max_iter, tol=tol)
+    # gram = A / rms**2, so alpha(A) = alpha(gram) / rms.
+    return (_to_raw_scale(sol.weights, rms, -1.0),
+            sol.residual.astype(residual.dtype))
+
+  def reuse(_):
+    return previous, residual
+
+  return jax.lax.cond(step % every == 0, solve, reuse, None)
+
+
+class NashMTLState(NamedTuple):
+  """State of :func:`nash_mtl`.
+
+  Attributes:
+    weights: ``(K,)`` coefficients of the last update: ``alpha`` after the
+      ``max_norm`` rescaling, so ``d = sum_i weights[i] g_i``.
+    alpha: ``(K,)`` the last bargaining solution ``alpha_i (A alpha)_i = 1``
+      on the raw Gram matrix, before rescaling; reused between solves and
+      the warm start of the next one. 0 for tasks with a zero gradient.
+    step: ``()`` int32 number of updates so far.
+    residual: ``()`` ``max_i |alpha_i (A alpha)_i - 1|`` of the last solve.
+  """
+  weights: jax.Array
+  alpha: jax.Array
+  step: jax.Array
+  residual: jax.Array
+
+
+def nash_mtl(num_tasks: int, update_weights_every: int = 1,
+             optim_niter: int = 20, max_norm: float = 1.0,
+             tol: Optional[float] = None
+             ) -> optax.GradientTransformationExtraArgs:
+  """Nash-MTL: the Nash bargaining solution between the tasks.
+
+  Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, "Multi-Task
+  Learning as a Bargaining Game", ICML 2022. ``d = sum_i alpha_i g_i`` with
+  ``alpha_i (A alpha)_i = 1`` for every task (``A`` the raw Gram matrix), i.e.
+  every task's improvement ``<g_i, d> = 1 / alpha_i``: the maximiser of
+  ``sum_i log <g_i, d>`` on a ball. The paper solves it by a sequence of
+  cvxpy problems; here ``alpha`` minimises the convex potential
+  ``1/2 alpha^T A alpha - sum_i log alpha_i`` by Newton's method with at most
+  ``optim_niter`` steps, warm-started from the previous ``alpha`` (see
+  :func:`~mtl_optax._src.solvers.alpha_fair_weights`).
+
+  As in the official code, the weights are recomputed every
+  ``update_weights_every`` steps (the others reuse ``alpha``), and ``alpha``
+  is rescaled so that ``||d|| <= max_norm`` (``max_norm = 0`` disables it);
+  the official code clips the shared gradient's norm, which is the same.
+  The official code also divides the Gram matrix by its Frobenius norm, for
+  its solver's conditioning only: its constraints
+  ``alpha_i (A alpha)_i >= 1`` multiply the factor back, so its solution is
+  the raw-scale one used here (and TorchJD's published value, below, is
+  reproduced).
+
+  Output scale: the paper's, not ``g0``'s. At the solution
+  ``||d||**2 = alpha^T A alpha = K`` whatever the gradients' scale, so
+  ``||d|| = min(sqrt(K), max_norm)``. The official trainers multiply the
+  heads' gradients by ``alpha_i`` too; with ``optax.partition`` the heads get
+  their own task's gradient unweighted (``mo.task_sum``).
+
+  Degenerate cases, never a silent fallback: tasks with an exactly zero
+  gradient get ``alpha_i = 0``; at a Pareto-stationary point (some
+  non-negative combination of gradients vanishes) no solution exists, a
+  ridge of relative size eps keeps ``alpha`` finite, and ``residual`` (near
+  1 or larger) reports it. The method is invariant to rescaling any single
+  task's gradient.
+
+  Args:
+    num_tasks: number of tasks K.
+    update_weights_every: solve every this many steps (int >= 1).
+    optim_niter: cap on Newton steps per solve (int >= 1).
+    max_norm: bound on ``||d||``; 0 disables it (injectable).
+    tol: Newton tolerance on the relative residual; default 1e-5 in
+      float32, 1e-10 in float64.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with :class:`NashMTLState`.
+
+  Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]; TorchJD's
+  NashMTL gives [0.0542, 0.7061, 0.7061]):
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
+    >>> tx = mo.nash_mtl(2)
+    >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)))
+    >>> print(np.asarray(update, np.float64).round(4),
+    ...       np.asarray(state.alpha, np.float64).round(4))
+    [0.0542 0.7061 0.7061] [0.5915 0.4071]
+  """
+  method = "nash_mtl"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  validation.check_positive_int(update_weights_every, "update_weights_every",
+                                method)
+  validation.check_positive_int(optim_niter, "optim_niter", method)
+  validation.check_nonnegative(max_norm, "max_norm", method)
+
+  def init_state(dtype):
+    return NashMTLState(jnp.ones((num_tasks,), dtype),
+                        jnp.ones((num_tasks,), dtype),
+                        jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
+
+  def rule(context, state):
+    gram = context.gram
+    dtype = gram.dtype
+    rms = context.rms_norm.astype(dtype)
+    alpha, residual = _nash_alpha(
+        gram, rms, state.alpha.astype(dtype), state.residual.astype(dtype),
+        state.step, update_weights_every, optim_niter, tol)
+    # ||d||**2 = alpha^T A alpha = (rms alpha)^T gram (rms alpha), computed on
+    # the O(1) vector rms * alpha so that it neither overflows nor underflows.
+    scaled = alpha * rms
+    norm = jnp.sqrt(jnp.maximum(scaled @ gram @ scaled, 0.0))
+    limit = jnp.asarray(max_norm, dtype)
+    clip = (limit > 0) & (norm > limit)
+    weights = alpha * jnp.where(clip, limit / jnp.where(clip, norm, 1.0), 1.0)
+    weights = base.poison_if_nonfinite(weights, gram)
+    return weights, NashMTLState(weights, alpha, state.step + 1, residual)
+
+  return base.task_weighting_transformation(num_tasks, method, init_state, rule)
+
+
+class FairGradState(NamedTuple):
+  """State of :func:`fairgrad`.
+
+  Attributes:
+    weights: ``(K,)`` the solution ``w`` of ``A w = w^(-1/alpha)`` on the raw
+      Gram matrix; ``d = sum_i weights[i] g_i``.
+    residual: ``()`` ``max_i |w_i^(1/alpha) (A w)_i - 1|`` of the last solve.
+  """
+  weights: jax.Array
+  residual: jax.Array
+
+
+def fairgrad(num_tasks: int, alpha: float = 1.0, max_iter: int = 50,
+             tol: Optional[float] = None
+             ) -> optax.GradientTransformationExtraArgs:
+  """FairGrad: alpha-fair allocation of the update between tasks.
+
+  Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024,
+  Eq. 4 and Algorithm 1. ``d = sum_i w_i g_i`` with ``A w = w^(-1/alpha)``
+  (``A`` the raw Gram matrix), the optimality condition of maximising
+  ``sum_i (<g_i, d>)^(1-alpha) / (1-alpha)`` on a ball. ``alpha = 1`` is
+  Nash-MTL's bargaining solution; larger ``alpha`` moves towards max-min
+  fairness. ``alpha = 0`` gives the mean gradient (linear scalarization), as
+  in TorchJD. Solved by Newton's method on the convex potential
+  ``1/2 w^T A w - sum_i (w_i^p - 1) / p``, ``p = 1 - 1/alpha`` (see
+  :func:`~mtl_optax._src.solvers.alpha_fair_weights`), where the official
+  code and TorchJD call ``scipy.optimize.least_squares`` on the host.
+
+  Output scale: the paper's. The weights scale as ``|g|^(-2 alpha / (1 +
+  alpha))`` and the update as ``|g|^((1 - alpha) / (1 + alpha))``: for
+  ``alpha = 1``, ``||d|| = sqrt(K)`` whatever the gradients' scale. For
+  ``alpha != 1`` and gradients far from unit scale the weights can leave the
+  float32 range. Zero gradients and Pareto-stationary points are handled as
+  in :func:`nash_mtl` and reported by ``residual``.
+
+  Args:
+    num_tasks: number of tasks K.
+    alpha: fairness parameter, >= 0 (injectable).
+    max_iter: cap on Newton steps (int >= 1).
+    tol: Newton tolerance; default 1e-5 in float32, 1e-10 in float64.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with :class:`FairGradState`.
+
+  Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
+    >>> tx = mo.fairgrad(2, alpha=1.0)
+    >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)))
+    >>> print(np.asarray(update, np.float64).round(4),
+    ...       np.asarray(state.weights, np.float64).round(4))
+    [0.0766 0.9985 0.9985] [0.5915 0.4071]
+  """
+  method = "fairgrad"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  validation.check_positive_int(max_iter, "max_iter", method)
+  validation.check_nonnegative(alpha, "alpha", method)
+
+  def init_state(dtype):
+    return FairGradState(base.uniform_weights(num_tasks, dtype),
+                         jnp.zeros((), dtype))
+
+  def rule(context, state):
+    del state
+    gram = context.gram
+    dtype = gram.dtype
+    rms = context.rms_norm.astype(dtype)
+    a = jnp.asarray(alpha, dtype)
+    fair = a > 0
+    safe = jnp.where(fair, a, 1.0)
+    sol = solvers.alpha_fair_weights(gram, safe, max_iter=max_iter, tol=tol)
+    weights = _to_raw_scale(sol.weights, rms, -2.0 * safe / (1.0 + safe))
+    weights = jnp.where(fair, weights, base.uniform_weights(num_tasks, dtype))
+    weights = base.poison_if_nonfinite(weights, gram)
+    residual = jnp.where(fair, sol.residual, 0.0)
+    return weights, FairGradState(weights, residual)
+
+  return base.task_weighting_transformation(num_tasks, method, init_state, rule)
