@@ -53,7 +53,12 @@ def linear_scalarization(
     >>> print(update['w'], state.weights)
     [2. 0.] [0.5 0.5]
   """
-  method = "linear_scalarization"
+  return fixed_weighting(num_tasks, weights, "linear_scalarization")
+
+
+def fixed_weighting(num_tasks: int, weights, method: str
+                    ) -> optax.GradientTransformationExtraArgs:
+  """``d = sum_i w_i g_i`` for given weights (1/K when None), as ``method``."""
   num_tasks = validation.check_num_tasks(num_tasks, method)
   if weights is not None and validation.is_concrete(weights) and (
       np.shape(weights) != (num_tasks,)):

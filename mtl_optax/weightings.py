@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtl_optax import aggregators
 from mtl_optax._src import base
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
@@ -36,13 +37,8 @@ __all__ = [
 ]
 
 
-class ConstantState(NamedTuple):
-  """State of :func:`constant`.
-
-  Attributes:
-    weights: ``(K,)`` the fixed weights.
-  """
-  weights: jax.Array
+# The state of :func:`constant`: ``weights``, the fixed weights.
+ConstantState = aggregators.WeightsState
 
 
 def constant(num_tasks: int, weights: Sequence[float] | jax.Array
@@ -72,24 +68,9 @@ def constant(num_tasks: int, weights: Sequence[float] | jax.Array
     [8. 3. 3.]
   """
   method = "constant"
-  num_tasks = validation.check_num_tasks(num_tasks, method)
   if weights is None:
     raise ValueError(f"{method}: weights (shape ({num_tasks},)) are required.")
-  if validation.is_concrete(weights) and np.shape(weights) != (num_tasks,):
-    raise ValueError(f"{method}: weights has shape {np.shape(weights)}, "
-                     f"expected ({num_tasks},).")
-
-  def fixed(dtype):
-    return jnp.asarray(weights, dtype)
-
-  def rule(context, state):
-    del state
-    w = fixed(context.dtype)
-    return w, ConstantState(w)
-
-  return base.task_weighting_transformation(
-      num_tasks, method, lambda dtype: ConstantState(fixed(dtype)), rule,
-      needs_gram=False)
+  return aggregators.fixed_weighting(num_tasks, weights, method)
 
 
 class RandomWeightingState(NamedTuple):
