@@ -484,7 +484,9 @@ def test_famo_reaches_the_pareto_front_on_the_toy():
   """Nash-MTL / FAMO toy (L1 scaled by 0.1), official toy settings: gamma 0,
   min losses (-2.1, -21), Adam lr 1e-3, one backward pass per step. 25 000
   steps (the official run uses 50 000): the slowest start arrives after
-  about 24 000. Linear scalarisation, same steps, stays stuck on two starts."""
+  about 24 000. Linear scalarisation, same steps, ends off the Pareto set
+  from two starts (where exactly depends on float rounding: Adam amplifies
+  the tiny gradients of the flat region, so only the residual is asserted)."""
   famo = mo.famo(2, w_lr=0.025, gamma=0.0, min_losses=(-2.1, -21.0))
   final = _toy_single_backward(famo, 25_000)
   for start, (x, y) in zip(NASH_MTL_STARTS, final):
@@ -495,7 +497,8 @@ def test_famo_reaches_the_pareto_front_on_the_toy():
   stuck_final = np.asarray(mo.toy.run_toy(
       stuck, NASH_MTL_STARTS, num_steps=25_000, record_every=25_000,
       l1_scale=0.1).final)
-  assert np.sum(stuck_final[:, 1] > 0) == 2
+  stuck_residuals = [_pareto_residual(jnp.asarray(p)) for p in stuck_final]
+  assert sum(r > 1e-2 for r in stuck_residuals) == 2, stuck_residuals
 
 
 # ---------------------------------------------------------------------------

@@ -164,12 +164,14 @@ def gram_matrix(stacked: Any, dtype: jnp.dtype | None = None) -> jax.Array:
 
 
 def _lost_range(raw_peak: jax.Array, dtype) -> jax.Array:
-  """True when a sum of squares lost range: inf, or within eps**2 of tiny.
+  """True when a sum of products lost range: not finite, or within eps**2 of tiny.
 
-  NaN compares False and so stays on the fast path, where it propagates.
+  NaN counts as lost: finite gradients near the float limit give ``inf - inf``
+  in an inner product of mixed signs (whether they do depends on the order
+  XLA sums in). NaN input takes the second pass too, where it propagates.
   """
   finfo = jnp.finfo(dtype)
-  return jnp.isinf(raw_peak) | (
+  return ~jnp.isfinite(raw_peak) | (
       (raw_peak < finfo.tiny / finfo.eps ** 2) & (raw_peak >= 0))
 
 
