@@ -1,5 +1,6 @@
 """Gram matrix, normalisation and weighted sums over stacked trees."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,11 +84,12 @@ def test_weighted_sum_keeps_leaf_dtype():
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
 
 
-@pytest.mark.parametrize("num_tasks,size", [(3, 2 ** 19 + 1001), (40, 40_000)])
+@pytest.mark.parametrize("num_tasks,size", [(4, 2 ** 19 + 1001), (40, 40_000)])
 def test_blocked_cpu_gram_matches_one_contraction(num_tasks, size):
   # Long leaves take the blocked CPU path (a fori_loop over slices plus a
   # remainder); the result must be the plain contraction's.
   assert tree_math._use_blocked_cpu_gram(num_tasks, size)
+  assert not tree_math._use_pairwise_cpu_gram(num_tasks, num_tasks)
   rng = np.random.default_rng(0)
   rows = rng.normal(size=(num_tasks, size)).astype(np.float32)
   other = rng.normal(size=(num_tasks, size)).astype(np.float32)
@@ -98,3 +100,32 @@ def test_blocked_cpu_gram_matches_one_contraction(num_tasks, size):
                              atol=1e-4 * np.abs(expected).max())
   bf16 = tree_math.gram_matrix(jnp.asarray(rows, jnp.bfloat16))
   assert bf16.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("num_tasks,other_tasks", [(1, 1), (2, 2), (3, 3),
+                                                   (2, 3)])
+def test_pairwise_cpu_gram_matches_one_contraction(num_tasks, other_tasks):
+  # Two or three tasks take one reduction per pair of rows (mirrored pairs
+  # reused when both sides are the same tree), over leaves of any rank.
+  assert tree_math._use_pairwise_cpu_gram(num_tasks, other_tasks)
+  rng = np.random.default_rng(1)
+  shapes = {"w": (7, 5), "b": (5,), "s": ()}
+  first = {k: rng.normal(size=(num_tasks,) + v).astype(np.float32)
+           for k, v in shapes.items()}
+  second = {k: rng.normal(size=(other_tasks,) + v).astype(np.float32)
+            for k, v in shapes.items()}
+  flat = lambda t: np.concatenate(
+      [np.reshape(t[k], (t[k].shape[0], -1)) for k in sorted(t)], 1)
+  expected = flat(first).astype(np.float64) @ flat(second).astype(np.float64).T
+  got = jax.jit(tree_math.cross_gram_matrix)(
+      jax.tree.map(jnp.asarray, first), jax.tree.map(jnp.asarray, second))
+  chex.assert_shape(got, (num_tasks, other_tasks))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  gram = jax.jit(tree_math.gram_matrix)(
+      jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), first))
+  assert gram.dtype == jnp.float32
+  np.testing.assert_array_equal(gram, gram.T)
+  reference = flat(jax.tree.map(
+      lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64), first))
+  np.testing.assert_allclose(gram, reference @ reference.T, rtol=1e-5,
+                             atol=1e-5)

@@ -45,6 +45,8 @@ def _contract_parameter_axes(left: jax.Array, right: jax.Array,
   trailing axis to be gathered first.
   """
   size = math.prod(left.shape[1:])
+  if _use_pairwise_cpu_gram(left.shape[0], right.shape[0]):
+    return _pairwise_product(left, right, dtype)
   if _use_blocked_cpu_gram(left.shape[0], size):
     return _blocked_rows_product(jnp.reshape(left, (left.shape[0], size)),
                                  jnp.reshape(right, (right.shape[0], size)),
@@ -71,6 +73,36 @@ def _use_blocked_cpu_gram(num_rows: int, size: int) -> bool:
   return (size >= 2 * _cpu_block_size(num_rows)
           and jax.default_backend() == "cpu" and jax.device_count() == 1
           and jax.sharding.get_abstract_mesh().empty)
+
+
+# For two or three tasks XLA:CPU's contraction of (K, P) by (P, K) runs at
+# about a third of the speed of K(K+1)/2 fused multiply-and-sum reductions
+# (benchmarks/micro_gram.py); from four tasks on the contraction wins.
+_CPU_PAIRWISE_MAX_TASKS = 3
+
+
+def _use_pairwise_cpu_gram(num_rows: int, num_cols: int) -> bool:
+  return (max(num_rows, num_cols) <= _CPU_PAIRWISE_MAX_TASKS
+          and jax.default_backend() == "cpu" and jax.device_count() == 1
+          and jax.sharding.get_abstract_mesh().empty)
+
+
+def _pairwise_product(left: jax.Array, right: jax.Array,
+                      dtype: jnp.dtype) -> jax.Array:
+  """``(K, *s) x (K', *s) -> (K, K')`` as one reduction per pair of rows."""
+  def dot(a, b):
+    return jnp.sum(a.astype(dtype) * b.astype(dtype))
+
+  symmetric = left is right
+  entries = {}
+  for i in range(left.shape[0]):
+    for j in range(right.shape[0]):
+      if symmetric and j < i:
+        entries[i, j] = entries[j, i]
+      else:
+        entries[i, j] = dot(left[i], right[j])
+  return jnp.stack([jnp.stack([entries[i, j] for j in range(right.shape[0])])
+                    for i in range(left.shape[0])])
 
 
 def _blocked_rows_product(left: jax.Array, right: jax.Array,
@@ -135,7 +167,10 @@ def cross_gram_matrix(first: Any, second: Any,
     raise ValueError("gram_matrix: the stacked gradient tree has no leaves.")
   total = None
   for a, b in pairs:
-    part = _contract_parameter_axes(jnp.asarray(a), jnp.asarray(b), dtype)
+    a = jnp.asarray(a)
+    # The same array on both sides lets the small-K path skip mirrored pairs.
+    b = a if first is second else jnp.asarray(b)
+    part = _contract_parameter_axes(a, b, dtype)
     total = part if total is None else total + part
   return total
 
