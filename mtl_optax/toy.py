@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from mtl_optax import grads as grads_lib
+from mtl_optax._src import base
 
 #: Starts of the reference table (methods.md §1.9); (-8.5, -5) is the official
 #: code's start, (-8.5, 5) the paper's printed one.
@@ -72,11 +73,16 @@ class ToyRun(NamedTuple):
 def run_toy(method: optax.GradientTransformation,
             starts: Sequence[Sequence[float]] = TOY_STARTS,
             num_steps: int = 100_000, learning_rate: float = 1e-3,
-            record_every: int = 500, l1_scale: float = 1.0) -> ToyRun:
+            record_every: int = 500, l1_scale: float = 1.0,
+            loss_offset: Sequence[float] | None = None) -> ToyRun:
   """Runs ``optax.chain(method, optax.adam(learning_rate))`` on the toy.
 
   As in the official ``toy.py``: the method combines the two task gradients,
-  Adam (lr 1e-3) takes the step, 100 000 steps, float32.
+  Adam (lr 1e-3) takes the step, 100 000 steps, float32. A loss weighting
+  (a :class:`mtl_optax.LossWeightingTransformation`, e.g. ``mo.famo(2)``)
+  gets the gradient of its one weighted loss instead
+  (:func:`mtl_optax.value_and_weighted_grad`, one backward pass per step).
+  Every method also receives ``task_losses`` and ``loss_fn``.
 
   Args:
     method: a 2-task method of this library (e.g. ``mo.cagrad(2, c=0.5,
@@ -86,6 +92,10 @@ def run_toy(method: optax.GradientTransformation,
     learning_rate: Adam's learning rate.
     record_every: trajectory sampling period.
     l1_scale: 1.0 for the CAGrad toy, 0.1 for the Nash-MTL / FAMO variant.
+    loss_offset: optional ``(2,)`` lower bounds subtracted from the losses the
+      method sees (``task_losses``, ``loss_fn`` and the weighted loss); the
+      toy's losses reach -20, and methods that take logarithms of losses need
+      them positive. Gradients are unchanged.
 
   Returns:
     A :class:`ToyRun`.
@@ -101,14 +111,21 @@ def run_toy(method: optax.GradientTransformation,
   if num_steps % record_every:
     raise ValueError("num_steps must be a multiple of record_every.")
   tx = optax.chain(method, optax.adam(learning_rate))
-  losses_and_grads = grads_lib.value_and_task_grads(
-      lambda theta: toy_losses(theta, l1_scale))
+  offset = jnp.zeros(2) if loss_offset is None else jnp.asarray(
+      loss_offset, jnp.float32)
+  seen_losses = lambda theta: toy_losses(theta, l1_scale) - offset
+  if isinstance(method, base.LossWeightingTransformation):
+    weighted = grads_lib.value_and_weighted_grad(seen_losses, method)
+    losses_and_grads = lambda theta, state: weighted(state[0], theta)
+  else:
+    task_grads = grads_lib.value_and_task_grads(seen_losses)
+    losses_and_grads = lambda theta, state: task_grads(theta)
 
   def step(carry, _):
     theta, opt_state = carry
-    losses, task_grads = losses_and_grads(theta)
-    updates, opt_state = tx.update(task_grads, opt_state, theta,
-                                   task_losses=losses)
+    losses, grads = losses_and_grads(theta, opt_state)
+    updates, opt_state = tx.update(grads, opt_state, theta,
+                                   task_losses=losses, loss_fn=seen_losses)
     return (optax.apply_updates(theta, updates), opt_state), None
 
   def run_one(start):

@@ -173,51 +173,17 @@ def run_toy_any(method: Method, starts=toy.NASH_MTL_STARTS,
                 num_steps: int = 35_000, record_every: int = 500,
                 l1_scale: float = 0.1, learning_rate: float = 1e-3
                 ) -> toy.ToyRun:
-  """``mtl_optax.toy.run_toy`` for every kind of method.
+  """``mtl_optax.toy.run_toy`` for a notebook ``Method`` of any kind.
 
-  Stacked methods get the two task gradients, loss weightings the gradient
-  of one weighted loss (``mo.value_and_weighted_grad``); every method also
-  gets ``task_losses`` and ``loss_fn``. The losses the methods SEE are
-  shifted by ``TOY_MIN_LOSSES`` so that they are positive (the toy's losses
-  reach -20, and log-loss methods need ``L > 0``); gradients are unchanged.
-  Adam (lr 1e-3) takes the step, as in the official toy.
+  ``run_toy`` gives stacked methods the two task gradients and loss
+  weightings the gradient of one weighted loss. The losses the methods see
+  are shifted by ``TOY_MIN_LOSSES`` so that they are positive (the toy's
+  losses reach -20, and log-loss methods need ``L > 0``); gradients are
+  unchanged. Adam (lr 1e-3) takes the step, as in the official toy.
   """
-  if num_steps % record_every:
-    raise ValueError("num_steps must be a multiple of record_every.")
-  offset = jnp.asarray(TOY_MIN_LOSSES[l1_scale], jnp.float32)
-  shifted = lambda theta: toy.toy_losses(theta, l1_scale) - offset
-  inner = method.make(2)
-  tx = optax.chain(inner, optax.adam(learning_rate))
-  if method.single_backward:
-    grad_fn = mo.value_and_weighted_grad(shifted, inner)
-  else:
-    grad_fn = mo.value_and_task_grads(shifted)
-
-  def step(carry, _):
-    theta, opt_state = carry
-    if method.single_backward:
-      losses, grads = grad_fn(opt_state[0], theta)
-    else:
-      losses, grads = grad_fn(theta)
-    updates, opt_state = tx.update(grads, opt_state, theta,
-                                   task_losses=losses, loss_fn=shifted)
-    return (optax.apply_updates(theta, updates), opt_state), None
-
-  def run_one(start):
-    def chunk(carry, _):
-      carry, _ = jax.lax.scan(step, carry, None, length=record_every)
-      return carry, carry[0]
-
-    carry = (start, tx.init(start))
-    (theta, opt_state), points = jax.lax.scan(
-        chunk, carry, None, length=num_steps // record_every)
-    weights = optax.tree.get(opt_state[0], "weights")
-    return jnp.concatenate([start[None], points]), theta, weights
-
-  starts = jnp.asarray(np.asarray(starts, np.float32))
-  traj, final, weights = jax.jit(jax.vmap(run_one))(starts)
-  final_losses = jax.vmap(lambda t: toy.toy_losses(t, l1_scale))(final)
-  return toy.ToyRun(traj, final, final_losses, weights)
+  return toy.run_toy(method.make(2), starts, num_steps=num_steps,
+                     learning_rate=learning_rate, record_every=record_every,
+                     l1_scale=l1_scale, loss_offset=TOY_MIN_LOSSES[l1_scale])
 
 
 def toy_grid(l1_scale=1.0, n=160, lim=10.0):

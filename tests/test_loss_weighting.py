@@ -460,26 +460,6 @@ def _pareto_residual(theta):
       np.linalg.norm(g1), np.linalg.norm(g2))
 
 
-def _toy_single_backward(method, num_steps):
-  tx = optax.chain(method, optax.adam(1e-3))
-  value_and_grad = mo.value_and_weighted_grad(
-      lambda theta: toy_losses(theta, 0.1), method)
-
-  def run_one(start):
-    def step(carry, _):
-      theta, opt_state = carry
-      losses, grad = value_and_grad(opt_state[0], theta)
-      updates, opt_state = tx.update(grad, opt_state, theta,
-                                     task_losses=losses)
-      return (optax.apply_updates(theta, updates), opt_state), None
-    (theta, _), _ = jax.lax.scan(step, (start, tx.init(start)), None,
-                                 length=num_steps)
-    return theta
-
-  starts = jnp.asarray(np.asarray(NASH_MTL_STARTS, np.float32))
-  return np.asarray(jax.jit(jax.vmap(run_one))(starts))
-
-
 def test_famo_reaches_the_pareto_front_on_the_toy():
   """Nash-MTL / FAMO toy (L1 scaled by 0.1), official toy settings: gamma 0,
   min losses (-2.1, -21), Adam lr 1e-3, one backward pass per step. 25 000
@@ -488,7 +468,9 @@ def test_famo_reaches_the_pareto_front_on_the_toy():
   from two starts (where exactly depends on float rounding: Adam amplifies
   the tiny gradients of the flat region, so only the residual is asserted)."""
   famo = mo.famo(2, w_lr=0.025, gamma=0.0, min_losses=(-2.1, -21.0))
-  final = _toy_single_backward(famo, 25_000)
+  final = np.asarray(mo.toy.run_toy(
+      famo, NASH_MTL_STARTS, num_steps=25_000, record_every=25_000,
+      l1_scale=0.1).final)
   for start, (x, y) in zip(NASH_MTL_STARTS, final):
     assert -7.0 <= x <= 7.0, (start, x, y)
     assert abs(y + 8.36) < 0.02, (start, x, y)

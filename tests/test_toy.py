@@ -58,3 +58,24 @@ def test_command_line_main_job_writes_plot_and_table(tmp_path, capsys):
   assert "CAGrad (c=0.5)" in out and "average L0" in out
   assert (tmp_path / "toy_trajectories.png").stat().st_size > 10_000
   assert (tmp_path / "toy_results.json").exists()
+
+
+def test_run_toy_takes_loss_weightings_and_shifted_losses():
+  # A loss weighting runs on one weighted-loss gradient per step; the offset
+  # moves the losses a method sees, never the gradients of a stacked method.
+  starts = [(9.0, 9.0), (-7.5, -0.5)]
+  kwargs = dict(starts=starts, num_steps=400, record_every=200, l1_scale=0.1)
+  famo = toy.run_toy(mo.famo(2), loss_offset=(-2.1, -21.0), **kwargs)
+  assert famo.trajectories.shape == (2, 3, 2)
+  assert np.all(np.isfinite(famo.final))
+  np.testing.assert_allclose(np.asarray(famo.final_weights).sum(1), 1.0,
+                             rtol=1e-5)
+  assert not np.allclose(famo.final_weights, 0.5)  # the weights moved
+  plain = toy.run_toy(mo.mgda(2), **kwargs)
+  shifted = toy.run_toy(mo.mgda(2), loss_offset=(-2.1, -21.0), **kwargs)
+  np.testing.assert_array_equal(plain.final, shifted.final)
+  # The reported losses are the toy's own, whatever the methods saw.
+  np.testing.assert_allclose(
+      famo.final_losses,
+      np.stack([toy.toy_losses(np.asarray(p), 0.1) for p in famo.final]),
+      rtol=1e-5, atol=1e-5)
