@@ -86,6 +86,19 @@ def stacked_tree(key, num_tasks: int, dtype=jnp.float32):
   }
 
 
+#: TorchJD's test matrix (anchors.md §1.4): two conflicting task gradients.
+TORCHJD_J = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+
+
+def apply_fresh(tx, grads, state=None):
+  """``tx.update`` on stacked ``grads`` (one array), from ``tx.init`` unless
+  a ``state`` is given; the parameters are zeros of one task's shape."""
+  grads = jnp.asarray(grads)
+  if state is None:
+    state = tx.init(jnp.zeros(grads.shape[1:], grads.dtype))
+  return tx.update(grads, state)
+
+
 def params_like(stacked):
   return jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), stacked)
 

@@ -8,26 +8,21 @@ import optax
 import mtl_optax as mo
 from mtl_optax.aggregators import pcgrad_coefficients
 
-J = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])  # TorchJD's test matrix
-
-
-def _apply(tx, grads, state=None):
-  grads = jnp.asarray(grads, jnp.float32)
-  state = tx.init(jnp.zeros(grads.shape[1:])) if state is None else state
-  return tx.update(grads, state)
+from tests.conftest import TORCHJD_J as J
+from tests.conftest import apply_fresh
 
 
 def test_linear_scalarization_mean_and_custom_weights():
-  update, state = _apply(mo.linear_scalarization(2), J)
+  update, state = apply_fresh(mo.linear_scalarization(2), J)
   np.testing.assert_allclose(update, [1, 1, 1])          # TorchJD Mean
-  update, _ = _apply(mo.linear_scalarization(2, weights=[1.0, 2.0]), J)
+  update, _ = apply_fresh(mo.linear_scalarization(2, weights=[1.0, 2.0]), J)
   np.testing.assert_allclose(update, [8, 3, 3])          # TorchJD Constant
-  update, _ = _apply(mo.task_sum(2), J)
+  update, _ = apply_fresh(mo.task_sum(2), J)
   np.testing.assert_allclose(update, [2, 2, 2])          # TorchJD Sum
 
 
 def test_mgda_torchjd_vector():
-  update, state = _apply(mo.mgda(2), J)
+  update, state = apply_fresh(mo.mgda(2), J)
   np.testing.assert_allclose(update, [0, 1, 1], atol=1e-4)
   np.testing.assert_allclose(state.weights, [0.6, 0.4], atol=1e-4)
 
@@ -35,7 +30,7 @@ def test_mgda_torchjd_vector():
 def test_mgda_output_is_min_norm_and_common_descent():
   rng = np.random.default_rng(0)
   grads = rng.normal(size=(5, 20)) + 1.0
-  update, _ = _apply(mo.mgda(5), grads)
+  update, _ = apply_fresh(mo.mgda(5), grads)
   # Optimality of the min-norm point: <g_i, d> >= ||d||^2 for every i.
   np.testing.assert_array_less(np.sum(np.asarray(update) ** 2) - 1e-4,
                                grads @ np.asarray(update))
@@ -74,7 +69,7 @@ def test_pcgrad_matches_the_official_algorithm_for_the_same_orders():
 def test_pcgrad_torchjd_vector_is_half_of_the_sum_version():
   """TorchJD's PCGrad sums the projected gradients ([0.5848, 3.8012, 3.8012],
   weights [2.2222, 1.5789]); the official PCGrad and ours average them."""
-  update, state = _apply(mo.pcgrad(2), J)
+  update, state = apply_fresh(mo.pcgrad(2), J)
   np.testing.assert_allclose(update, np.array([0.5848, 3.8012, 3.8012]) / 2,
                              atol=1e-4)
   np.testing.assert_allclose(state.weights, np.array([2.2222, 1.5789]) / 2,
@@ -83,7 +78,7 @@ def test_pcgrad_torchjd_vector_is_half_of_the_sum_version():
 
 def test_pcgrad_removes_conflicts_for_two_tasks():
   grads = np.array([[1.0, 0.0], [-1.0, 1.0]])
-  update, _ = _apply(mo.pcgrad(2), grads)
+  update, _ = apply_fresh(mo.pcgrad(2), grads)
   np.testing.assert_allclose(update, [0.25, 0.75], atol=1e-6)
   assert np.all(grads @ np.asarray(update) >= -1e-6)
 

@@ -17,14 +17,8 @@ from scipy import optimize
 import mtl_optax as mo
 from mtl_optax._src import solvers
 
-J = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])  # TorchJD's test matrix
-
-
-def _apply(tx, grads, state=None):
-  grads = jnp.asarray(grads)
-  if state is None:
-    state = tx.init(jnp.zeros(grads.shape[1:], grads.dtype))
-  return tx.update(grads, state)
+from tests.conftest import TORCHJD_J as J
+from tests.conftest import apply_fresh
 
 
 def _jacobians(rng, num_tasks):
@@ -79,10 +73,10 @@ def test_torchjd_values():
   """TorchJD's published values on J to 4 d.p.: FairGrad(alpha=1) (and its
   weighting) and NashMTL (default max_norm=1, which rescales the same
   solution to unit norm)."""
-  update, state = _apply(mo.fairgrad(2, alpha=1.0), J)
+  update, state = apply_fresh(mo.fairgrad(2, alpha=1.0), J)
   np.testing.assert_allclose(update, [0.0766, 0.9985, 0.9985], atol=1e-4)
   np.testing.assert_allclose(state.weights, [0.5915, 0.4071], atol=1e-4)
-  update, state = _apply(mo.nash_mtl(2), J)
+  update, state = apply_fresh(mo.nash_mtl(2), J)
   np.testing.assert_allclose(update, [0.0542, 0.7061, 0.7061], atol=1e-4)
   np.testing.assert_allclose(state.alpha, [0.5915, 0.4071], atol=1e-4)
   assert float(state.residual) < 1e-5
@@ -165,7 +159,7 @@ def test_nash_mtl_matches_brute_force_simplex_grid(num_tasks):
     if trial == 2:  # one task nearly colinear with another, rescaled
       jac[-1] = 3.0 * jac[0] + 0.05 * rng.normal(size=6)
     grid_w = _nash_grid_weights(jac)
-    _, state = _apply(mo.nash_mtl(num_tasks, max_norm=0.0),
+    _, state = apply_fresh(mo.nash_mtl(num_tasks, max_norm=0.0),
                       jac.astype(np.float32))
     ours = np.asarray(state.alpha, np.float64)
     ours = ours / ours.sum()
@@ -190,18 +184,18 @@ def test_nash_bargaining_condition_and_norm():
   for num_tasks in (2, 5):
     jac = (rng.normal(size=(num_tasks, 10)) + rng.normal(size=(1, 10))) * 3.7
     jac = jac.astype(np.float32)
-    update, state = _apply(mo.nash_mtl(num_tasks, max_norm=0.0), jac)
+    update, state = apply_fresh(mo.nash_mtl(num_tasks, max_norm=0.0), jac)
     products = np.asarray(state.alpha) * (jac @ np.asarray(update))
     np.testing.assert_allclose(products, 1.0, rtol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(update), np.sqrt(num_tasks),
                                rtol=1e-4)
-    clipped, clipped_state = _apply(mo.nash_mtl(num_tasks, max_norm=0.5),
+    clipped, clipped_state = apply_fresh(mo.nash_mtl(num_tasks, max_norm=0.5),
                                     jac)
     np.testing.assert_allclose(clipped, 0.5 * np.asarray(update) /
                                np.sqrt(num_tasks), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(clipped_state.alpha, state.alpha, rtol=1e-5)
     scales = np.exp(rng.normal(size=(num_tasks, 1))).astype(np.float32)
-    rescaled, _ = _apply(mo.nash_mtl(num_tasks, max_norm=0.0), jac * scales)
+    rescaled, _ = apply_fresh(mo.nash_mtl(num_tasks, max_norm=0.0), jac * scales)
     np.testing.assert_allclose(rescaled, update, rtol=1e-4, atol=1e-5)
 
 
@@ -234,12 +228,12 @@ def test_fairgrad_equation_and_scale_law():
 def test_fairgrad_alpha_one_is_nash_and_alpha_zero_is_the_mean():
   rng = np.random.default_rng(5)
   jac = (rng.normal(size=(2, 3)) + rng.normal(size=(1, 3))).astype(np.float32)
-  fair, fair_state = _apply(mo.fairgrad(2, alpha=1.0), jac)
-  nash, nash_state = _apply(mo.nash_mtl(2, max_norm=0.0), jac)
+  fair, fair_state = apply_fresh(mo.fairgrad(2, alpha=1.0), jac)
+  nash, nash_state = apply_fresh(mo.nash_mtl(2, max_norm=0.0), jac)
   np.testing.assert_allclose(fair, nash, rtol=1e-5)
   np.testing.assert_allclose(fair_state.weights, nash_state.weights,
                              rtol=1e-5)
-  mean, state = _apply(mo.fairgrad(2, alpha=0.0), jac)
+  mean, state = apply_fresh(mo.fairgrad(2, alpha=0.0), jac)
   np.testing.assert_allclose(mean, jac.mean(0), rtol=1e-6)
   np.testing.assert_allclose(state.weights, 0.5)
 
@@ -269,28 +263,28 @@ def test_update_weights_every_reuses_alpha():
 def test_degenerate_inputs_are_reported_not_averaged():
   g = np.array([1.0, 2.0, -1.0], np.float32)
   # K = 1: alpha = 1 / ||g||, d = g / ||g|| (norm 1 = sqrt(K)).
-  update, state = _apply(mo.nash_mtl(1, max_norm=0.0), g[None])
+  update, state = apply_fresh(mo.nash_mtl(1, max_norm=0.0), g[None])
   np.testing.assert_allclose(update, g / np.linalg.norm(g), rtol=1e-5)
   # A zero task: weight 0, the others solve their own system.
   two = np.stack([g, 0 * g, np.array([0.5, 1.0, 1.0], np.float32)])
-  update, state = _apply(mo.nash_mtl(3, max_norm=0.0), two)
+  update, state = apply_fresh(mo.nash_mtl(3, max_norm=0.0), two)
   assert float(state.alpha[1]) == 0.0
-  reduced, _ = _apply(mo.nash_mtl(2, max_norm=0.0), two[[0, 2]])
+  reduced, _ = apply_fresh(mo.nash_mtl(2, max_norm=0.0), two[[0, 2]])
   np.testing.assert_allclose(update, reduced, rtol=1e-5)
   assert float(state.residual) < 1e-5
   # Opposite gradients (Pareto-stationary): no solution; finite answer,
   # zero update, residual ~1 says so.
   for tx in (mo.nash_mtl(2), mo.fairgrad(2)):
-    update, state = _apply(tx, np.stack([g, -g]))
+    update, state = apply_fresh(tx, np.stack([g, -g]))
     np.testing.assert_allclose(update, np.zeros(3), atol=1e-5)
     assert np.all(np.isfinite(state.weights))
     assert float(state.residual) > 0.5
   # All zero: zero update, zero weights.
-  update, state = _apply(mo.nash_mtl(2), np.zeros((2, 3), np.float32))
+  update, state = apply_fresh(mo.nash_mtl(2), np.zeros((2, 3), np.float32))
   np.testing.assert_array_equal(update, np.zeros(3))
   np.testing.assert_array_equal(state.alpha, np.zeros(2))
   # FairGrad with alpha != 1 on the same inputs: finite, documented answers.
-  step = jax.jit(lambda grads: _apply(mo.fairgrad(2, alpha=0.5), grads))
+  step = jax.jit(lambda grads: apply_fresh(mo.fairgrad(2, alpha=0.5), grads))
   for grads in (np.stack([g, -g]), np.stack([g, 0 * g]), np.zeros((2, 3)),
                 np.stack([g, 2 * g]) * np.float32(1e-30),
                 np.stack([g, 2 * g]) * np.float32(1e30)):
@@ -309,7 +303,7 @@ def test_magnitudes_from_tiny_to_huge():
   jac = np.array([[1.0, -2.0, 0.5, 3.0], [0.5, 1.0, -1.0, 2.0],
                   [-1.0, 0.2, 0.3, -0.4]], np.float32)
   tx = mo.nash_mtl(3, max_norm=0.0)
-  step = jax.jit(lambda g: _apply(tx, g))
+  step = jax.jit(lambda g: apply_fresh(tx, g))
   reference, ref_state = step(jac)
   for scale in (1e-30, 1e-10, 1e10, 1e30):
     update, state = step(jac * np.float32(scale))

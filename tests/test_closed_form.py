@@ -16,12 +16,8 @@ import pytest
 import mtl_optax as mo
 from mtl_optax import closed_form
 
-J = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])  # TorchJD's test matrix
-
-
-def _apply(tx, grads):
-  grads = jnp.asarray(grads)
-  return tx.update(grads, tx.init(jnp.zeros(grads.shape[1:], grads.dtype)))
+from tests.conftest import TORCHJD_J as J
+from tests.conftest import apply_fresh
 
 
 def _jacobians(rng, num_tasks):
@@ -55,13 +51,13 @@ def test_torchjd_values():
   """TorchJD's published outputs on J (tests/unit/aggregation/test_values.py)
   to 4 d.p.; ConFIG is on the mean scale here, TorchJD's on the sum scale, so
   K times ours is compared."""
-  update, state = _apply(mo.imtl_g(2), J)
+  update, state = apply_fresh(mo.imtl_g(2), J)
   np.testing.assert_allclose(update, [0.0767, 1.0, 1.0], atol=1e-4)
   np.testing.assert_allclose(state.weights, [0.5923, 0.4077], atol=1e-4)
-  update, state = _apply(mo.aligned_mtl(2), J)
+  update, state = apply_fresh(mo.aligned_mtl(2), J)
   np.testing.assert_allclose(update, [0.2133, 0.9673, 0.9673], atol=1e-4)
   np.testing.assert_allclose(state.weights, [0.5591, 0.4083], atol=1e-4)
-  update, _ = _apply(mo.config(2), J)
+  update, _ = apply_fresh(mo.config(2), J)
   np.testing.assert_allclose(2 * np.asarray(update), [0.1588, 2.0706, 2.0706],
                              atol=1e-4)
 
@@ -162,7 +158,7 @@ def test_imtl_g_equal_projections_and_unit_sum():
   for num_tasks in (3, 7):
     jac = rng.normal(size=(num_tasks, 12)) * np.exp(rng.normal(
         size=(num_tasks, 1)))
-    update, state = _apply(mo.imtl_g(num_tasks), jac.astype(np.float32))
+    update, state = apply_fresh(mo.imtl_g(num_tasks), jac.astype(np.float32))
     projections = jac @ np.asarray(update) / np.linalg.norm(jac, axis=1)
     np.testing.assert_allclose(projections, projections.mean(), rtol=1e-4)
     np.testing.assert_allclose(np.sum(state.weights), 1.0, rtol=1e-5)
@@ -191,7 +187,7 @@ def test_aligned_mtl_scale_modes_order():
   """min <= median <= rmse for the same J (the scale multiplies B)."""
   rng = np.random.default_rng(5)
   jac = rng.normal(size=(4, 9)) + rng.normal(size=(1, 9))
-  norms = [np.linalg.norm(_apply(mo.aligned_mtl(4, mode), jac.astype(
+  norms = [np.linalg.norm(apply_fresh(mo.aligned_mtl(4, mode), jac.astype(
       np.float32))[0]) for mode in ("min", "median", "rmse")]
   assert norms[0] < norms[1] < norms[2]
 
@@ -201,7 +197,7 @@ def test_config_equal_cosines_and_preference():
   for num_tasks in (2, 6):
     jac = rng.normal(size=(num_tasks, 10)) * np.exp(rng.normal(
         size=(num_tasks, 1)))
-    update, _ = _apply(mo.config(num_tasks), jac.astype(np.float32))
+    update, _ = apply_fresh(mo.config(num_tasks), jac.astype(np.float32))
     d = np.asarray(update, np.float64)
     cosines = jac @ d / (np.linalg.norm(jac, axis=1) * np.linalg.norm(d))
     np.testing.assert_allclose(cosines, cosines.mean(), rtol=1e-4)
@@ -210,7 +206,7 @@ def test_config_equal_cosines_and_preference():
     np.testing.assert_allclose(np.linalg.norm(d), np.mean(jac @ d) /
                                np.linalg.norm(d), rtol=1e-5)
     pref = np.arange(1.0, num_tasks + 1)
-    update, _ = _apply(mo.config(num_tasks, pref_vector=pref),
+    update, _ = apply_fresh(mo.config(num_tasks, pref_vector=pref),
                        jac.astype(np.float32))
     d = np.asarray(update, np.float64)
     cosines = jac @ d / (np.linalg.norm(jac, axis=1) * np.linalg.norm(d))
@@ -220,7 +216,7 @@ def test_config_equal_cosines_and_preference():
 def test_aligned_mtl_preference_vector():
   jac = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 4.0]])
   # Orthogonal gradients: G = diag(1, 4, 16), B = sqrt(s) G^-1/2 with s = 1.
-  update, state = _apply(mo.aligned_mtl(3, pref_vector=[1.0, 2.0, 3.0]), jac)
+  update, state = apply_fresh(mo.aligned_mtl(3, pref_vector=[1.0, 2.0, 3.0]), jac)
   np.testing.assert_allclose(state.weights, [1.0, 1.0, 0.75], rtol=1e-5)
   np.testing.assert_allclose(update, [1.0, 2.0, 3.0], rtol=1e-5)
 
@@ -233,7 +229,7 @@ def test_scale_invariance_from_tiny_to_huge(factory):
   jac = np.array([[1.0, -2.0, 0.5, 3.0], [0.5, 1.0, -1.0, 2.0],
                   [-1.0, 0.2, 0.3, -0.4]], np.float32)
   tx = factory(3)
-  step = jax.jit(lambda g: _apply(tx, g))
+  step = jax.jit(lambda g: apply_fresh(tx, g))
   reference = np.asarray(step(jac)[0])
   for scale in (1e-30, 1e-10, 1e10, 1e30):
     update, state = step(jac * np.float32(scale))
@@ -246,17 +242,17 @@ def test_degenerate_directions():
   # Exactly opposite gradients: no equal-projection direction, no ConFIG
   # direction (unit vectors sum to zero): the update is zero.
   for factory in (mo.imtl_g, mo.config):
-    update, _ = _apply(factory(2), np.stack([g, -g]))
+    update, _ = apply_fresh(factory(2), np.stack([g, -g]))
     np.testing.assert_array_equal(update, np.zeros(3))
   # Identical gradients: every method returns g (IMTL-G), the aligned mean
   # (rank one, B p = p), and ConFIG's mean projection.
   same = np.stack([g, g, g])
   for factory in (mo.imtl_g, mo.aligned_mtl, mo.config):
-    update, _ = _apply(factory(3), same)
+    update, _ = apply_fresh(factory(3), same)
     np.testing.assert_allclose(update, g, rtol=1e-5)
   # K = 1.
   for factory in (mo.imtl_g, mo.aligned_mtl, mo.config):
-    update, _ = _apply(factory(1), g[None])
+    update, _ = apply_fresh(factory(1), g[None])
     np.testing.assert_allclose(update, g, rtol=1e-5)
 
 
@@ -267,7 +263,7 @@ def test_median_and_rmse_on_degenerate_inputs_are_finite():
             np.repeat(base[:1], 3, 0), base * np.float32(1e-30),
             base * np.float32(1e30)]
   for mode in ("median", "rmse"):
-    step = jax.jit(lambda g, mode=mode: _apply(mo.aligned_mtl(3, mode), g))
+    step = jax.jit(lambda g, mode=mode: apply_fresh(mo.aligned_mtl(3, mode), g))
     for grads in inputs:
       update, state = step(jnp.asarray(grads, jnp.float32))
       assert np.all(np.isfinite(update)) and np.all(np.isfinite(

@@ -20,12 +20,8 @@ import mtl_optax as mo
 from mtl_optax import dual_cone
 from mtl_optax._src import solvers
 
-J = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])  # TorchJD's test matrix
-
-
-def _apply(tx, grads):
-  grads = jnp.asarray(grads)
-  return tx.update(grads, tx.init(jnp.zeros(grads.shape[1:], grads.dtype)))
+from tests.conftest import TORCHJD_J as J
+from tests.conftest import apply_fresh
 
 
 def _jacobians(rng, num_tasks):
@@ -85,10 +81,10 @@ def _oracle(quad, lower):
 
 def test_torchjd_values():
   """TorchJD's published values on J (4 d.p.) with its default reg_eps."""
-  update, state = _apply(mo.upgrad(2), J)
+  update, state = apply_fresh(mo.upgrad(2), J)
   np.testing.assert_allclose(update, [0.2929, 1.9004, 1.9004], atol=1e-4)
   np.testing.assert_allclose(state.weights, [1.1109, 0.7894], atol=1e-4)
-  update, state = _apply(mo.dualproj(2), J)
+  update, state = apply_fresh(mo.dualproj(2), J)
   np.testing.assert_allclose(update, [0.5563, 1.1109, 1.1109], atol=1e-4)
   np.testing.assert_allclose(state.weights, [0.6109, 0.5], atol=1e-4)
 
@@ -97,7 +93,7 @@ def test_exact_projection_differs_from_torchjd_by_its_ridge():
   """reg_eps=0 gives the exact projections. For DualProj on J it is
   g0 - (<g0, g1>/||g1||^2) g1 = [5/9, 10/9, 10/9] (g0 conflicts with g1
   only); TorchJD's 1e-4 ridge moves the fourth decimal."""
-  update, state = _apply(mo.dualproj(2, reg_eps=0.0), J)
+  update, state = apply_fresh(mo.dualproj(2, reg_eps=0.0), J)
   np.testing.assert_allclose(update, [5 / 9, 10 / 9, 10 / 9], atol=1e-5)
   np.testing.assert_allclose(state.weights, [11 / 18, 0.5], atol=1e-6)
   # UPGrad: the projection of g1/2 on the dual cone is the projection on the
@@ -105,7 +101,7 @@ def test_exact_projection_differs_from_torchjd_by_its_ridge():
   g1, g2 = J
   expected = 0.5 * (g1 - (g1 @ g2) / (g2 @ g2) * g2) + 0.5 * (
       g2 - (g1 @ g2) / (g1 @ g1) * g1)
-  update, _ = _apply(mo.upgrad(2, reg_eps=0.0), J)
+  update, _ = apply_fresh(mo.upgrad(2, reg_eps=0.0), J)
   np.testing.assert_allclose(update, expected, atol=1e-5)
   assert abs(float(update[0]) - 0.2929) > 3e-4
 
@@ -202,7 +198,7 @@ def test_non_conflicting_float64(weights_fn):
 def test_upgrad_preference_selects_a_projected_task():
   """pref = e_1: d is the projection of g_1 onto the dual cone."""
   g = np.array([[2.0, 1.0], [-1.0, 1.0]], np.float32)
-  update, _ = _apply(mo.upgrad(2, pref_vector=[1.0, 0.0], reg_eps=0.0), g)
+  update, _ = apply_fresh(mo.upgrad(2, pref_vector=[1.0, 0.0], reg_eps=0.0), g)
   assert g[0] @ g[1] < 0
   expected = g[0] - (g[0] @ g[1]) / (g[1] @ g[1]) * g[1]
   np.testing.assert_allclose(update, expected, atol=1e-5)
@@ -213,7 +209,7 @@ def test_weights_match_functional_api_and_residual_in_state():
   pref = jnp.full((2,), 0.5)
   for factory, weights_fn in ((mo.upgrad, dual_cone.upgrad_weights),
                               (mo.dualproj, dual_cone.dualproj_weights)):
-    _, state = _apply(factory(2), J.astype(np.float32))
+    _, state = apply_fresh(factory(2), J.astype(np.float32))
     weights, sol = weights_fn(gram, pref)
     np.testing.assert_allclose(state.weights, weights, rtol=1e-5)
     assert 0 <= float(state.residual) <= 1e-5
@@ -225,7 +221,7 @@ def test_weights_match_functional_api_and_residual_in_state():
 def test_scale_invariance_from_tiny_to_huge(factory):
   jac = np.array([[1.0, -2.0, 0.5, 3.0], [0.5, 1.0, -1.0, 2.0],
                   [-1.0, 0.2, 0.3, -0.4]], np.float32)
-  step = jax.jit(lambda g, tx=factory(3): _apply(tx, g))
+  step = jax.jit(lambda g, tx=factory(3): apply_fresh(tx, g))
   reference = np.asarray(step(jac)[0])
   for scale in (1e-30, 1e-10, 1e10, 1e30):
     update, _ = step(jac * np.float32(scale))
@@ -238,7 +234,7 @@ def test_degenerate_inputs_without_ridge():
   task changes nothing, all zero gives the preference weights and 0."""
   g = np.array([1.0, 2.0, -1.0], np.float32)
   for factory in (mo.upgrad, mo.dualproj):
-    step = jax.jit(lambda grads, tx=factory(2, reg_eps=0.0): _apply(tx, grads))
+    step = jax.jit(lambda grads, tx=factory(2, reg_eps=0.0): apply_fresh(tx, grads))
     update, _ = step(np.stack([g, -g]))
     np.testing.assert_allclose(update, np.zeros(3), atol=1e-6)
     update, _ = step(np.stack([g, g]))
