@@ -191,7 +191,8 @@ def _pure_losses(fn, graphdef, rest, wrt, has_aux, args, kwargs):
 
 def nnx_value_and_task_grads(
     fn: Callable[..., Any], wrt: Any = None,
-    has_aux: bool = False) -> Callable[..., tuple[Any, Any]]:
+    has_aux: bool = False, *, chunk_size: int | None = None,
+    unroll: bool = False) -> Callable[..., tuple[Any, Any]]:
   """Per-task losses and gradients of an ``nnx.Module``.
 
   ``fn(model, *args, **kwargs)`` returns the ``(K,)`` task losses (or
@@ -213,6 +214,9 @@ def nnx_value_and_task_grads(
     wrt: an NNX filter of the variables to differentiate (default
       ``nnx.Param``), as in ``nnx.grad`` and ``nnx.Optimizer(wrt=...)``.
     has_aux: whether ``fn`` returns ``(losses, aux)``.
+    chunk_size, unroll: how the K backward passes are batched, as in
+      :func:`mtl_optax.value_and_task_grads` (``nnx.Linear`` kernels are
+      ``(in, out)``: on a CPU ``chunk_size=1`` is usually faster).
 
   Returns:
     The wrapped function.
@@ -232,7 +236,7 @@ def nnx_value_and_task_grads(
     graphdef, params, rest = _split_model(model, wrt)
     pure = _pure_losses(fn, graphdef, rest, wrt, has_aux, args, kwargs)
     (losses, (aux, new_rest)), grads = grads_lib.value_and_task_grads(
-        pure, has_aux=True)(params)
+        pure, has_aux=True, chunk_size=chunk_size, unroll=unroll)(params)
     nnx.update(model, new_rest)
     return ((losses, aux) if has_aux else losses), grads
 
@@ -354,7 +358,8 @@ def nnx_train_step(
     fn: Callable[..., Any], *, method: Any = None, wrt: Any = None,
     has_aux: bool = False, pass_loss_fn: bool = True,
     method_state: Callable[[Any], Any] | None = None,
-    jit: bool = True) -> Callable[..., Any]:
+    jit: bool = True, chunk_size: int | None = None,
+    unroll: bool = False) -> Callable[..., Any]:
   """A multi-task train step for an ``nnx.Module`` and an ``nnx.Optimizer``.
 
   ``step(model, optimizer, *args, **kwargs)`` computes the task losses
@@ -390,6 +395,8 @@ def nnx_train_step(
       tracing a closure costs nothing when the method ignores it).
     method_state: locates the method's state in ``optimizer.opt_state``.
     jit: wrap the step in ``nnx.jit``.
+    chunk_size, unroll: batching of the K backward passes of the stacked
+      path (:func:`mtl_optax.value_and_task_grads`).
 
   Returns:
     ``step(model, optimizer, *args, **kwargs) -> losses``.
@@ -419,8 +426,9 @@ def nnx_train_step(
   def step(model, optimizer, *args, **kwargs):
     nnx = _nnx()
     if method is None:
-      out, grads = nnx_value_and_task_grads(fn, wrt=wrt, has_aux=has_aux)(
-          model, *args, **kwargs)
+      out, grads = nnx_value_and_task_grads(
+          fn, wrt=wrt, has_aux=has_aux, chunk_size=chunk_size,
+          unroll=unroll)(model, *args, **kwargs)
     else:
       locate = method_state or (
           lambda _: _default_method_state(optimizer, method))

@@ -157,6 +157,32 @@ def test_nnx_task_grads_write_back_state_like_nnx_grad():
                              rtol=1e-6)
 
 
+@pytest.mark.parametrize("unroll", [False, True])
+def test_nnx_chunked_task_grads_and_train_step_equal_vmap(unroll):
+  """chunk_size changes how the K backward passes are batched, not the
+  gradients, the BatchNorm write-back or a training step's result."""
+  x, y = _data()
+  model_a, model_b = NNXNetBN(nnx.Rngs(0)), NNXNetBN(nnx.Rngs(0))
+  losses_a, grads_a = nnx.jit(mo.nnx_value_and_task_grads(
+      nnx_losses, chunk_size=2, unroll=unroll))(model_a, x, y)
+  losses_b, grads_b = nnx.jit(mo.nnx_value_and_task_grads(nnx_losses))(
+      model_b, x, y)
+  np.testing.assert_allclose(losses_a, losses_b, rtol=1e-6)
+  _tree_close(grads_a, grads_b)
+  np.testing.assert_allclose(model_a.bn.mean[...], model_b.bn.mean[...],
+                             rtol=1e-6)
+  models = [NNXNet(nnx.Rngs(3)), NNXNet(nnx.Rngs(3))]
+  opts = [nnx.Optimizer(m, optax.chain(mo.mgda(K), optax.sgd(0.05)),
+                        wrt=nnx.Param) for m in models]
+  steps = [mo.nnx_train_step(nnx_losses, chunk_size=1, unroll=unroll),
+           mo.nnx_train_step(nnx_losses)]
+  for model, opt, step in zip(models, opts, steps):
+    for _ in range(3):
+      step(model, opt, x, y)
+  _tree_close(nnx.state(models[0], nnx.Param), nnx.state(models[1], nnx.Param),
+              rtol=1e-4, atol=1e-6)
+
+
 def test_nnx_weighted_grad_is_weighted_sum_of_task_grads():
   model = NNXNet(nnx.Rngs(1))
   x, y = _data()

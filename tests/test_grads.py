@@ -118,3 +118,52 @@ def test_representation_grads_recover_the_parameter_gradient_for_the_mean():
   np.testing.assert_allclose(np.asarray(z_mgda).ravel(),
                              np.asarray(state.weights) @ flat, rtol=1e-5,
                              atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size,unroll", [
+    (1, False), (2, False), (3, False), (4, False), (5, False), (7, False),
+    (1, True), (2, True), (3, True), (7, True)])
+def test_chunked_backward_equals_vmap(chunk_size, unroll):
+  """Every chunking (loop or unrolled, with a remainder or not) gives the
+  same stacked gradients as the single vmap, under jit and with aux."""
+  params, x, y = _problem(num_tasks=5)
+  fn = lambda p, x, y: (_task_losses(p, x, y), jnp.sum(x))
+  (losses, aux), grads = jax.jit(mo.value_and_task_grads(
+      fn, has_aux=True, chunk_size=chunk_size, unroll=unroll))(params, x, y)
+  (ref_losses, ref_aux), ref = mo.value_and_task_grads(fn, has_aux=True)(
+      params, x, y)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+  np.testing.assert_allclose(aux, ref_aux, rtol=1e-6)
+  for name in params:
+    assert grads[name].shape == ref[name].shape
+    np.testing.assert_allclose(grads[name], ref[name], rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_backward_with_argnums_tuple():
+  params, x, y = _problem(num_tasks=4)
+  _, (g_params, g_x) = mo.value_and_task_grads(
+      _task_losses, argnums=(0, 1), chunk_size=3)(params, x, y)
+  _, (r_params, r_x) = mo.value_and_task_grads(
+      _task_losses, argnums=(0, 1))(params, x, y)
+  np.testing.assert_allclose(g_x, r_x, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(g_params["w2"], r_params["w2"], rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_chunked_backward_loops_once_per_chunk():
+  """chunk_size=1 back-propagates one task per loop iteration: the traced
+  program holds a loop whose trip count is K and no K-wide vmap."""
+  params, x, y = _problem(num_tasks=6)
+  jaxpr = jax.make_jaxpr(mo.value_and_task_grads(_task_losses, chunk_size=1))(
+      params, x, y)
+  scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+  assert len(scans) == 1 and scans[0].params["length"] == 6
+
+
+@pytest.mark.parametrize("chunk_size,unroll,error", [
+    (0, False, ValueError), (-2, False, ValueError), (1.5, False, TypeError),
+    (True, False, TypeError), (2, "yes", TypeError), (None, 1, TypeError)])
+def test_bad_chunking_raises_at_construction(chunk_size, unroll, error):
+  with pytest.raises(error):
+    mo.value_and_task_grads(_task_losses, chunk_size=chunk_size,
+                            unroll=unroll)
