@@ -239,31 +239,35 @@ def run_layout(kind, params, batch, single, groups):
         entry["error"] = f"{type(exc).__name__}: {exc}"[:400]
       out["groups"][group] = entry
 
-    # A full training step, its per-task gradients pinned to the layout.
-    try:
-      step, _ = make_step(gsh)
-      opt_state = step.tx.init(params)
-      jstep = jax.jit(step, out_shardings=(psh, None, None))
-      compiled = jstep.lower(sparams, opt_state, sbatch).compile()
-      entry = {"collectives": collectives(compiled.as_text())}
-      new_params, _, _ = compiled(sparams, opt_state, sbatch)
-      delta = lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64)
-      entry["params_err"] = tree_rel_err(
-          jax.tree.map(delta, new_params, params),
-          jax.tree.map(delta, single["step_params"], params))
-      out["train_step"] = entry
-    except Exception as exc:  # pylint: disable=broad-except
-      out["train_step"] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+    # A full training step, its per-task gradients pinned to the layout:
+    # the K backward passes vmapped (default) and one task at a time.
+    for key, chunk_size in (("train_step", None), ("train_step_chunked", 1)):
+      try:
+        step, _ = make_step(gsh, chunk_size=chunk_size)
+        opt_state = step.tx.init(params)
+        jstep = jax.jit(step, out_shardings=(psh, None, None))
+        compiled = jstep.lower(sparams, opt_state, sbatch).compile()
+        entry = {"collectives": collectives(compiled.as_text())}
+        new_params, _, _ = compiled(sparams, opt_state, sbatch)
+        delta = lambda a, b: (np.asarray(a, np.float64)
+                              - np.asarray(b, np.float64))
+        entry["params_err"] = tree_rel_err(
+            jax.tree.map(delta, new_params, params),
+            jax.tree.map(delta, single["step_params"], params))
+        out[key] = entry
+      except Exception as exc:  # pylint: disable=broad-except
+        out[key] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
   return out
 
 
-def make_step(grad_shardings=None):
+def make_step(grad_shardings=None, chunk_size=None):
   """A training step: per-task grads, UPGrad on the trunk, adam.
 
   ``grad_shardings`` (a tree of shardings for the stacked gradients) pins the
   per-task gradients to the parameters' layout with the task axis replicated
   (``jax.lax.with_sharding_constraint``), so that GSPMD does not pick another
-  layout for them; the recommended pattern.
+  layout for them; the recommended pattern. ``chunk_size`` is passed to
+  ``value_and_task_grads`` (1: one backward pass per task, in a loop).
   """
   labels = {k: jax.tree.map(lambda _: "heads" if k == "heads" else "trunk", v)
             for k, v in init_params(jax.random.PRNGKey(0)).items()}
@@ -273,7 +277,8 @@ def make_step(grad_shardings=None):
       optax.adam(1e-2))
 
   def step(params, opt_state, batch):
-    losses, grads = mo.value_and_task_grads(task_losses)(params, batch)
+    losses, grads = mo.value_and_task_grads(
+        task_losses, chunk_size=chunk_size)(params, batch)
     if grad_shardings is not None:
       grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
     updates, opt_state = tx.update(grads, opt_state, params,
