@@ -38,6 +38,8 @@ def _check_chunking(chunk_size: int | None, unroll: bool) -> None:
   if not isinstance(unroll, bool):
     raise TypeError(f"unroll must be a bool, got {unroll!r}.")
   if chunk_size is None:
+    if unroll:
+      raise ValueError("unroll=True unrolls chunks: give a chunk_size too.")
     return
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
     raise TypeError(f"chunk_size must be None or a positive int, got "
@@ -100,8 +102,8 @@ def value_and_task_grads(
     has_aux: whether ``fn`` returns ``(losses, aux)``.
     chunk_size: None (all K backward passes in one vmap) or the number of
       tasks back-propagated together; the results are identical.
-    unroll: with ``chunk_size``, unroll the chunks into the program instead
-      of a ``lax.map`` loop (compile time grows with K / chunk_size).
+    unroll: unroll the chunks into the program instead of a ``lax.map``
+      loop (compile time grows with K / chunk_size); needs ``chunk_size``.
 
   Returns:
     The wrapped function.

@@ -162,7 +162,8 @@ def test_chunked_backward_loops_once_per_chunk():
 
 @pytest.mark.parametrize("chunk_size,unroll,error", [
     (0, False, ValueError), (-2, False, ValueError), (1.5, False, TypeError),
-    (True, False, TypeError), (2, "yes", TypeError), (None, 1, TypeError)])
+    (True, False, TypeError), (2, "yes", TypeError), (None, 1, TypeError),
+    (None, True, ValueError)])
 def test_bad_chunking_raises_at_construction(chunk_size, unroll, error):
   with pytest.raises(error):
     mo.value_and_task_grads(_task_losses, chunk_size=chunk_size,
