@@ -87,14 +87,14 @@ def value_and_task_grads(
   By default the K backward passes run as one ``jax.vmap``. With
   ``chunk_size=c`` they run ``c`` tasks at a time (TorchJD's
   ``parallel_chunk_size``): fewer backward intermediates alive at once, and
-  on a CPU often faster. Measured on a 2-core CPU (one forward + K
-  backward, ``benchmarks/compare_torchjd.py``): for dense layers with Flax's
+  on a CPU often faster. Measured on a 2-core CPU, K = 2 to 40
+  (``benchmarks/bench_task_grads.py``): for dense layers with Flax's
   ``(in, out)`` kernels, whose vmapped weight gradient XLA computes
-  transposed and then copies, ``chunk_size=1`` is 1.3-1.5x faster than the
-  vmap; for convolutions it is ~10x slower in a loop (XLA:CPU runs
-  convolutions slowly inside loops), and ``chunk_size=1, unroll=True`` is
-  ~1.6x faster than the vmap at a longer compile. On accelerators keep the
-  default.
+  transposed and then copies, ``chunk_size=1`` takes 0.72-0.83x the vmap's
+  time (with torch's ``(out, in)`` kernels there is no gain); a conv net is
+  ~10x slower in the loop (XLA:CPU runs convolutions slowly inside loops)
+  but ``chunk_size=1, unroll=True`` takes 0.33-0.81x the vmap's time, at a
+  longer compile. On accelerators keep the default.
 
   Args:
     fn: function returning a 1-D array of K task losses.
