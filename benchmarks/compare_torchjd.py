@@ -306,13 +306,9 @@ def read_floor_seconds(jac):
   the aggregation times are compared with (``ratio_to_floor``).
   """
   total = jax.jit(jnp.sum)
-  jax.block_until_ready(total(jac))
-  times = []
-  for _ in range(15):
-    t0 = time.perf_counter()
-    jax.block_until_ready(total(jac))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  read = lambda: jax.block_until_ready(total(jac))
+  read()
+  return float(np.median([_timed(read) for _ in range(15)]))
 
 
 def bench_aggregators(pairs, sizes_k, sizes_p, budget_s, min_repeats,
