@@ -7,7 +7,7 @@ The gradients share a common component with task-dependent signs, so some
 tasks conflict and the iterative solvers have work to do. Every time is the
 median over repeats after a warm-up call (compilation excluded), in one
 process, and is reported as a ratio to MGDA's on the same input (target of
-issue 3: no method above 1.5x MGDA).
+target: no method above 1.5x MGDA).
 
 Writes ``benchmarks/results/aggregators.json`` (``aggregators_quick.json``
 with ``--quick``) and prints a table.
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_foundation import _median_time  # noqa: E402  pylint: disable=g-import-not-at-top
 from bench_foundation import _mlp_grads  # noqa: E402  pylint: disable=g-import-not-at-top
 
-TARGET = 1.5  # issue 3: no method slower than 1.5x MGDA
+TARGET = 1.5  # target: no method slower than 1.5x MGDA
 
 # name -> factory(K), or None where the method does not apply to K.
 METHODS = {

@@ -85,7 +85,7 @@ def _torch_sync():
   if TORCH_DEVICE.startswith("cuda"):
     torch.cuda.synchronize()
 
-# Time targets, ours / TorchJD's (issue 8).
+# Time targets, ours / TorchJD's.
 DEFAULT_TARGET = 1.0
 STRICT_TARGETS = {"cagrad": 0.5, "nash_mtl": 0.5, "config": 0.5}
 
@@ -244,7 +244,7 @@ def alternating_medians(sides, budget_s, min_repeats, max_repeats):
 
 
 def _torch_sides(fn):
-  """TorchJD timed with torch's threads = cores (issue 8) and = 1.
+  """TorchJD timed with torch's threads = cores and = 1.
 
   On a machine shared with other jobs, OpenMP's barrier at the end of every
   parallel region makes torch's multi-threaded code far slower than its

@@ -1,6 +1,6 @@
 """Command line: ``python -m mtl_optax [toy] [--steps N] [--out DIR]``.
 
-The main job reproduces the CAGrad 2-D toy (methods.md §1.9): Adam on the
+The main job reproduces the CAGrad 2-D toy: Adam on the
 mean gradient, MGDA, PCGrad and CAGrad (c = 0.5) from six starts, 100 000
 steps each, a table of end points and average losses against the reference
 table, and a trajectory plot.
@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-# Reference end points (x, y, L0) from methods.md §1.9: a float64 re-run of the
+# Reference end points (x, y, L0): a float64 re-run of the
 # official toy.py's update rules, 100k steps. Used for the "reference" column.
 REFERENCE_END_POINTS = {
     "mean gradient (Adam)": [(-5.06, 2.17, 3.30), (0, -8.3551, -15.0916),

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtl_optax import grads as grads_lib
+from mtl_optax._src import grads as grads_lib
 from mtl_optax._src import base
 
-#: Starts of the reference table (methods.md §1.9); (-8.5, -5) is the official
+#: Starts of the reference table; (-8.5, -5) is the official
 #: code's start, (-8.5, 5) the paper's printed one.
 TOY_STARTS = ((-8.5, 7.5), (-8.5, -5.0), (-8.5, 5.0), (0.0, 0.0), (9.0, 9.0),
               (10.0, -8.0))

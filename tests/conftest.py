@@ -86,7 +86,7 @@ def stacked_tree(key, num_tasks: int, dtype=jnp.float32):
   }
 
 
-#: TorchJD's test matrix (anchors.md §1.4): two conflicting task gradients.
+#: TorchJD's test matrix: two conflicting task gradients.
 TORCHJD_J = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 
 import mtl_optax as mo
-from mtl_optax.aggregators import pcgrad_coefficients
+from mtl_optax._src.aggregators import pcgrad_coefficients
 
 from tests.conftest import TORCHJD_J as J
 from tests.conftest import apply_fresh

@@ -9,9 +9,9 @@ import optax
 import pytest
 
 import mtl_optax as mo
-from mtl_optax.cagrad import cagrad_coefficients
+from mtl_optax._src.cagrad import cagrad_coefficients
 
-# methods.md §1.10: rows are task gradients.
+# CAGrad reference vectors: rows are task gradients.
 G = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-0.5, -0.2, 0.3]])
 
 

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import mtl_optax as mo
-from mtl_optax import closed_form
+from mtl_optax._src import closed_form
 
 from tests.conftest import TORCHJD_J as J
 from tests.conftest import apply_fresh

@@ -1,7 +1,7 @@
 """Conformance suite: every public method of the registry, every contract check.
 
 A method joins by adding a ``MethodCase`` to a module of ``tests/cases``.
-The checks follow DESIGN.md §1, §2b, §4 and §6.
+The checks follow the contract of the README: shapes, extra arguments, errors, degenerate input.
 """
 
 from __future__ import annotations

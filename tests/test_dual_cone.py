@@ -17,7 +17,7 @@ import pytest
 from scipy import optimize
 
 import mtl_optax as mo
-from mtl_optax import dual_cone
+from mtl_optax._src import dual_cone
 from mtl_optax._src import solvers
 
 from tests.conftest import TORCHJD_J as J

@@ -1,4 +1,4 @@
-"""Tests of mtl_optax.loss_weighting against NumPy re-implementations.
+"""Tests of the loss weightings against NumPy re-implementations.
 
 Each method is run on a recorded sequence of task losses (and, where the rule
 reads gradients, recorded per-task gradients) and compared step by step with

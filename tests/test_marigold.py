@@ -13,9 +13,9 @@ from jax.extend import core as jax_core
 
 import mtl_optax as mo
 from mtl_optax import masked_loss_fn
-from mtl_optax.marigold import gram_vector_product
+from mtl_optax._src.marigold import gram_vector_product
 from mtl_optax._src import solvers
-from mtl_optax.cagrad import cagrad_coefficients
+from mtl_optax._src.cagrad import cagrad_coefficients
 from mtl_optax.toy import L0_OPTIMUM, toy_losses
 
 

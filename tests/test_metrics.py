@@ -9,7 +9,7 @@ NYU_HIGHER = [True, True, False, False, False, False, True, True, True]
 NYU_TASKS = [0, 0, 1, 1, 2, 2, 2, 2, 2]
 NYU_STL = [38.30, 63.76, 0.6754, 0.2780, 25.01, 19.21, 30.14, 57.20, 69.15]
 # CAGrad paper Table 1 rows; expected Delta-m recomputed from the rounded rows
-# (methods.md §5 item 4; the printed table differs by rounding).
+# (the printed table differs by rounding).
 NYU_ROWS = {
     "Cross-Stitch": ([37.42, 63.51, 0.5487, 0.2188, 28.85, 24.52, 22.75, 46.58,
                       59.56], 6.95),

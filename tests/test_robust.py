@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import mtl_optax as mo
-from tests.cases.issue3b import adversarial_jacobians
+from tests.cases.aggregators_other import adversarial_jacobians
 
 # TorchJD's test matrices (tests/unit/aggregation/test_values.py).
 J_KRUM = np.array([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [75.0, -666.0, 23.0],

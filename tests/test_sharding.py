@@ -1,4 +1,4 @@
-"""Scale-out (DESIGN.md section 5) on 8 simulated CPU devices.
+"""Scale-out on 8 simulated CPU devices.
 
 The checks run in a subprocess (``tests/sharding_check.py``), because
 ``--xla_force_host_platform_device_count=8`` only takes effect before JAX

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import mtl_optax as mo
-from tests.cases.issue3b import adversarial_jacobians
+from tests.cases.aggregators_other import adversarial_jacobians
 
 NAMES = ["random", "near_colinear", "rank_deficient", "one_zero", "k1", "k64"]
 

@@ -39,7 +39,7 @@ def test_mean_gradient_is_stuck_from_three_starts(runs):
   l0 = np.asarray(runs["mean"].final_losses).mean(1)
   stuck = {start for start, value in zip(toy.TOY_STARTS, l0) if value > 0}
   assert stuck == {(-8.5, 7.5), (-8.5, 5.0), (9.0, 9.0)}
-  # The reference end points of the stuck runs (methods.md §1.9).
+  # The reference end points of the stuck runs.
   final = np.asarray(runs["mean"].final)
   np.testing.assert_allclose(final[0], (-5.06, 2.17), atol=0.1)
   np.testing.assert_allclose(final[4], (5.04, 2.34), atol=0.1)

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import mtl_optax as mo
-from tests.cases.issue3b import adversarial_jacobians
+from tests.cases.aggregators_other import adversarial_jacobians
 
 J_BASE = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])  # TorchJD's test matrix
 

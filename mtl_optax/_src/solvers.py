@@ -244,7 +244,7 @@ def cagrad_dual_weights(gram: jax.Array, c: jax.Array | float,
 
 
 # --- Lower-bounded QPs (UPGrad, DualProj) and alpha-fair systems (Nash-MTL,
-# FairGrad), issue 3 part A. ---
+# FairGrad). ---
 # Neither fits minimize_on_simplex: the dual-cone QPs live on a shifted
 # orthant, not the simplex, and need their exact active set (a first-order
 # method crawls on the near-colinear Gram matrices where it matters); the

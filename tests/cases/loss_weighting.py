@@ -1,4 +1,4 @@
-"""Conformance cases of the loss weightings (issue 6).
+"""Conformance cases of the loss weightings.
 
 The suite calls every method on stacked per-task gradients (the stacked
 fallback) with ``task_losses`` and ``loss_fn``; the single-backward path is

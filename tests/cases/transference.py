@@ -1,4 +1,4 @@
-"""Conformance cases of issue 4: track_affinity (wrapping an aggregator) and
+"""Conformance cases: track_affinity (wrapping an aggregator) and
 IT-MTL.
 
 Both read the ``loss_fn`` extra argument; the suite's ``linear_loss_fn`` is
@@ -15,7 +15,7 @@ import dataclasses
 
 import mtl_optax as mo
 from mtl_optax import masked_loss_fn
-from tests.cases.issue3b import WrapperCase
+from tests.cases.aggregators_other import WrapperCase
 from tests.conftest import MethodCase
 
 

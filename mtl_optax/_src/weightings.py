@@ -8,7 +8,7 @@
   weights of another weighting method.
 
 Methods that are not plain functions of the Gram matrix (here and in
-:mod:`mtl_optax.surgery`, :mod:`mtl_optax.stochastic`, :mod:`mtl_optax.robust`)
+the surgery, stochastic and robust families)
 build on ``base.guarded_transformation`` instead of
 ``base.task_weighting_transformation``.
 """
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtl_optax import aggregators
+from mtl_optax._src import aggregators
 from mtl_optax._src import base
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation

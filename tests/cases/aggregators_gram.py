@@ -1,4 +1,4 @@
-"""Conformance cases of issue 3, part A: dual cone, closed forms, bargaining.
+"""Conformance cases: dual cone, closed forms, bargaining.
 
 UPGrad without its ridge and FairGrad with alpha != 1 are covered on the
 degenerate inputs by tests/test_dual_cone.py and tests/test_bargaining.py,

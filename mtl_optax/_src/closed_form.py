@@ -16,7 +16,7 @@ import optax
 
 from mtl_optax._src import base
 from mtl_optax._src import validation
-from mtl_optax.aggregators import WeightsState
+from mtl_optax._src.aggregators import WeightsState
 
 __all__ = (
     "aligned_mtl",

@@ -45,10 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mtl_optax import aggregators
+from mtl_optax._src import aggregators
 from mtl_optax._src import base
 from mtl_optax._src import validation
-# The node that hides a wrapped method's state from optax.tree.get (issue 3B).
+# The node that hides a wrapped method's state from optax.tree.get.
 
 __all__ = (
     "ITMTLState",

@@ -43,7 +43,7 @@ def delta_m_flat(metrics: Sequence[float], baseline: Sequence[float],
   baseline.
 
   Example (CAGrad's NYUv2 row against the single-task baseline):
-    >>> from mtl_optax.metrics import delta_m_flat
+    >>> from mtl_optax._src.metrics import delta_m_flat
     >>> stl = [38.30, 63.76, 0.6754, 0.2780, 25.01, 19.21, 30.14, 57.20, 69.15]
     >>> cagrad = [39.79, 65.49, 0.5486, 0.2250, 26.31, 21.58, 25.61, 52.36,
     ...           65.58]
@@ -69,7 +69,7 @@ def delta_m_per_task(metrics: Sequence[float], baseline: Sequence[float],
     task_of_metric: the task index of each metric.
 
   Example (the same NYUv2 row, tasks: segmentation, depth, normals):
-    >>> from mtl_optax.metrics import delta_m_per_task
+    >>> from mtl_optax._src.metrics import delta_m_per_task
     >>> stl = [38.30, 63.76, 0.6754, 0.2780, 25.01, 19.21, 30.14, 57.20, 69.15]
     >>> cagrad = [39.79, 65.49, 0.5486, 0.2250, 26.31, 21.58, 25.61, 52.36,
     ...           65.58]

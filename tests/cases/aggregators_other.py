@@ -1,4 +1,4 @@
-"""Conformance cases of issue 3B: surgery, stochastic, robust, weightings."""
+"""Conformance cases: surgery, stochastic, robust and fixed or random weightings."""
 
 from __future__ import annotations
 

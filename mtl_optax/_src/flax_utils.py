@@ -38,7 +38,7 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import jax
 import optax
 
-from mtl_optax import grads as grads_lib
+from mtl_optax._src import grads as grads_lib
 from mtl_optax._src import base
 
 __all__ = ("apply_task_gradients", "label_by_path", "nnx_loss_fn",

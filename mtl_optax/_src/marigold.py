@@ -18,8 +18,7 @@ algorithm box and code were not. What follows the abstract:
 * the bi-level problem is solved with a zeroth-order method;
 * one framework covers several balancing methods.
 
-Everything else is our design (``reference/methods.md`` §2.3 and §2.4, marked
-[I] there): the criteria's exact forms, both estimators, the step-size rule,
+Everything else is our design: the criteria's exact forms, both estimators, the step-size rule,
 the finite-difference radius, the EMA, the update period and every default.
 Re-check them against the paper when its text becomes available.
 
@@ -421,7 +420,7 @@ def gram_vector_product(loss_fn: Callable[[Any], jax.Array], params: Any,
 
   Example (linear losses: the estimate is exact):
     >>> import jax.numpy as jnp, numpy as np
-    >>> from mtl_optax.marigold import gram_vector_product
+    >>> from mtl_optax._src.marigold import gram_vector_product
     >>> jac = jnp.array([[1., 2.], [3., -1.]])
     >>> gv = gram_vector_product(lambda p: jac @ p, jnp.zeros(2),
     ...                          jnp.array([1., 0.]))

@@ -50,7 +50,7 @@ def gradvac_coefficients(gram: jax.Array, targets: jax.Array,
                          ) -> tuple[jax.Array, jax.Array]:
   """GradVac's update ``mean_i g_i^PC`` as coefficients on the task gradients.
 
-  As in :func:`mtl_optax.aggregators.pcgrad_coefficients`, each corrected
+  As in :func:`mtl_optax._src.aggregators.pcgrad_coefficients`, each corrected
   gradient is tracked as ``g_i^PC = sum_k C[i, k] g_k``, so cosines and norms
   come from the Gram matrix: ``<g_i^PC, g_j> = C[i] G[:, j]`` and
   ``||g_i^PC||^2 = C[i] G C[i]``. Each task visits the others in its own
