@@ -115,6 +115,18 @@ from mtl_optax._src.flax_utils import nnx_value_and_weighted_grad
 from mtl_optax._src.metrics import delta_m_flat
 from mtl_optax._src.metrics import delta_m_per_task
 
+# --- newer methods: preference scalarisations, meta-learned and momentum ---
+from mtl_optax._src.scalarization import cosmos
+from mtl_optax._src.scalarization import pbi
+from mtl_optax._src.momentum import momentum_config
+from mtl_optax._src.momentum import MomentumConfigState
+from mtl_optax._src.momentum import psmgd
+from mtl_optax._src.momentum import PSMGDState
+from mtl_optax._src.meta_weighting import auto_lambda
+from mtl_optax._src.meta_weighting import AutoLambdaState
+from mtl_optax._src.meta_weighting import ldc_mtl
+from mtl_optax._src.meta_weighting import LDCMTLState
+
 __version__ = "0.1.0.dev0"
 
 # The family modules moved to mtl_optax._src; their old import paths warn.

@@ -125,6 +125,10 @@ def stacked_methods(cagrad_cs: Sequence[float] = (0.4,)) -> list[Method]:
       ("DB-MTL", "db_mtl", {}, True, 2),
       ("Krum", "krum", {}, False, 3),
       ("Trimmed mean", "trimmed_mean", {}, False, 3),
+      ("M-ConFIG (direction)", "momentum_config", {"normalize": False}, False,
+       2),
+      ("PSMGD (R=4)", "psmgd", {"period": 4}, False, 2),
+      ("Auto-Lambda", "auto_lambda", {"virtual_lr": 1e-3}, True, 2),
   ]
   for name, attr, kwargs, uses_losses, min_tasks in optional:
     if hasattr(mo, attr):
@@ -148,6 +152,9 @@ def loss_weighting_methods() -> list[Method]:
       ("RLW", "random_loss_weighting", {}),
       ("SI-LS (log losses)", "scale_invariant", {}),
       ("GradNorm", "gradnorm", {}),
+      ("COSMOS", "cosmos", {}),
+      ("PBI", "pbi", {}),
+      ("LDC-MTL", "ldc_mtl", {}),
       ("MARIGOLD (MGDA)", "marigold", {"criterion": "mgda"}),
       ("MARIGOLD (CAGrad)", "marigold", {"criterion": "cagrad"}),
   ]

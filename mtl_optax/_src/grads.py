@@ -259,7 +259,9 @@ def value_and_representation_grads(
   backward passes stop at the shared features ``z = encode(trunk, x)``, a
   method combines the stacked feature gradients ``dL_i/dz`` into one
   cotangent, and ONE backward pass through the encoder gives the trunk's
-  update. Heads get the plain gradient of the summed losses.
+  update. Heads get the plain gradient of the summed losses. LibMTL's
+  GradNorm sums its ``rep_grad`` over the batch before taking norms:
+  ``feature_grads`` summed over the batch axis (``rep.sum(1)``) reproduces it.
 
   ``wrapped(trunk_params, head_params, encoder_input, *head_args)`` returns
   ``(losses, feature_grads, head_grads, encoder_vjp)``:

@@ -417,6 +417,8 @@ def dwa(num_tasks: int, temperature: float = 2.0, period: int = 1
   averaged into one ``Lbar`` (static): set it to the number of steps per
   epoch to reproduce the paper and LibMTL, or leave 1 to compare the losses
   of the last two steps. Weights change only when a period completes.
+  ``Lbar`` is the plain mean of the period's step losses; LibMTL's epoch loss
+  weights each batch by its size (they differ when the last batch is short).
 
   Guards: a task whose previous mean loss is ``<= 0`` gets ratio 1; ratios
   are clipped to the finite range, so ``softmax`` never sees ``inf``.
@@ -535,6 +537,10 @@ def gradnorm(
   the first epoch's mean and starts balancing at epoch 1). Guards:
   ``Ltilde_i = max(L_i, 0) / L_i(0)`` (1 when ``L_i(0) <= 0``), ``r = 1`` when
   every ``Ltilde`` is 0, and equal weights if every weight is clipped to 0.
+  LibMTL parametrises the weights as ``K softmax(logits)`` (no clipping), and
+  in representation mode it sums the per-task feature gradients over the
+  batch before taking norms (pass ``layer_grads`` summed over the batch axis,
+  ``rep.sum(1)``, to reproduce it).
 
   Output scale: the weights sum to K (the paper's), so equal weights give
   ``K g0``.

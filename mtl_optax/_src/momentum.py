@@ -1,0 +1,369 @@
+"""Methods whose backward cost does not grow with K: M-ConFIG and PSMGD.
+
+* :func:`momentum_config` takes ONE task's gradient per step (round robin)
+  and keeps a momentum per task; the update is ConFIG's conflict-free
+  direction on the momenta.
+* :func:`psmgd` recomputes MGDA's weights only every ``period`` steps, from
+  stacked per-task gradients, and in between is a loss weighting: one
+  backward pass of the weighted loss with the stored weights.
+
+Both accept stacked per-task gradients (leaves ``(K, *shape)``) at every step,
+which is what the conformance suite and ``mo.value_and_task_grads`` give;
+their point is the cheaper input they accept on most steps: one gradient
+shaped like ``params`` (pass ``params`` to ``update`` so that it is
+recognised).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtl_optax._src import base
+from mtl_optax._src import solvers
+from mtl_optax._src import tree_math
+from mtl_optax._src import validation
+from mtl_optax._src.closed_form import config_weights
+from mtl_optax._src.loss_weighting import _loss_weighting
+from mtl_optax._src.loss_weighting import _static_int
+from mtl_optax._src.loss_weighting import _updates_are_stacked
+
+__all__ = ("MomentumConfigState", "PSMGDState", "momentum_config", "psmgd")
+
+
+def _keep_if(ok: jax.Array, new_state: Any, old_state: Any) -> Any:
+  """``new_state`` where ``ok``, else ``old_state`` (fixed dtypes)."""
+  return jax.tree.map(
+      lambda new, old: jnp.where(ok, jnp.asarray(new).astype(old.dtype), old),
+      new_state, old_state)
+
+
+def _task_axis_zeros(num_tasks: int, params: Any) -> Any:
+  def zeros(p):
+    p = jnp.asarray(p)
+    return jnp.zeros((num_tasks, *p.shape), jnp.promote_types(p.dtype,
+                                                              jnp.float32))
+  return jax.tree.map(zeros, params)
+
+
+def _float_zeros(params: Any) -> Any:
+  return jax.tree.map(lambda p: jnp.zeros(
+      jnp.shape(p), jnp.promote_types(jnp.asarray(p).dtype, jnp.float32)),
+                      params)
+
+
+# --------------------------------------------------------------------------
+# M-ConFIG.
+# --------------------------------------------------------------------------
+
+
+class MomentumConfigState(NamedTuple):
+  """State of :func:`momentum_config`.
+
+  Attributes:
+    weights: ``(K,)`` ConFIG's coefficients on the bias-corrected momenta of
+      the last update (``direction = sum_i weights[i] m_hat_i``); zero until
+      every task has been seen.
+    step: ``()`` int32, updates so far; the next update expects the gradient
+      of task ``step % K``.
+    task_counts: ``(K,)`` int32, gradients folded into each momentum.
+    momenta: tree with leaves ``(K, *shape)``: the per-task momenta ``m_i``.
+    direction_momentum: tree shaped like params: the pseudo first moment
+      ``(1 - beta_1^t) d`` of the last normalised update (normalise only).
+    second_moment: tree shaped like params: the EMA ``s`` of the squared
+      pseudo gradients (normalise only).
+    count: ``()`` int32, updates since every task was seen (``t``).
+  """
+  weights: jax.Array
+  step: jax.Array
+  task_counts: jax.Array
+  momenta: Any
+  direction_momentum: Any
+  second_moment: Any
+  count: jax.Array
+
+
+def _normalise_like_adam(direction, state, count, beta_1, beta_2, eps):
+  """M-ConFIG's second moment: the pseudo gradient whose EMA would be the
+  direction, its squared EMA ``s``, and ``d / (sqrt(s_hat) + eps)``."""
+  t = count.astype(jnp.float32)
+  b1 = jnp.asarray(beta_1, jnp.float32)
+  b2 = jnp.asarray(beta_2, jnp.float32)
+  pseudo_m = jax.tree.map(lambda d: d * (1 - b1 ** t).astype(d.dtype),
+                          direction)
+  pseudo_grad = jax.tree.map(
+      lambda m, old: (m - b1.astype(m.dtype) * old) / (1 - b1).astype(m.dtype),
+      pseudo_m, state.direction_momentum)
+  second = jax.tree.map(
+      lambda s, g: b2.astype(s.dtype) * s + (1 - b2).astype(s.dtype) * g * g,
+      state.second_moment, pseudo_grad)
+  out = jax.tree.map(
+      lambda d, s: d / (jnp.sqrt(s / (1 - b2 ** t).astype(s.dtype))
+                        + jnp.asarray(eps, s.dtype)), direction, second)
+  return out, pseudo_m, second
+
+
+def momentum_config(num_tasks: int, beta_1: float = 0.9,
+                    beta_2: float = 0.999, eps: float = 1e-8,
+                    normalize: bool = True,
+                    pref_vector: base.PrefVector = None
+                    ) -> optax.GradientTransformationExtraArgs:
+  """M-ConFIG: ConFIG on per-task momenta, one task's gradient per step.
+
+  Liu, Chu & Thuerey, "ConFIG: Towards Conflict-free Training of Physics
+  Informed Neural Networks", ICLR 2025 (arXiv:2408.11104), the momentum
+  variant (official code: ``conflictfree.PseudoMomentumOperator``). Update
+  ``n`` takes the gradient of task ``i = n mod K`` only (the official
+  round robin), ``m_i <- beta_1 m_i + (1 - beta_1) g_i``, and returns
+  ``d = ConFIG(m_hat_1, ..., m_hat_K)`` with ``m_hat_i = m_i / (1 -
+  beta_1^{t_i})`` (``t_i`` the task's own count): one backward pass per step
+  whatever K is. Until every task has been seen the update is zero.
+
+  With ``normalize=True`` (the official operator) the direction is also
+  divided, element-wise, by ``sqrt(s_hat) + eps``: ``s`` is an EMA
+  (``beta_2``, bias-corrected over the ``t`` steps since all tasks were seen)
+  of the squares of the pseudo gradient
+  ``(D_t - beta_1 D_{t-1}) / (1 - beta_1)``, ``D_t = (1 - beta_1^t) d_t``,
+  i.e. the gradient whose first moment would be ``d``. This makes the
+  method an Adam-like optimizer without the learning rate: chain it with
+  ``optax.sgd(lr)``, not with Adam (the official advice).
+
+  Input, per step: either one gradient shaped like ``params`` (pass
+  ``params``): the gradient of task ``state.step % K``, e.g.
+  ``jax.grad(lambda p: task_losses(p)[state.step % num_tasks])(params)``
+  (jit-friendly: a dynamic index into the loss vector); or stacked
+  per-task gradients, of which only row ``state.step % K`` is used (any
+  non-finite row still makes the update NaN).
+
+  Output scale: ``normalize=True``: the official, element-wise about 1
+  (invariant to the gradients' scale up to ``eps``; the direction is taken
+  at the official sum-of-projections scale inside). ``normalize=False``: the
+  ConFIG direction of :func:`mtl_optax.config` on the momenta, the ``g0``
+  scale (``optax.scale(num_tasks)`` gives the official operator's length).
+
+  Args:
+    num_tasks: number of tasks K.
+    beta_1: momentum of the per-task first moments (official 0.9).
+      Injectable.
+    beta_2: EMA coefficient of the second moment (official 0.999).
+      Injectable.
+    eps: added to ``sqrt(s_hat)`` (official 1e-8). Injectable.
+    normalize: apply the second-moment normalisation (static bool).
+    pref_vector: optional ``(K,)`` ConFIG preference; default all ones.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with
+    :class:`MomentumConfigState`. The state holds K parameter-sized
+    momenta.
+
+  Example (two tasks, gradients of task 0 then task 1):
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> tx = mo.momentum_config(2, normalize=False)
+    >>> params = jnp.zeros(2)
+    >>> state = tx.init(params)
+    >>> for g in ([1., 0.], [0., 1.]):
+    ...   update, state = tx.update(jnp.array(g), state, params)
+    >>> print(np.asarray(update, np.float64).round(4), int(state.step))
+    [0.5 0.5] 2
+  """
+  method = "momentum_config"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  for name, value in (("beta_1", beta_1), ("beta_2", beta_2), ("eps", eps)):
+    validation.check_nonnegative(value, name, method)
+  pref = base.preference_vector(pref_vector, num_tasks, method, 1.0)
+
+  def init_fn(params):
+    dtype = base.state_dtype(params)
+    counter = jnp.zeros((), jnp.int32)
+    return MomentumConfigState(
+        jnp.zeros((num_tasks,), dtype), counter,
+        jnp.zeros((num_tasks,), jnp.int32), _task_axis_zeros(num_tasks, params),
+        _float_zeros(params), _float_zeros(params), counter)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    validation.check_task_losses(extra_args.get("task_losses"), num_tasks,
+                                 method)
+    stacked = _updates_are_stacked(updates, params, num_tasks, method)
+    if not jax.tree.leaves(updates):
+      return updates, state
+    task = state.step % num_tasks
+    grad = (jax.tree.map(lambda u: u[task], updates) if stacked else updates)
+    input_ok = base.all_finite(updates)
+    b1 = jnp.asarray(beta_1, jnp.float32)
+
+    def fold(m, g):
+      row = b1.astype(m.dtype) * m[task] + (1 - b1).astype(m.dtype) * g.astype(
+          m.dtype)
+      return m.at[task].set(row)
+
+    momenta = jax.tree.map(fold, state.momenta, grad)
+    counts = state.task_counts.at[task].add(1)
+    ready = jnp.all(counts > 0)
+    correction = 1 - b1 ** counts.astype(jnp.float32)
+    inv = jnp.where(counts > 0, 1 / jnp.where(counts > 0, correction, 1.0), 0.0)
+    m_hat = jax.tree.map(lambda m: m * inv.astype(m.dtype).reshape(
+        (num_tasks,) + (1,) * (m.ndim - 1)), momenta)
+    normalized = tree_math.normalized_gram(m_hat)
+    gram = normalized.gram.astype(jnp.promote_types(state.weights.dtype,
+                                                    jnp.float32))
+    coeffs = base.poison_if_nonfinite(config_weights(gram, pref(gram.dtype)),
+                                      gram)
+    coeffs = jnp.where(ready, coeffs, 0.0)
+    scale = num_tasks if normalize else 1
+    direction = tree_math.weighted_task_sum(coeffs * scale, m_hat)
+    count = jnp.where(ready, state.count + 1, state.count)
+    new_state = MomentumConfigState(coeffs, state.step + 1, counts, momenta,
+                                    state.direction_momentum,
+                                    state.second_moment, count)
+    if normalize:
+      out, pseudo_m, second = _normalise_like_adam(
+          direction, state, jnp.maximum(count, 1), beta_1, beta_2, eps)
+      new_state = new_state._replace(
+          direction_momentum=_keep_if(ready, pseudo_m,
+                                      state.direction_momentum),
+          second_moment=_keep_if(ready, second, state.second_moment))
+    else:
+      out = direction
+    out = jax.tree.map(
+        lambda o, p: jnp.where(input_ok, jnp.where(ready, o, 0.0), jnp.nan
+                               ).astype(p.dtype), out, grad)
+    finite = input_ok & base.all_finite(out) & base.all_finite(coeffs)
+    return out, _keep_if(finite, new_state, state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# PSMGD.
+# --------------------------------------------------------------------------
+
+
+class PSMGDState(NamedTuple):
+  """State of :func:`psmgd`.
+
+  Attributes:
+    weights: ``(K,)`` MGDA weights of the last solve: the coefficients of
+      every update until the next one.
+    steps_since_solve: ``()`` int32, updates since the last solve
+      (saturating at ``period``; ``period`` at the start, so the first
+      stacked update solves).
+    residual: ``()`` the simplex solver's residual at the last solve.
+  """
+  weights: jax.Array
+  steps_since_solve: jax.Array
+  residual: jax.Array
+
+
+def _with_update(tx, update_fn):
+  """``tx`` with another ``update``, keeping the attributes the shared
+  builder attached (e.g. the single-backward rule)."""
+  new = type(tx)(tx.init, update_fn)
+  vars(new).update(vars(tx))
+  return new
+
+
+def psmgd(num_tasks: int, period: int = 4, max_iter: int = 500,
+          tol: Optional[float] = None) -> base.LossWeightingTransformation:
+  """PSMGD: periodic stochastic multi-gradient descent.
+
+  Xu, Ju, Liu & Yang, "PSMGD: Periodic Stochastic Multi-Gradient Descent for
+  Fast Multi-Objective Optimization", AAAI 2025 (arXiv:2412.10961). MGDA's
+  weights ``w = argmin_{w in simplex} ||sum_i w_i g_i||^2`` change little
+  over a few steps, so they are recomputed every ``period`` steps and reused
+  in between: ``d_t = sum_i w_{R floor(t/R)} g_i``. Between solves the update
+  is the gradient of one weighted loss ``sum_i w_i L_i``, so the backward
+  cost per step is ``(K + R - 1) / R`` passes on average instead of K.
+
+  Input, per step:
+
+  * stacked per-task gradients (leaves ``(K, *shape)``): when
+    ``steps_since_solve >= period`` (every ``period`` steps, and the first
+    update) the weights are re-solved on their scale-free Gram matrix
+    (warm-started, as :func:`mtl_optax.mgda`), then ``d = sum_i w_i g_i``;
+    on other steps ``d`` uses the stored weights;
+  * one ordinary gradient shaped like ``params`` (pass ``params``): the
+    gradient of ``sum_i w_i L_i`` with the stored weights (the single-backward
+    path, :func:`mtl_optax.value_and_weighted_grad`), handed through. A solve
+    that is due waits for the next stacked update.
+
+  A training loop therefore computes stacked gradients on steps
+  ``n % period == 0`` (a Python-side count; two jitted step functions) and
+  the weighted-loss gradient otherwise. ``task_losses`` is required (the
+  single-backward protocol); the weights do not depend on it.
+
+  Output scale: ``g0``'s (the weights are on the simplex; MGDA's direction).
+
+  Args:
+    num_tasks: number of tasks K.
+    period: the paper's ``R``, steps between solves (static int >= 1; 1 is
+      MGDA).
+    max_iter: cap on the simplex solver's iterations.
+    tol: solver tolerance (default 1e-5 in float32, 1e-10 in float64).
+
+  Returns:
+    A :class:`~mtl_optax.LossWeightingTransformation` with
+    :class:`PSMGDState`.
+
+  Example (TorchJD's matrix: MGDA's weights, then reused for an ordinary
+  gradient):
+    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
+    >>> tx = mo.psmgd(2, period=2)
+    >>> params, losses = jnp.zeros(3), jnp.ones(2)
+    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
+    >>> update, state = tx.update(grads, tx.init(params), params,
+    ...                           task_losses=losses)
+    >>> print(np.asarray(update, np.float64).round(4),
+    ...       np.asarray(state.weights, np.float64).round(4))
+    [0. 1. 1.] [0.6 0.4]
+    >>> update, state = tx.update(jnp.ones(3), state, params,
+    ...                           task_losses=losses)
+    >>> print(np.asarray(update), int(state.steps_since_solve))
+    [1. 1. 1.] 2
+  """
+  method = "psmgd"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  period = _static_int(period, "period", method, 1)
+  validation.check_positive_int(max_iter, "max_iter", method)
+
+  def init_state(dtype):
+    return PSMGDState(base.uniform_weights(num_tasks, dtype),
+                      jnp.asarray(period, jnp.int32), jnp.zeros((), dtype))
+
+  def advance(state, losses, coeffs, step):
+    del losses, coeffs, step
+    return state._replace(
+        steps_since_solve=jnp.minimum(state.steps_since_solve + 1, period))
+
+  weighting = _loss_weighting(num_tasks, method, init_state,
+                              lambda state, losses: state.weights, advance)
+
+  def solved(updates, state):
+    """The state with fresh MGDA weights if a solve is due."""
+    gram = tree_math.normalized_gram(updates).gram.astype(
+        jnp.promote_types(state.weights.dtype, jnp.float32))
+    uniform = base.uniform_weights(num_tasks, gram.dtype)
+    start = base.finite_or(state.weights.astype(gram.dtype), uniform)
+    sol = solvers.min_norm_weights(gram, start, max_iter, tol)
+    weights = base.poison_if_nonfinite(sol.weights, gram)
+    due = state.steps_since_solve >= period
+    return PSMGDState(
+        jnp.where(due, weights, state.weights).astype(state.weights.dtype),
+        jnp.where(due, 0, state.steps_since_solve),
+        jnp.where(due, sol.residual, state.residual).astype(
+            state.residual.dtype))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    validation.check_task_losses(extra_args.get("task_losses"), num_tasks,
+                                 method, required=True)
+    stacked = _updates_are_stacked(updates, params, num_tasks, method)
+    if not stacked or not jax.tree.leaves(updates):
+      return weighting.update(updates, state, params, **extra_args)
+    out, new_state = weighting.update(updates, solved(updates, state), params,
+                                      **extra_args)
+    ok = base.all_finite(out) & base.all_finite(new_state.weights)
+    return out, _keep_if(ok, new_state, state)
+
+  return _with_update(weighting, update_fn)
