@@ -50,6 +50,8 @@ _ZERO_SIZE = ("a zero-size leaf crashes at trace time: zero-size reduction "
               "(max) in the Gram rescale")
 _X64 = ("float32 gradients under jax_enable_x64: the simplex projection "
         "returns float64 (scan carry type error)")
+_HALF = ("loss-reciprocal weights overflow in half precision: non-finite "
+         "update on mixed 1e+-4 scales or extreme losses")
 _RESIDUAL = "solver residual in the state is NaN for all-zero gradients"
 _ADAM_LS = ("Adam second moment of the log-scales overflows to inf on a 1e30 "
             "loss")
@@ -142,6 +144,10 @@ KNOWN_DEFECTS: dict[tuple[str, str], str] = {
     ("graddrop", "zero_size_leaf"): _GRADDROP_JIT,
     ("sdmgrad", "x64_float32"): _X64,
     ("sdmgrad_two_batches", "x64_float32"): _X64,
+    ("db_mtl", "float16"): _HALF,
+    ("stch", "float16"): _HALF,
+    ("stch", "bfloat16"): _HALF,
+    ("scale_invariant", "float16"): _HALF,
 }
 
 FINITE_KINDS = ("random", "all_zero", "one_zero", "identical", "opposite",
