@@ -15,3 +15,7 @@ _FAST_COMPILE = ("--xla_backend_optimization_level=0 "
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: exhaustive matrices, run by .ci/run")
