@@ -285,7 +285,7 @@ def test_float64_with_x64(case):
     assert optax.tree.get(state, "weights").dtype == jnp.float64
 
 
-@every_case
+@representative_case
 def test_nan_propagates_and_apply_if_finite_skips(case):
   """NaN in -> NaN out; chain(method, apply_if_finite(opt)) skips the step.
 
