@@ -3,8 +3,10 @@
 A *stacked tree* has the structure of the parameters and every leaf carries a
 leading task axis: ``(K, *param_shape)``. Gram-based methods read it twice:
 once for the K x K Gram matrix (:func:`normalized_gram`) and once for the
-weighted sum that forms the update (:func:`weighted_task_sum`). Neither ever
-concatenates the leaves into one flat vector.
+weighted sum that forms the update (:func:`weighted_task_sum`). Neither
+concatenates the large leaves into one flat vector; on one device the small
+leaves (at most ``_SMALL_LEAF_ELEMENTS`` entries per task) are read as one
+block, so a wide tree compiles to a handful of contractions, not hundreds.
 """
 
 from __future__ import annotations
