@@ -62,6 +62,15 @@ import numpy as np
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def cpu_model() -> str:
+  """The CPU's model name: which formulation of the Gram is fastest depends
+  on it, so every figure records it."""
+  info = "/proc/cpuinfo"
+  names = ([line.split(":", 1)[1].strip() for line in open(info)
+            if line.startswith("model name")] if os.path.exists(info) else [])
+  return names[0] if names else platform.machine()
+
+
 def dot_general(j):
   return jax.lax.dot_general(j, j, (((1,), (1,)), ((), ())),
                              precision=_HIGHEST,
@@ -235,7 +244,7 @@ def main():
   except ImportError:
     torch = None
   rows = []
-  print(f"jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} "
+  print(f"jax {jax.__version__}, {cpu_model()}, {os.cpu_count()} "
         f"cores; load average {os.getloadavg()[0]:.1f}")
   for size_p in (100_000, 1_000_000):
     for num_tasks in (2, 10, 40):
@@ -311,7 +320,8 @@ def main():
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"jax": jax.__version__, "cores": os.cpu_count(),
-               "machine": platform.machine(), "repeats": repeats,
+               "machine": platform.machine(), "cpu": cpu_model(),
+               "repeats": repeats,
                "load_avg_end": os.getloadavg()[0],
                "xla_flags": os.environ.get("XLA_FLAGS", ""),
                "gram": rows, "weighted_sum": wrows,

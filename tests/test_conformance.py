@@ -37,9 +37,29 @@ def _allclose(a, b, rtol=1e-5, atol=1e-6):
                                np.asarray(y, np.float64), rtol=rtol, atol=atol)
 
 
-@pytest.fixture(params=CASES, ids=str)
-def case(request):
-  return request.param
+#: Methods that take every check in the default run: one per kind of solver
+#: (min-norm, dual cone, bargaining) and a loss weighting; each costs about
+#: 25 s of CPU there. Every other method takes the core checks (jit equals
+#: eager, shapes and dtypes, the errors) by default and the rest under
+#: ``-m slow``.
+REPRESENTATIVE = {"mgda", "upgrad", "nash_mtl", "famo"}
+#: Degenerate inputs of the default run (on the representative methods).
+REPRESENTATIVE_INPUTS = {"all_zero", "huge", "k_equals_1"}
+_SLOW = pytest.mark.slow
+
+
+def _every_case():
+  return [pytest.param(c, id=c.name) for c in CASES]
+
+
+def _representative_cases():
+  return [pytest.param(c, id=c.name,
+                       marks=() if c.name in REPRESENTATIVE else _SLOW)
+          for c in CASES]
+
+
+every_case = pytest.mark.parametrize("case", _every_case())
+representative_case = pytest.mark.parametrize("case", _representative_cases())
 
 
 def test_registry_covers_public_factories():
@@ -61,6 +81,7 @@ def test_registry_covers_public_factories():
     assert obj in registered, f"mo.{name} is not in the conformance registry"
 
 
+@every_case
 def test_jit_matches_eager_over_two_steps(case):
   tx = case.make(NUM_TASKS)
   grads = stacked_tree(jax.random.PRNGKey(0), NUM_TASKS)
@@ -82,6 +103,7 @@ def test_jit_matches_eager_over_two_steps(case):
             atol=1e-5)
 
 
+@every_case
 def test_output_shape_dtype_and_weights_field(case):
   tx = case.make(NUM_TASKS)
   grads = stacked_tree(jax.random.PRNGKey(0), NUM_TASKS)
@@ -96,6 +118,7 @@ def test_output_shape_dtype_and_weights_field(case):
   assert np.all(np.isfinite(weights))
 
 
+@representative_case
 def test_permuting_tasks_permutes_weights(case):
   if not (case.deterministic and case.permutation_equivariant):
     pytest.skip("randomised or positional method")
@@ -111,6 +134,7 @@ def test_permuting_tasks_permutes_weights(case):
             optax.tree.get(sp, "weights"), rtol=2e-3, atol=2e-4)
 
 
+@representative_case
 def test_chains_with_adam_and_trains_every_task(case):
   """A short run on a conflicting quadratic problem lowers every task loss."""
   if not case.trains_every_task:
@@ -150,6 +174,7 @@ def test_chains_with_adam_and_trains_every_task(case):
   assert np.all(after < before), (before, after)
 
 
+@representative_case
 def test_partition_shared_and_heads(case):
   """Method on shared leaves, plain task sum on heads, via optax.partition."""
   tx_alone = case.make(NUM_TASKS)
@@ -170,6 +195,7 @@ def test_partition_shared_and_heads(case):
                              rtol=1e-6)
 
 
+@representative_case
 def test_inject_hyperparams_with_static_ints(case):
   kwargs = dict(case.kwargs)
   injected = optax.inject_hyperparams(
@@ -201,20 +227,40 @@ def _degenerate_inputs():
   }
 
 
-@pytest.mark.parametrize("kind", list(_degenerate_inputs()))
+def _degenerate_params():
+  return [pytest.param(c, kind, id=f"{c.name}-{kind}", marks=(
+      () if c.name in REPRESENTATIVE and kind in REPRESENTATIVE_INPUTS
+      else _SLOW)) for c in CASES for kind in _degenerate_inputs()]
+
+
+_JITTED_UPDATES = {}
+
+
+def _jitted_update(case, num_tasks):
+  """One jitted ``update`` per method and K, shared by the degenerate inputs
+  of that K (their shapes agree): whether a finite input gives a finite
+  output does not depend on a fresh compile."""
+  key = (case.name, num_tasks)
+  if key not in _JITTED_UPDATES:
+    tx = case.make(num_tasks)
+    _JITTED_UPDATES[key] = jax.jit(lambda g: _update(tx, g, case=case))
+  return _JITTED_UPDATES[key]
+
+
+@pytest.mark.parametrize("case,kind", _degenerate_params())
 def test_degenerate_inputs_are_finite(case, kind):
   grads = jnp.asarray(_degenerate_inputs()[kind])
   num_tasks = grads.shape[0]
   if num_tasks < case.min_tasks:
     pytest.skip(f"method needs at least {case.min_tasks} tasks")
-  tx = case.make(num_tasks)
-  update, state = jax.jit(lambda g: _update(tx, g, case=case))(grads)
+  update, state = _jitted_update(case, num_tasks)(grads)
   assert np.all(np.isfinite(update)), (kind, update)
   assert np.all(np.isfinite(optax.tree.get(state, "weights")))
   if kind == "all_zero":
     np.testing.assert_array_equal(update, np.zeros(4))
 
 
+@representative_case
 def test_bfloat16_gradients(case):
   grads32 = stacked_tree(jax.random.PRNGKey(8), NUM_TASKS)
   grads16 = jax.tree.map(lambda g: g.astype(jnp.bfloat16), grads32)
@@ -229,6 +275,7 @@ def test_bfloat16_gradients(case):
                                atol=0.05 * scale)
 
 
+@representative_case
 def test_float64_with_x64(case):
   with jax.enable_x64(True):
     grads = jax.tree.map(lambda g: g.astype(jnp.float64),
@@ -238,6 +285,7 @@ def test_float64_with_x64(case):
     assert optax.tree.get(state, "weights").dtype == jnp.float64
 
 
+@representative_case
 def test_nan_propagates_and_apply_if_finite_skips(case):
   """NaN in -> NaN out; chain(method, apply_if_finite(opt)) skips the step.
 
@@ -265,6 +313,7 @@ def test_nan_propagates_and_apply_if_finite_skips(case):
   assert not all(np.all(np.isfinite(u)) for u in jax.tree.leaves(raw))
 
 
+@every_case
 def test_wrong_leading_axis_is_a_clear_error(case):
   tx = case.make(NUM_TASKS)
   grads = stacked_tree(jax.random.PRNGKey(0), NUM_TASKS)
@@ -275,6 +324,7 @@ def test_wrong_leading_axis_is_a_clear_error(case):
               **case.extras(params, jnp.ones(NUM_TASKS)))
 
 
+@every_case
 def test_wrong_task_losses_shape_is_a_clear_error(case):
   tx = case.make(NUM_TASKS)
   grads = stacked_tree(jax.random.PRNGKey(0), NUM_TASKS)
@@ -285,6 +335,7 @@ def test_wrong_task_losses_shape_is_a_clear_error(case):
     tx.update(grads, tx.init(params), params, **extras)
 
 
+@every_case
 def test_traced_num_tasks_is_rejected(case):
   with pytest.raises(TypeError, match="static"):
     optax.inject_hyperparams(case.factory)(num_tasks=NUM_TASKS,

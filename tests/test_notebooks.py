@@ -50,6 +50,7 @@ def test_committed_notebooks_hold_full_mode_outputs():
     assert (NOTEBOOKS_DIR / name).stat().st_size < 1_500_000, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_in_quick_mode(name, tmp_path, monkeypatch):
   if name in NEEDS_SKLEARN and importlib.util.find_spec("sklearn") is None:

@@ -27,6 +27,9 @@ import sys
 
 import pytest
 
+# One subprocess compiles every method on 8 devices (about two minutes).
+pytestmark = pytest.mark.slow
+
 SCRIPT = pathlib.Path(__file__).with_name("sharding_check.py")
 NUM_TASKS = 3
 TOL = 1e-4          # sharded vs single device, relative to the largest entry

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import mtl_optax as mo
 from mtl_optax._src import tree_math
 
 
@@ -129,3 +130,70 @@ def test_pairwise_cpu_gram_matches_one_contraction(num_tasks, other_tasks):
       lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64), first))
   np.testing.assert_allclose(gram, reference @ reference.T, rtol=1e-5,
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 1e30])
+def test_zero_size_leaves_contribute_nothing(scale):
+  # An empty leaf adds no products; the scale-safe second pass (taken at
+  # 1e-30 and 1e30) must not reduce over it either.
+  rng = np.random.default_rng(2)
+  dense = (rng.normal(size=(3, 4)) * scale).astype(np.float32)
+  tree = {"a": jnp.asarray(dense), "e": jnp.zeros((3, 0)),
+          "f": jnp.zeros((3, 2, 0))}
+  flat = dense.astype(np.float64) / scale
+  out = jax.jit(tree_math.normalized_gram)(tree)
+  expected = flat @ flat.T
+  np.testing.assert_allclose(out.gram, expected / (np.trace(expected) / 3),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.rms_norm / scale,
+                             np.sqrt(np.trace(expected) / 3), rtol=1e-5)
+  np.testing.assert_allclose(tree_math.task_norms(tree) / scale,
+                             np.linalg.norm(flat, axis=1), rtol=1e-5)
+  hat, factor = tree_math.scaled_cross_gram(tree, tree)
+  np.testing.assert_allclose(hat * (factor / scale) ** 2, expected,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(
+      tree_math.gram_matrix({"e": jnp.zeros((3, 0))}), np.zeros((3, 3)))
+  summed = tree_math.weighted_task_sum(jnp.array([1.0, 2.0, 3.0]), tree)
+  assert summed["e"].shape == (0,) and summed["f"].shape == (2, 0)
+
+
+def test_zero_size_leaf_through_mgda():
+  # MGDA on two tasks g1 = (1, 0), g2 = (0, 1) plus an empty leaf: the
+  # min-norm point of the hull is (1/2, 1/2) (weights 1/2, 1/2).
+  tx = mo.mgda(2)
+  grads = {"a": jnp.eye(2), "e": jnp.zeros((2, 0))}
+  params = {"a": jnp.zeros(2), "e": jnp.zeros(0)}
+  update, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  np.testing.assert_allclose(update["a"], [0.5, 0.5], rtol=1e-5)
+  np.testing.assert_allclose(state.weights, [0.5, 0.5], rtol=1e-5)
+  assert update["e"].shape == (0,)
+
+
+def _wide_tree(num_tasks, num_leaves, seed=3):
+  rng = np.random.default_rng(seed)
+  shapes = [(2,), (3, 1), (), (5,)] * (num_leaves // 4)
+  shapes += [(tree_math._SMALL_LEAF_ELEMENTS + 3,), (2, 0)]
+  return [jnp.asarray(rng.normal(size=(num_tasks,) + s), jnp.float32)
+          for s in shapes]
+
+
+@pytest.mark.parametrize("num_tasks", [2, 5])
+def test_small_leaves_batched_match_per_leaf(num_tasks):
+  # Small leaves go through one concatenated contraction (and one weighted
+  # sum, split back); large leaves are contracted alone. The results must be
+  # the flattened NumPy ones, leaf by leaf for the sum.
+  tree = _wide_tree(num_tasks, 40)
+  flat = _flat(tree)
+  np.testing.assert_allclose(jax.jit(tree_math.gram_matrix)(tree),
+                             flat @ flat.T, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(tree_math.task_norms(tree),
+                             np.linalg.norm(flat, axis=1), rtol=1e-5)
+  weights = jnp.linspace(-1.0, 2.0, num_tasks)
+  out = jax.jit(tree_math.weighted_task_sum)(weights, tree)
+  for got, leaf in zip(out, tree):
+    assert got.shape == leaf.shape[1:] and got.dtype == leaf.dtype
+    np.testing.assert_allclose(
+        got, np.tensordot(np.asarray(weights, np.float64),
+                          np.asarray(leaf, np.float64), axes=1),
+        rtol=1e-5, atol=1e-5)

@@ -3,8 +3,10 @@
 A *stacked tree* has the structure of the parameters and every leaf carries a
 leading task axis: ``(K, *param_shape)``. Gram-based methods read it twice:
 once for the K x K Gram matrix (:func:`normalized_gram`) and once for the
-weighted sum that forms the update (:func:`weighted_task_sum`). Neither ever
-concatenates the leaves into one flat vector.
+weighted sum that forms the update (:func:`weighted_task_sum`). Neither
+concatenates the large leaves into one flat vector; on one device the small
+leaves (at most ``_SMALL_LEAF_ELEMENTS`` entries per task) are read as one
+block, so a wide tree compiles to a handful of contractions, not hundreds.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -142,15 +145,71 @@ def per_task_max_abs(leaf: jax.Array) -> jax.Array:
                  initial=0)
 
 
+# Leaves of at most this many entries per task are contracted together: on a
+# wide tree (biases, norms, heads) one contraction over their concatenation
+# compiles in constant time where one per leaf grew with the leaf count, and
+# copying them costs no more than reading them. Larger leaves are contracted
+# in place.
+_SMALL_LEAF_ELEMENTS = 2 ** 12
+
+
+def _single_device() -> bool:
+  return (jax.device_count() == 1
+          and jax.sharding.get_abstract_mesh().empty)
+
+
+def _task_blocks(leaves: list) -> list[jax.Array]:
+  """Leaves as contraction operands: empty leaves dropped, and on one device
+  every small leaf concatenated into one ``(K, n)`` block (first in the list).
+
+  Only a single device batches: concatenating sharded leaves would gather
+  them. Trees of the same structure and per-task shapes give aligned blocks.
+  """
+  leaves = [jnp.asarray(x) for x in leaves]
+  leaves = [x for x in leaves if x.size]
+  if len(leaves) < 2 or not _single_device():
+    return leaves
+  small = [x for x in leaves
+           if math.prod(x.shape[1:]) <= _SMALL_LEAF_ELEMENTS]
+  if len(small) < 2:
+    return leaves
+  dtype = jnp.result_type(*small)
+  block = jnp.concatenate(
+      [jnp.reshape(x, (x.shape[0], -1)).astype(dtype) for x in small], axis=1)
+  return [block] + [x for x in leaves
+                    if math.prod(x.shape[1:]) > _SMALL_LEAF_ELEMENTS]
+
+
+def _blocks_gram(first: list, second: list, num_rows: int, num_cols: int,
+                 dtype: jnp.dtype, symmetric: bool) -> jax.Array:
+  """Sum of the per-block contractions; zeros when there are no blocks."""
+  total = jnp.zeros((num_rows, num_cols), dtype)
+  for a, b in zip(first, second):
+    # The same array on both sides lets the small-K path skip mirrored pairs.
+    total = total + _contract_parameter_axes(a, a if symmetric else b, dtype)
+  return total
+
+
+def _blocks_peak(blocks: list, dtype: jnp.dtype) -> jax.Array:
+  """``max |x|`` over every block (0 when there are none)."""
+  peaks = [jnp.max(jnp.abs(x)).astype(dtype) for x in blocks]
+  return jnp.max(jnp.stack(peaks)) if peaks else jnp.zeros((), dtype)
+
+
+def _num_tasks(leaves: list) -> int:
+  return jnp.shape(leaves[0])[0]
+
+
 def cross_gram_matrix(first: Any, second: Any,
                       dtype: jnp.dtype | None = None) -> jax.Array:
   """``A[i, j] = <g_i, h_j>`` for two stacked trees of the same structure.
 
   Accumulates in float32 (or wider) whatever the leaves' dtype, so bf16 and
   f16 gradients are safe; uses the highest matmul precision so that GPUs and
-  TPUs do not silently drop to TF32/bf16 passes. Each leaf is contracted over
-  all its parameter axes in place, so sharded leaves stay sharded and only
-  the K x K result is reduced across devices.
+  TPUs do not silently drop to TF32/bf16 passes. Each large leaf is
+  contracted over all its parameter axes in place, so sharded leaves stay
+  sharded and only the K x K result is reduced across devices; on one device
+  the small leaves are contracted together. Empty leaves contribute zero.
 
   Example:
     >>> import jax.numpy as jnp
@@ -162,17 +221,14 @@ def cross_gram_matrix(first: Any, second: Any,
      [5. 1.]]
   """
   dtype = dtype or accumulation_dtype((first, second))
-  pairs = list(zip(jax.tree.leaves(first), jax.tree.leaves(second)))
-  if not pairs:
+  first_leaves, second_leaves = jax.tree.leaves(first), jax.tree.leaves(second)
+  if not first_leaves:
     raise ValueError("gram_matrix: the stacked gradient tree has no leaves.")
-  total = None
-  for a, b in pairs:
-    a = jnp.asarray(a)
-    # The same array on both sides lets the small-K path skip mirrored pairs.
-    b = a if first is second else jnp.asarray(b)
-    part = _contract_parameter_axes(a, b, dtype)
-    total = part if total is None else total + part
-  return total
+  symmetric = first is second
+  first_blocks = _task_blocks(first_leaves)
+  second_blocks = first_blocks if symmetric else _task_blocks(second_leaves)
+  return _blocks_gram(first_blocks, second_blocks, _num_tasks(first_leaves),
+                      _num_tasks(second_leaves), dtype, symmetric)
 
 
 def gram_matrix(stacked: Any, dtype: jnp.dtype | None = None) -> jax.Array:
@@ -218,18 +274,30 @@ def scaled_cross_gram(first: Any, second: Any) -> tuple[jax.Array, jax.Array]:
   to 1e30 give a finite ``A_hat``.
   """
   dtype = accumulation_dtype((first, second))
-  raw = cross_gram_matrix(first, second, dtype)
+  first_leaves, second_leaves = jax.tree.leaves(first), jax.tree.leaves(second)
+  if not first_leaves:
+    raise ValueError("gram_matrix: the stacked gradient tree has no leaves.")
+  shape = (_num_tasks(first_leaves), _num_tasks(second_leaves))
+  symmetric = first is second
+  first_blocks = _task_blocks(first_leaves)
+  second_blocks = first_blocks if symmetric else _task_blocks(second_leaves)
+  raw = _blocks_gram(first_blocks, second_blocks, *shape, dtype, symmetric)
 
-  def rescaled(_):
-    leaves = jax.tree.leaves(first) + jax.tree.leaves(second)
-    peak = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype)
-                              for x in leaves]))
-    scale = jnp.where(peak > 0, peak, 1.0)
-    divide = lambda tree: jax.tree.map(lambda x: x.astype(dtype) / scale, tree)
-    return cross_gram_matrix(divide(first), divide(second), dtype), scale
+  # Both branches see the blocks, not the leaves: the rescaled pass is
+  # emitted once per block, not once per leaf.
+  def rescaled(blocks):
+    scale = _nonzero(_blocks_peak(blocks[0] + blocks[1], dtype))
+    divide = lambda bs: [x.astype(dtype) / scale for x in bs]
+    return _blocks_gram(divide(blocks[0]), divide(blocks[1]), *shape, dtype,
+                        symmetric), scale
 
   return jax.lax.cond(_lost_range(jnp.max(jnp.abs(raw)), dtype), rescaled,
-                      lambda _: (raw, jnp.ones((), dtype)), None)
+                      lambda _: (raw, jnp.ones((), dtype)),
+                      (first_blocks, second_blocks))
+
+
+def _nonzero(scale: jax.Array) -> jax.Array:
+  return jnp.where(scale > 0, scale, jnp.ones_like(scale))
 
 
 def task_norms(stacked: Any) -> jax.Array:
@@ -244,23 +312,25 @@ def task_norms(stacked: Any) -> jax.Array:
     >>> print(task_norms({'w': jnp.array([[3e30, 4e30], [0., 0.]])}))
     [5.e+30 0.e+00]
   """
-  leaves = [jnp.asarray(x) for x in jax.tree.leaves(stacked)]
+  leaves = jax.tree.leaves(stacked)
   dtype = accumulation_dtype(stacked)
-  squares = sum(per_task_sum(jnp.square(x.astype(dtype))) for x in leaves)
+  blocks = _task_blocks(leaves)
+  if not blocks:
+    return jnp.zeros((_num_tasks(leaves),), dtype)
+  squares = sum(per_task_sum(jnp.square(x.astype(dtype))) for x in blocks)
   # An all-zero task also takes the second pass, which is harmless.
   needs_rescale = jnp.any(_lost_range(squares, dtype))
 
-  def rescaled(_):
-    peak = jnp.max(jnp.stack([per_task_max_abs(x).astype(dtype)
-                              for x in leaves]), axis=0)
-    scale = jnp.where(peak > 0, peak, 1.0)
+  def rescaled(blocks):
+    scale = _nonzero(jnp.max(jnp.stack(
+        [per_task_max_abs(x).astype(dtype) for x in blocks]), axis=0))
     expand = lambda x: jnp.reshape(scale, (-1,) + (1,) * (x.ndim - 1))
     scaled = sum(per_task_sum(jnp.square(x.astype(dtype) / expand(x)))
-                 for x in leaves)
+                 for x in blocks)
     return scale * jnp.sqrt(scaled)
 
   return jax.lax.cond(needs_rescale, rescaled, lambda _: jnp.sqrt(squares),
-                      None)
+                      blocks)
 
 
 class NormalizedGram(NamedTuple):
@@ -301,7 +371,11 @@ def normalized_gram(stacked: Any) -> NormalizedGram:
   """
   dtype = accumulation_dtype(stacked)
   leaves = jax.tree.leaves(stacked)
-  num_tasks = jnp.shape(leaves[0])[0]
+  if not leaves:
+    raise ValueError("gram_matrix: the stacked gradient tree has no leaves.")
+  num_tasks = _num_tasks(leaves)
+  blocks = _task_blocks(leaves)
+  gram = lambda bs: _blocks_gram(bs, bs, num_tasks, num_tasks, dtype, True)
 
   def from_gram(raw: jax.Array, scale: jax.Array) -> NormalizedGram:
     mean_sq = jnp.trace(raw) / num_tasks
@@ -310,21 +384,19 @@ def normalized_gram(stacked: Any) -> NormalizedGram:
                      raw / jnp.where(zero, 1.0, mean_sq))
     return NormalizedGram(gram, scale * jnp.sqrt(mean_sq))
 
-  raw = gram_matrix(stacked, dtype)
-  mean_sq = jnp.trace(raw) / num_tasks
-  needs_rescale = _lost_range(mean_sq, dtype)
+  raw = gram(blocks)
+  needs_rescale = _lost_range(jnp.trace(raw) / num_tasks, dtype)
 
-  def rescaled(_):
-    peak = jnp.max(jnp.stack(
-        [jnp.max(jnp.abs(x)).astype(dtype) for x in leaves]))
-    scale = jnp.where(peak > 0, peak, 1.0)
-    scaled = jax.tree.map(lambda x: (x.astype(dtype) / scale), stacked)
-    return from_gram(gram_matrix(scaled, dtype), scale)
+  # Both branches see the blocks, not the leaves: the rescaled pass is
+  # emitted once per block (one for all small leaves), not once per leaf.
+  def rescaled(blocks):
+    scale = _nonzero(_blocks_peak(blocks, dtype))
+    return from_gram(gram([x.astype(dtype) / scale for x in blocks]), scale)
 
   def direct(_):
     return from_gram(raw, jnp.ones((), dtype))
 
-  return jax.lax.cond(needs_rescale, rescaled, direct, None)
+  return jax.lax.cond(needs_rescale, rescaled, direct, blocks)
 
 
 def weighted_task_sum(weights: jax.Array, stacked: Any) -> Any:
@@ -341,12 +413,29 @@ def weighted_task_sum(weights: jax.Array, stacked: Any) -> Any:
     [2.5 2. ]
   """
   def combine(leaf):
-    leaf = jnp.asarray(leaf)
     acc = jnp.result_type(jnp.float32, leaf.dtype, weights.dtype)
     out = jnp.tensordot(weights.astype(acc), leaf.astype(acc), axes=1,
                         precision=_HIGHEST)
     return out.astype(leaf.dtype)
-  return jax.tree.map(combine, stacked)
+
+  leaves, treedef = jax.tree.flatten(stacked)
+  leaves = [jnp.asarray(x) for x in leaves]
+  small = [i for i, x in enumerate(leaves)
+           if x.size and math.prod(x.shape[1:]) <= _SMALL_LEAF_ELEMENTS]
+  out = [None if i in small else combine(x) for i, x in enumerate(leaves)]
+  if len(small) > 1 and _single_device():
+    # One product over the concatenated small leaves, split back per leaf.
+    block = combine(jnp.concatenate(
+        [jnp.reshape(leaves[i], (leaves[i].shape[0], -1)).astype(
+            accumulation_dtype([leaves[i] for i in small])) for i in small],
+        axis=1))
+    offsets = np.cumsum([math.prod(leaves[i].shape[1:]) for i in small])
+    for i, part in zip(small, jnp.split(block, offsets[:-1])):
+      out[i] = jnp.reshape(part, leaves[i].shape[1:]).astype(leaves[i].dtype)
+  else:
+    for i in small:
+      out[i] = combine(leaves[i])
+  return jax.tree.unflatten(treedef, out)
 
 
 def task_mean(stacked: Any) -> Any:
