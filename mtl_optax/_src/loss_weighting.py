@@ -33,6 +33,12 @@ Common contract:
 * Methods built on logarithms or ratios of losses assume positive losses, as
   their papers do; finite losses ``<= 0`` never give NaN: they are clamped at
   0 and a small ``eps`` is added (documented per method).
+* On stacked gradients ``sum_i c_i g_i`` is accumulated in float32 or wider
+  and returned in the gradients' dtype. Where reciprocal-loss coefficients
+  (``1 / (L + eps)`` for a zero loss) would overflow that dtype (float16, or
+  float32 with |g| ~ 1e19), all coefficients are scaled down by one factor:
+  the direction is kept, the update stays finite, and ``weights`` records
+  the scaled coefficients.
 """
 
 from __future__ import annotations
