@@ -555,9 +555,9 @@ def test_it_mtl_scores_stay_finite_for_extreme_scales(jit):
 @pytest.mark.parametrize("criterion", ["transference", "loss"])
 def test_it_mtl_non_finite_lookahead_propagates_and_keeps_state(criterion,
                                                                 jit):
-  """No usable look-ahead (NaN at every point) or a non-finite loss at the
-  current point: NaN update, skipped by apply_if_finite, state kept. One bad
-  candidate only: it loses, the scores stay finite."""
+  """A non-finite loss at the current point (or in task_losses): NaN update,
+  skipped by apply_if_finite, state kept. A bad look-ahead loses and scores
+  0; with none finite the first candidate is applied, scores finite."""
   w = jnp.array([0.5, 0.5])
   grads = jnp.array([[1.0, 0.0], [0.0, 1.0]])
   good = lambda p: jnp.sum((p[None] - jnp.eye(2)) ** 2, axis=1)
@@ -570,23 +570,27 @@ def test_it_mtl_non_finite_lookahead_propagates_and_keeps_state(criterion,
   method = mo.it_mtl(2, _it_mtl_pair(), lookahead_lr=0.1, criterion=criterion)
   tx = optax.chain(method, optax.apply_if_finite(optax.sgd(0.1), 3))
 
-  def run(loss_fn, state):
-    f = lambda g, s: tx.update(g, s, w, loss_fn=loss_fn)
-    return (jax.jit(f) if jit else f)(grads, state)
+  def run(loss_fn, state, losses=jnp.ones(2)):
+    f = lambda g, s, l: tx.update(g, s, w, loss_fn=loss_fn, task_losses=l)
+    return (jax.jit(f) if jit else f)(grads, state, losses)
 
   _, state = run(good, tx.init(w))
-  cases = [nan_ahead] + ([inf_here] if criterion == "transference" else [])
-  for bad in cases:
-    updates, new_state = run(bad, state)
+  cases = [(good, jnp.array([1.0, jnp.inf]))]
+  if criterion == "transference":
+    cases.append((inf_here, jnp.ones(2)))
+  for bad, losses in cases:
+    updates, new_state = run(bad, state, losses)
     np.testing.assert_array_equal(updates, np.zeros(2))
     assert int(new_state[1].notfinite_count) == 1
     for old, new in zip(jax.tree.leaves(state[0]),
                         jax.tree.leaves(new_state[0])):
       np.testing.assert_array_equal(old, new)
-  updates, new_state = run(half_bad, state)
-  assert int(new_state[0].choice) == 0
-  np.testing.assert_allclose(updates, -0.1 * grads.mean(0))
-  assert np.all(np.isfinite(np.asarray(new_state[0].scores)))
+  for loss_fn in (half_bad, nan_ahead):
+    updates, new_state = run(loss_fn, state)
+    assert int(new_state[0].choice) == 0
+    np.testing.assert_allclose(updates, -0.1 * grads.mean(0))
+    assert np.all(np.isfinite(np.asarray(new_state[0].scores)))
+    assert int(new_state[1].notfinite_count) == 0
 
 
 def test_it_mtl_mismatched_params_tree_is_a_clear_error():

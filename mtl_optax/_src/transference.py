@@ -563,10 +563,12 @@ def it_mtl(
 
   Scores are kept in the finite range: ratios and sums that overflow (for
   1e30-scale or mixed 1e30/1e-30 gradients) saturate at ``+-finfo.max``. A
-  candidate whose look-ahead losses are not finite never wins and scores 0.
-  A step with non-finite gradients or ``task_losses``, non-finite losses at
-  the current point, or no candidate with a finite look-ahead leaves the
-  state unchanged and returns a NaN update (for ``optax.apply_if_finite``).
+  candidate whose look-ahead losses are not finite never wins and scores 0;
+  if no look-ahead is finite (e.g. finite 1e30 gradients whose look-ahead
+  losses overflow) the first candidate is applied. A step with non-finite
+  gradients or ``task_losses``, or non-finite losses at the current point
+  (``criterion='transference'``), leaves the state unchanged and returns a
+  NaN update (for ``optax.apply_if_finite``).
 
   Args:
     num_tasks: number of tasks K.
@@ -652,12 +654,10 @@ def it_mtl(
     key = -scores if with_base else scores
     choice = jnp.argmin(jnp.where(usable, key, jnp.inf)).astype(jnp.int32)
     update = jax.tree.map(lambda d: d[choice], stacked)
-    # Non-finite losses at the current point, or at every look-ahead point,
-    # leave nothing to choose by: NaN update (apply_if_finite skips it), state
-    # kept.
-    ok = jnp.any(usable)
-    if with_base:
-      ok &= jnp.all(jnp.isfinite(out[0]))
+    # Non-finite losses at the current point are non-finite input: NaN update
+    # (apply_if_finite skips it), state kept. Look-aheads that all overflow
+    # (finite but huge steps) leave the first candidate, as documented.
+    ok = jnp.all(jnp.isfinite(out[0])) if with_base else jnp.array(True)
     if extra_args.get("task_losses") is not None:
       ok &= jnp.all(jnp.isfinite(jnp.asarray(extra_args["task_losses"])))
     update = jax.tree.map(lambda u: jnp.where(ok, u, jnp.nan).astype(u.dtype),
