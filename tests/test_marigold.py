@@ -190,7 +190,7 @@ def test_residual_feedback_needs_no_loss_fn_and_reaches_mgda_neighbourhood():
     assert error < 0.03, error
     # The caller trains on the perturbed weights w + radius u.
     np.testing.assert_allclose(
-        state.weights, state.simplex_weights + 0.02 * state.direction)
+        state.next_weights, state.simplex_weights + 0.02 * state.direction)
 
 
 def test_ema_keeps_the_fixed_point():
@@ -391,9 +391,9 @@ def test_partition_on_the_single_backward_path():
   alone_state = alone.init(params)
   _, alone_state = alone.update(grads["shared"], alone_state, params,
                                 task_losses=losses, loss_fn=shared_losses)
-  np.testing.assert_allclose(optax.tree.get(state, "weights"),
-                             alone_state.weights, rtol=1e-5)
-  assert not np.allclose(alone_state.weights, 1 / 3)
+  np.testing.assert_allclose(optax.tree.get(state, "next_weights"),
+                             alone_state.next_weights, rtol=1e-5)
+  assert not np.allclose(alone_state.next_weights, 1 / 3)
   with pytest.raises(ValueError, match="masked_loss_fn"):
     tx.update(grads, tx.init(full), full, task_losses=losses,
               loss_fn=task_losses)
@@ -409,7 +409,7 @@ def test_period_and_inject_hyperparams():
     losses, grad = mo.value_and_weighted_grad(loss_fn, method)(state, params)
     _, state = injected.update(grad, state, params, task_losses=losses,
                                loss_fn=loss_fn)
-    return state, optax.tree.get(state, "weights")
+    return state, optax.tree.get(state, "next_weights")
   _, weights = jax.jit(lambda: jax.lax.scan(
       step, injected.init(params), None, length=7))()
   changed = np.any(np.diff(np.asarray(weights), axis=0) != 0, axis=1)
@@ -442,3 +442,43 @@ def test_clear_errors():
   with pytest.raises(ValueError, match="loss_fn"):
     tx.update(jnp.ones(3), tx.init(jnp.zeros(3)), jnp.zeros(3),
               task_losses=jnp.ones(2))
+
+
+def test_weights_are_the_coefficients_of_the_update_just_returned():
+  """The library's contract: update = sum_i weights[i] g_i for the update
+  just returned; next_weights (what loss_weights gives) are the next ones."""
+  with jax.enable_x64(True):
+    loss_fn, params = _nonlinear_problem()
+    tx = mo.marigold(3)
+    state = tx.init(params)
+    for _ in range(3):
+      losses, grads = mo.value_and_task_grads(loss_fn)(params)
+      used = tx.loss_weights(state, losses)
+      update, new_state = tx.update(grads, state, params, task_losses=losses,
+                                    loss_fn=loss_fn)
+      np.testing.assert_array_equal(new_state.weights, used)
+      for u, g in zip(jax.tree.leaves(update), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(
+            u, np.tensordot(np.asarray(new_state.weights), g, axes=1),
+            rtol=1e-12)
+      np.testing.assert_array_equal(tx.loss_weights(new_state, losses),
+                                    new_state.next_weights)
+      state = new_state
+    assert not np.allclose(state.weights, state.next_weights)
+
+
+@pytest.mark.parametrize("bad", ["scalar", "one_more"])
+def test_loss_fn_of_the_wrong_shape_is_a_trace_time_error(bad):
+  """A scalar loss_fn used to broadcast silently, K + 1 losses to fail with a
+  raw broadcasting TypeError."""
+  loss_fn, params = _nonlinear_problem()
+  wrong = ((lambda p: jnp.sum(loss_fn(p))) if bad == "scalar" else
+           (lambda p: jnp.concatenate([loss_fn(p), jnp.ones(1)])))
+  expected = r"\(\)" if bad == "scalar" else r"\(4,\)"
+  tx = mo.marigold(3)
+  state = tx.init(params)
+  losses, grad = mo.value_and_weighted_grad(loss_fn, tx)(state, params)
+  with pytest.raises(ValueError, match=rf"marigold: loss_fn returned shape "
+                     rf"{expected}, expected \(3,\)"):
+    jax.jit(lambda g, s: tx.update(g, s, params, task_losses=losses,
+                                   loss_fn=wrong))(grad, state)

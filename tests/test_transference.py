@@ -512,3 +512,91 @@ def test_select_task_groups_input_errors():
     mo.select_task_groups(np.full((3, 3), np.nan), 1)
   single = mo.select_task_groups(np.zeros((1, 1)), 2)
   assert single.groups == ((0,),) and single.score == -1e6
+
+
+def _it_mtl_pair():
+  return (mo.linear_scalarization(2), mo.constant(2, (0.0, 1.0)))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_it_mtl_scores_stay_finite_for_extreme_scales(jit):
+  """Mixed 1e30/1e-30 gradients: the mean's look-ahead multiplies a 1e-30
+  loss by ~1e66 (the ratio overflows float32); its score saturates at
+  -finfo.max instead of -inf, the other candidate wins."""
+  lr = 1e-3
+  grads = jnp.array([[1e30, 0.0], [0.0, 1e-30]])
+
+  def loss_fn(p):
+    return jnp.stack([1e-30 + 1e10 * jnp.abs(p[0]), 1.0 + p[1]])
+
+  w = jnp.zeros(2)
+  tx = mo.it_mtl(2, _it_mtl_pair(), lookahead_lr=lr)
+  step = lambda g, s: tx.update(g, s, w, loss_fn=loss_fn)
+  step = jax.jit(step) if jit else step
+  update, state = step(grads, tx.init(w))
+  # Oracle in float64: each candidate's transference sum, then the clip.
+  g = np.asarray(grads, np.float64)
+  before = np.array([1e-30, 1.0])
+  oracle = []
+  for d in (g.mean(0), g[1]):
+    p = -lr * d
+    after = np.array([1e-30 + 1e10 * abs(p[0]), 1.0 + p[1]])
+    oracle.append(np.sum((before - after) / before))
+  big = np.finfo(np.float32).max
+  np.testing.assert_allclose(state.scores, np.clip(oracle, -big, big),
+                             rtol=1e-5)
+  assert oracle[0] < -big and int(state.choice) == 1
+  np.testing.assert_array_equal(update, grads[1])
+  for leaf in jax.tree.leaves(state):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("criterion", ["transference", "loss"])
+def test_it_mtl_non_finite_lookahead_propagates_and_keeps_state(criterion,
+                                                                jit):
+  """A non-finite loss at the current point (or in task_losses): NaN update,
+  skipped by apply_if_finite, state kept. A bad look-ahead loses and scores
+  0; with none finite the first candidate is applied, scores finite."""
+  w = jnp.array([0.5, 0.5])
+  grads = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  good = lambda p: jnp.sum((p[None] - jnp.eye(2)) ** 2, axis=1)
+  nan_ahead = lambda p: jnp.where(jnp.all(p == w), good(p), jnp.nan)
+  inf_here = lambda p: good(p).at[0].set(jnp.where(jnp.all(p == w), jnp.inf,
+                                                   1.0))
+  # The constant (0, 1) candidate moves only p[1]: NaN there.
+  half_bad = lambda p: jnp.where((p[0] == w[0]) & (p[1] != w[1]), jnp.nan,
+                                 good(p))
+  method = mo.it_mtl(2, _it_mtl_pair(), lookahead_lr=0.1, criterion=criterion)
+  tx = optax.chain(method, optax.apply_if_finite(optax.sgd(0.1), 3))
+
+  def run(loss_fn, state, losses=jnp.ones(2)):
+    f = lambda g, s, l: tx.update(g, s, w, loss_fn=loss_fn, task_losses=l)
+    return (jax.jit(f) if jit else f)(grads, state, losses)
+
+  _, state = run(good, tx.init(w))
+  cases = [(good, jnp.array([1.0, jnp.inf]))]
+  if criterion == "transference":
+    cases.append((inf_here, jnp.ones(2)))
+  for bad, losses in cases:
+    updates, new_state = run(bad, state, losses)
+    np.testing.assert_array_equal(updates, np.zeros(2))
+    assert int(new_state[1].notfinite_count) == 1
+    for old, new in zip(jax.tree.leaves(state[0]),
+                        jax.tree.leaves(new_state[0])):
+      np.testing.assert_array_equal(old, new)
+  for loss_fn in (half_bad, nan_ahead):
+    updates, new_state = run(loss_fn, state)
+    assert int(new_state[0].choice) == 0
+    np.testing.assert_allclose(updates, -0.1 * grads.mean(0))
+    assert np.all(np.isfinite(np.asarray(new_state[0].scores)))
+    assert int(new_state[1].notfinite_count) == 0
+
+
+def test_it_mtl_mismatched_params_tree_is_a_clear_error():
+  tx = mo.it_mtl(2)
+  params = {"a": jnp.zeros(2)}
+  grads = {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 3))}
+  with pytest.raises(ValueError, match=r"it_mtl: updates must have the "
+                     r"structure of params.*\(2, 3\).*for params"):
+    tx.update(grads, tx.init(params), params, loss_fn=lambda p: jnp.ones(2))

@@ -33,6 +33,12 @@ Common contract:
 * Methods built on logarithms or ratios of losses assume positive losses, as
   their papers do; finite losses ``<= 0`` never give NaN: they are clamped at
   0 and a small ``eps`` is added (documented per method).
+* On stacked gradients ``sum_i c_i g_i`` is accumulated in float32 or wider
+  and returned in the gradients' dtype. Where reciprocal-loss coefficients
+  (``1 / (L + eps)`` for a zero loss) would overflow that dtype (float16, or
+  float32 with |g| ~ 1e19), all coefficients are scaled down by one factor:
+  the direction is kept, the update stays finite, and ``weights`` records
+  the scaled coefficients.
 """
 
 from __future__ import annotations
@@ -69,9 +75,10 @@ __all__ = (
     "uncertainty_weighting",
 )
 
-# Bound on learnable log-scales (UW's log-variances, IMTL-L's scales): keeps
-# exp(s) finite when a loss is 0 or negative and the scale would run away.
-_LOG_SCALE_BOUND = 30.0
+# Default bound on learnable log-scales (UW's log-variances, IMTL-L's
+# scales): a loss of 0 or below gives the scale objective no minimum and
+# drives s to the bound, so it caps that task's weight at about e^10 = 2.2e4.
+_LOG_SCALE_BOUND = 10.0
 
 
 # --------------------------------------------------------------------------
@@ -157,6 +164,42 @@ def _updates_are_stacked(updates: Any, params: Any, num_tasks: int,
       f"stacked per-task gradients with a leading axis of size {num_tasks}.")
 
 
+def _weighted_sum_in_range(coeffs: jax.Array, stacked: Any,
+                           like: Any = None) -> tuple[Any, jax.Array]:
+  """``sum_i c_i g_i`` in the dtypes of ``like`` (default ``stacked``),
+  computed in float32 or wider, never overflowing for finite input.
+
+  Reciprocal-loss coefficients (``1 / (L + eps)`` for a zero loss) can exceed
+  the range of float16 gradients, or times large gradients that of float32.
+  The sum is taken with ``c / max|c|`` and multiplied back by ``max|c|``, or
+  by less where a leaf would then pass half its dtype's largest value: the
+  direction is kept and the length capped. NaN/inf stay non-finite.
+
+  Returns:
+    The update and ``r <= 1`` (1 when nothing was capped): the update is
+    ``sum_i (r c_i) g_i``.
+  """
+  like = stacked if like is None else like
+  peak = jnp.max(jnp.abs(coeffs))
+  safe = jnp.where(peak > 0, peak, 1.0)
+  acc = jnp.result_type(tree_math.accumulation_dtype(stacked), coeffs.dtype)
+  unit = tree_math.weighted_task_sum(
+      coeffs.astype(acc) / safe, jax.tree.map(lambda g: g.astype(acc), stacked))
+  factor = safe.astype(acc)
+  for y, g in zip(jax.tree.leaves(unit), jax.tree.leaves(like)):
+    if np.size(y):
+      room = jnp.asarray(jnp.finfo(g.dtype).max / 2, acc)
+      top = jnp.max(jnp.abs(y))
+      factor = jnp.minimum(factor, jnp.where(top > 0, room / top, factor))
+  out = jax.tree.map(lambda y, g: (y * factor).astype(g.dtype), unit, like)
+  return out, (factor / safe).astype(coeffs.dtype)
+
+
+def _keep_unless(ok: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where ``ok``, else ``old``, leaf by leaf (a skipped step)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
 def _nan_unless(ok: jax.Array, tree: Any) -> Any:
   return jax.tree.map(lambda u: jnp.where(ok, u, jnp.nan).astype(u.dtype),
                       tree)
@@ -197,7 +240,10 @@ def _loss_weighting(
     coeffs = coefficients(state, losses)
     new_state = advance(state, losses, coeffs,
                         _Step(updates, stacked, extra_args))
-    out = tree_math.weighted_task_sum(coeffs, updates) if stacked else updates
+    out = updates
+    if stacked:
+      out, capped = _weighted_sum_in_range(coeffs, updates)
+      new_state = new_state._replace(weights=coeffs * capped)
     losses_ok = jnp.all(jnp.isfinite(losses))
     out = _nan_unless(losses_ok, out)
     finite = losses_ok & jnp.all(jnp.isfinite(coeffs))
@@ -252,10 +298,12 @@ class LearnedScaleState(NamedTuple):
 
 
 def _learned_scale(num_tasks, method, init_log_scale, learning_rate, optimizer,
-                   coefficient_fn, scale_grad_fn):
+                   coefficient_fn, scale_grad_fn, log_scale_bound):
   """``c = coefficient_fn(s)``; ``s`` takes one optimizer step per update on
   ``scale_grad_fn(s, c, losses)``, the closed-form derivative of the method's
-  objective with respect to ``s`` (no extra backward pass)."""
+  objective with respect to ``s`` (no extra backward pass), and is clipped to
+  ``[-log_scale_bound, log_scale_bound]``."""
+  _check_positive(log_scale_bound, "log_scale_bound", method)
   opt = optimizer if optimizer is not None else optax.adam(learning_rate)
 
   def init_state(dtype):
@@ -271,9 +319,15 @@ def _learned_scale(num_tasks, method, init_log_scale, learning_rate, optimizer,
     s = state.log_scales
     grad = scale_grad_fn(s, coeffs, losses).astype(s.dtype)
     delta, opt_state = opt.update(grad, state.log_scales_opt_state, s)
-    s = jnp.clip(optax.apply_updates(s, delta), -_LOG_SCALE_BOUND,
-                 _LOG_SCALE_BOUND)
-    return LearnedScaleState(coeffs, s, opt_state)
+    bound = jnp.asarray(log_scale_bound, s.dtype)
+    new_s = jnp.clip(optax.apply_updates(s, delta), -bound, bound)
+    # One huge loss (>~ 3e19 in float32) overflows Adam's second moment and
+    # would freeze s for ever: such an inner step is skipped, s and the
+    # optimizer state are kept (the model update still takes this step).
+    ok = base.all_finite(opt_state) & base.all_finite(new_s)
+    new_s, opt_state = _keep_unless(ok, (new_s, opt_state),
+                                    (s, state.log_scales_opt_state))
+    return LearnedScaleState(coeffs, new_s, opt_state)
 
   return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
 
@@ -282,6 +336,7 @@ def uncertainty_weighting(
     num_tasks: int, learning_rate: float = 0.025,
     init_log_variance: float = -0.5,
     optimizer: Optional[optax.GradientTransformation] = None,
+    log_scale_bound: float = _LOG_SCALE_BOUND,
 ) -> base.LossWeightingTransformation:
   """Uncertainty weighting (UW): learnable homoscedastic task uncertainties.
 
@@ -295,9 +350,16 @@ def uncertainty_weighting(
   ``optax.adam(learning_rate)``) on the closed-form derivative
   ``d/ds_i = 1/2 - c_i L_i`` at the same point as the model's gradient, i.e.
   the joint gradient step of the paper, with no second backward pass and no
-  extra parameters for the user to carry. ``s`` is clipped to ``[-30, 30]``
-  so that a zero or negative loss (for which the objective has no minimum in
-  ``s``) cannot overflow ``exp``.
+  extra parameters for the user to carry.
+
+  Guards: ``s`` is clipped to ``[-log_scale_bound, log_scale_bound]``
+  (default 10). A zero or negative loss gives the objective no minimum in
+  ``s`` (the weight ``1/(2L)`` would grow without end); the clip caps that
+  task's weight at ``e^10 / 2 ~ 1.1e4`` (the ``s`` optimum ``log 2L`` is
+  followed down to losses of about ``2.3e-5``). A non-finite step of the
+  inner optimizer (a loss above ~3e19 overflows Adam's second moment in
+  float32) is skipped: ``s`` and its optimizer state are kept, so the weights
+  keep adapting after a spike.
 
   Output scale: ``sum_i c_i g_i`` with ``c_i = 1/(2 sigma_i^2)`` (about 0.82
   at the LibMTL start ``s = -0.5``), as in the paper, not ``g0``.
@@ -310,6 +372,7 @@ def uncertainty_weighting(
     init_log_variance: initial ``s`` (LibMTL: -0.5; Nash-MTL: 0).
     optimizer: optional optax optimizer for ``s``, overriding the default
       Adam (e.g. ``optax.sgd(lr)`` to mirror the model's optimizer).
+    log_scale_bound: bound on ``|s|`` (> 0). Injectable.
 
   Returns:
     A :class:`~mtl_optax.LossWeightingTransformation` with
@@ -334,12 +397,14 @@ def uncertainty_weighting(
   return _learned_scale(
       num_tasks, method, init_log_variance, learning_rate, optimizer,
       coefficient_fn=lambda s: 0.5 * jnp.exp(-s),
-      scale_grad_fn=lambda s, c, losses: 0.5 - c * losses)
+      scale_grad_fn=lambda s, c, losses: 0.5 - c * losses,
+      log_scale_bound=log_scale_bound)
 
 
 def imtl_l(
     num_tasks: int, learning_rate: float = 0.025,
     optimizer: Optional[optax.GradientTransformation] = None,
+    log_scale_bound: float = _LOG_SCALE_BOUND,
 ) -> base.LossWeightingTransformation:
   """IMTL-L: loss balancing by learnable scales, the loss half of IMTL.
 
@@ -348,7 +413,13 @@ def imtl_l(
   ``s``; its minimum in ``s`` makes every scaled loss equal to 1. The model
   gradient is ``sum_i c_i g_i`` with ``c_i = exp(s_i)``; ``s`` (initially 0,
   as in the paper and LibMTL) takes one step of its own optimizer per update
-  on ``d/ds_i = c_i L_i - 1``, clipped to ``[-30, 30]``.
+  on ``d/ds_i = c_i L_i - 1``.
+
+  Guards: ``s`` is clipped to ``[-log_scale_bound, log_scale_bound]``
+  (default 10): a zero or negative loss (no minimum in ``s``) caps that
+  task's weight at ``e^10 ~ 2.2e4``; the optimum ``-log L`` is followed down
+  to losses of about ``4.5e-5``. A non-finite inner optimizer step (a loss
+  above ~3e19 in float32) is skipped, ``s`` and its optimizer state kept.
 
   Output scale: ``c_i = exp(s_i)`` (all 1 at the start: the loss sum), as in
   the paper.
@@ -357,6 +428,7 @@ def imtl_l(
     num_tasks: number of tasks K.
     learning_rate: learning rate of the default Adam on ``s``. Injectable.
     optimizer: optional optax optimizer for ``s``, overriding the Adam.
+    log_scale_bound: bound on ``|s|`` (> 0). Injectable.
 
   Returns:
     A :class:`~mtl_optax.LossWeightingTransformation` with
@@ -379,7 +451,8 @@ def imtl_l(
   return _learned_scale(
       num_tasks, method, 0.0, learning_rate, optimizer,
       coefficient_fn=jnp.exp,
-      scale_grad_fn=lambda s, c, losses: c * losses - 1.0)
+      scale_grad_fn=lambda s, c, losses: c * losses - 1.0,
+      log_scale_bound=log_scale_bound)
 
 
 # --------------------------------------------------------------------------
@@ -541,6 +614,10 @@ def gradnorm(
   in representation mode it sums the per-task feature gradients over the
   batch before taking norms (pass ``layer_grads`` summed over the batch axis,
   ``rep.sum(1)``, to reproduce it).
+  A step of the weights' optimizer that is not finite (gradient norms above
+  ~2e19 overflow Adam's second moment in float32) or that meets non-finite
+  layer gradients is skipped: ``w`` and its optimizer state are kept, so
+  the weights keep adapting after a spike.
 
   Output scale: the weights sum to K (the paper's), so equal weights give
   ``K g0``.
@@ -618,9 +695,11 @@ def gradnorm(
                               jnp.minimum(state.step + 1, 1), opt_state)
     # Non-finite layer gradients (possible even when the update is finite,
     # layer_grads being a separate input) must not poison w: keep the state.
-    ok = jnp.all(jnp.isfinite(norms))
-    return jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state,
-                        state)
+    # Nor may huge finite norms (>~ 2e19 in float32), which overflow Adam's
+    # second moment and would freeze w for ever: that inner step is skipped.
+    ok = (jnp.all(jnp.isfinite(norms)) & base.all_finite(opt_state)
+          & base.all_finite(w_new))
+    return _keep_unless(ok, new_state, state)
 
   return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
 
@@ -1106,13 +1185,15 @@ def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0,
     peak = jnp.max(norms)
     alpha = jnp.where(norms > 0, jnp.clip(
         peak / jnp.where(norms > 0, norms, 1.0), 0.0, big), 0.0)
-    out = jax.tree.map(
-        lambda b, g: tree_math.weighted_task_sum(alpha, b).astype(g.dtype),
-        buffer, updates)
-    finite = jnp.all(jnp.isfinite(alpha))
+    out, capped = _weighted_sum_in_range(alpha, buffer, updates)
+    # A +-inf loss would be clamped (-inf) or give a zero term (+inf): make
+    # the update NaN instead, for optax.apply_if_finite, and keep the state.
+    losses_ok = jnp.all(jnp.isfinite(losses))
+    out = _nan_unless(losses_ok, out)
+    finite = losses_ok & jnp.all(jnp.isfinite(alpha))
     for leaf in jax.tree.leaves(out):
       finite &= jnp.all(jnp.isfinite(leaf))
-    new_state = DBMTLState(alpha, step, buffer)
+    new_state = DBMTLState(alpha * capped, step, buffer)
     new_state = jax.tree.map(
         lambda new, old: jnp.where(finite, new.astype(old.dtype), old),
         new_state, state)

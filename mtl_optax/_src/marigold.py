@@ -26,7 +26,7 @@ Re-check them against the paper when its text becomes available.
 one projected step per training step (single loop, warm started):
 ``w <- P_simplex(w - beta * grad_Phi(w) / curvature)``. The model step is
 ``g_c = J^T c``, the gradient of ONE weighted loss ``sum_i c_i L_i`` with
-``c = state.weights`` (``c = w`` for MGDA and the look-ahead criterion,
+``c = state.next_weights`` (``c = w`` for MGDA and the look-ahead criterion,
 ``c = (1/K + lambda w) / s`` for CAGrad), from one backward pass of the
 caller's :func:`mtl_optax.value_and_weighted_grad`. ``grad_Phi`` is estimated
 from function values only:
@@ -145,8 +145,8 @@ stacked gradients). The look-ahead then moves only the method's leaves, so
 the Gram products are over those leaves, as with Gram-based methods.
 
 **With** ``optax.inject_hyperparams`` keep the un-injected transformation for
-its ``loss_weights`` rule: it reads the ``weights`` field wherever it is in
-the state it is given.
+its ``loss_weights`` rule: it reads the ``next_weights`` field wherever it
+is in the state it is given.
 
 **Non-finite input.** A NaN/inf gradient or task loss gives a NaN update (for
 ``optax.apply_if_finite``) and leaves the state unchanged; a non-finite
@@ -214,10 +214,13 @@ class MarigoldState(NamedTuple):
   """State of :func:`marigold`.
 
   Attributes:
-    weights: ``(K,)`` coefficients ``c`` of the caller's next weighted loss
-      ``sum_i c_i L_i`` (what ``loss_weights`` returns): ``w`` for the MGDA
+    weights: ``(K,)`` coefficients ``c`` of the last update (``update =
+      sum_i c_i g_i``, the gradient of ``sum_i c_i L_i``): ``w`` for the MGDA
       and look-ahead criteria, ``(1/K + lambda w) / s`` for CAGrad, ``w + mu
       u`` with residual feedback.
+    next_weights: ``(K,)`` the coefficients of the caller's next weighted
+      loss (what ``loss_weights`` returns): ``weights`` after this step's
+      advance of ``w``.
     simplex_weights: ``(K,)`` the balancing variable ``w`` on the simplex.
     gradient_ema: ``(K,)`` EMA (decay ``ema``) of the normalised step
       direction ``grad_Phi / curvature``.
@@ -238,6 +241,7 @@ class MarigoldState(NamedTuple):
     key: PRNG key (probe and random directions).
   """
   weights: jax.Array
+  next_weights: jax.Array
   simplex_weights: jax.Array
   gradient_ema: jax.Array
   scale: jax.Array
@@ -466,6 +470,20 @@ def _stacked(updates, params, num_tasks) -> bool:
   return True
 
 
+def _checked_shape(loss_fn, num_tasks):
+  """``loss_fn`` that raises at trace time unless it returns ``(K,)`` losses
+  (a scalar would broadcast silently, K + 1 losses fail deep inside)."""
+  def checked(p):
+    losses = loss_fn(p)
+    if jnp.shape(losses) != (num_tasks,):
+      raise ValueError(
+          f"{_METHOD}: loss_fn returned shape {tuple(jnp.shape(losses))}, "
+          f"expected ({num_tasks},): one loss per task, num_tasks="
+          f"{num_tasks}.")
+    return losses
+  return checked
+
+
 def _random_tangent(key, num_tasks, num, dtype):
   """``num`` random unit vectors of ``{sum = 0}`` in R^K (zeros for K = 1)."""
   z = jax.random.normal(key, (num, num_tasks), dtype)
@@ -538,7 +556,8 @@ def marigold(num_tasks: int, criterion: str = "mgda",
   Returns:
     A :class:`~mtl_optax.LossWeightingTransformation` with
     :class:`MarigoldState`; ``loss_weights(state, losses)`` returns
-    ``state.weights``.
+    ``state.next_weights`` (``state.weights`` are the coefficients of the
+    update just returned).
 
   Example (linear task losses, ``theta`` frozen: the weights converge to
   MGDA's, here 0.6 and 0.4 for TorchJD's matrix J = [[-4, 1, 1], [6, 1, 1]]):
@@ -619,7 +638,8 @@ def marigold(num_tasks: int, criterion: str = "mgda",
     if residual_feedback:
       key, sub = jax.random.split(key)
       direction = _random_tangent(sub, num_tasks, 1, dtype)[0]
-    return MarigoldState(coefficients(w, zero, direction), w,
+    first = coefficients(w, zero, direction)
+    return MarigoldState(first, first, w,
                          jnp.zeros((num_tasks,), dtype), zero,
                          jnp.zeros((num_tasks, num_tasks), dtype), zero,
                          jnp.ones((), dtype), zero, direction, zero,
@@ -627,7 +647,7 @@ def marigold(num_tasks: int, criterion: str = "mgda",
 
   def loss_weights(state, task_losses):
     del task_losses
-    return optax.tree.get(state, "weights")
+    return optax.tree.get(state, "next_weights")
 
   # ---- the weight step, shared by every estimator -------------------------
 
@@ -656,7 +676,7 @@ def marigold(num_tasks: int, criterion: str = "mgda",
     root_n = math.sqrt(ctx.num_params)
     displacement = rad * root_n
     key, probe_key = jax.random.split(state.key)
-    c_now = state.weights.astype(acc)
+    c_now = state.next_weights.astype(acc)
     checks = []
 
     def deriv(direction, norm, exact=None, scale_d=None):
@@ -748,7 +768,7 @@ def marigold(num_tasks: int, criterion: str = "mgda",
       radius_scale = jnp.clip(state.radius_scale.astype(acc) * factor,
                               2.0 ** -30, 2.0 ** 10).astype(dtype)
     return state._replace(
-        weights=coefficients(new_w, lam, state.direction).astype(dtype),
+        next_weights=coefficients(new_w, lam, state.direction).astype(dtype),
         simplex_weights=new_w.astype(dtype), gradient_ema=momentum,
         scale=scale.astype(dtype), spread_shape=shape.astype(dtype),
         multiplier=lam.astype(dtype), radius_scale=radius_scale,
@@ -823,7 +843,7 @@ def marigold(num_tasks: int, criterion: str = "mgda",
     curvature = (scale / unit) ** 2
     new_w, momentum, residual = take_step(state, grad, curvature)
     return state._replace(
-        weights=coefficients(new_w, lam, state.direction).astype(dtype),
+        next_weights=coefficients(new_w, lam, state.direction).astype(dtype),
         simplex_weights=new_w.astype(dtype), gradient_ema=momentum,
         scale=scale.astype(dtype), multiplier=lam.astype(dtype),
         residual=residual.astype(dtype), key=key)
@@ -851,7 +871,7 @@ def marigold(num_tasks: int, criterion: str = "mgda",
     key, sub = jax.random.split(state.key)
     direction = _random_tangent(sub, num_tasks, 1, acc)[0]
     return state._replace(
-        weights=coefficients(new_w, 0.0, direction).astype(dtype),
+        next_weights=coefficients(new_w, 0.0, direction).astype(dtype),
         simplex_weights=new_w.astype(dtype), gradient_ema=momentum,
         scale=scale.astype(dtype), residual=residual.astype(dtype),
         direction=direction.astype(dtype), previous=now.astype(dtype),
@@ -874,7 +894,7 @@ def marigold(num_tasks: int, criterion: str = "mgda",
   def compute(updates, state, params, task_losses, loss_fn, stacked):
     dtype = state.simplex_weights.dtype
     acc = jnp.promote_types(dtype, jnp.float32)
-    direction = (tree_math.weighted_task_sum(state.weights, updates)
+    direction = (tree_math.weighted_task_sum(state.next_weights, updates)
                  if stacked else updates)
 
     def vjp_many(cotangents):
@@ -907,7 +927,10 @@ def marigold(num_tasks: int, criterion: str = "mgda",
                                lambda s: s, state)
     else:
       new_state = advanced(state)
-    new_state = new_state._replace(count=optax.safe_increment(state.count))
+    # weights: the coefficients of the update returned now (the caller's
+    # gradient was taken with them); next_weights: those of the next step.
+    new_state = new_state._replace(weights=state.next_weights,
+                                   count=optax.safe_increment(state.count))
 
     losses_ok = jnp.all(jnp.isfinite(base_losses))
     finite = losses_ok
@@ -933,7 +956,8 @@ def marigold(num_tasks: int, criterion: str = "mgda",
     loss_fn = extra_args.get("loss_fn")
     if needs_loss_fn(stacked):
       validation.check_loss_fn(loss_fn, _METHOD)
-      loss_fn = base.guard_loss_fn(loss_fn, params, _METHOD)
+      loss_fn = _checked_shape(base.guard_loss_fn(loss_fn, params, _METHOD),
+                               num_tasks)
     else:
       loss_fn = None
     return compute(updates, state, params, task_losses, loss_fn, stacked)

@@ -151,20 +151,23 @@ def _transference(before: jax.Array, after: jax.Array) -> jax.Array:
   return jnp.where(zero, after * 0.0, ratio)
 
 
-def _check_stacked_on(task_grads: Any, params: Any, method: str) -> int:
+def _check_stacked_on(task_grads: Any, params: Any, method: str,
+                      what: str = "task_grads") -> int:
   """K from ``task_grads``, which must be ``params`` with a leading task axis."""
   g_leaves = jax.tree.leaves(task_grads)
   p_leaves = jax.tree.leaves(params)
   if not g_leaves:
-    raise ValueError(f"{method}: task_grads has no leaves.")
+    raise ValueError(f"{method}: {what} has no leaves.")
   num_tasks = np.shape(g_leaves[0])[0] if np.ndim(g_leaves[0]) else 0
-  validation.check_task_axis(task_grads, num_tasks, method, "task_grads")
+  validation.check_task_axis(task_grads, num_tasks, method, what)
   if jax.tree.structure(task_grads) != jax.tree.structure(params) or not all(
       np.shape(g)[1:] == np.shape(p) for g, p in zip(g_leaves, p_leaves)):
     raise ValueError(
-        f"{method}: task_grads must have the structure of params with a "
+        f"{method}: {what} must have the structure of params with a "
         f"leading task axis on every leaf; got {jax.tree.structure(task_grads)}"
-        f" for params {jax.tree.structure(params)}.")
+        f" with shapes {[np.shape(g) for g in g_leaves]} for params "
+        f"{jax.tree.structure(params)} with shapes "
+        f"{[np.shape(p) for p in p_leaves]}.")
   return num_tasks
 
 
@@ -490,6 +493,24 @@ def track_affinity(
 # IT-MTL: choose among candidate aggregators by their look-ahead.
 
 
+def _scores(terms: jax.Array, after: jax.Array, acc) -> tuple[jax.Array,
+                                                               jax.Array]:
+  """Per-candidate sums of ``terms`` (C, K) kept in the finite range.
+
+  Terms and sums are clipped to ``+-finfo.max`` (1e30-scale or mixed
+  1e30/1e-30 look-aheads overflow the ratio or the sum, never to NaN); a
+  candidate whose look-ahead losses ``after`` are not all finite is not
+  usable and scores 0.
+  """
+  big = jnp.finfo(acc).max
+  terms = jnp.clip(terms.astype(acc), -big, big)
+  usable = jnp.all(jnp.isfinite(after), axis=1) & jnp.all(
+      jnp.isfinite(terms), axis=1)
+  scores = jnp.clip(jnp.sum(jnp.where(usable[:, None], terms, 0.0), axis=1),
+                    -big, big)
+  return scores, usable
+
+
 class ITMTLState(NamedTuple):
   """State of :func:`it_mtl`.
 
@@ -540,9 +561,14 @@ def it_mtl(
   Inside ``optax.partition`` the look-ahead moves only the partition's
   (shared) leaves, heads fixed as in the paper.
 
-  Non-finite scores never win; if every score is non-finite the first
-  candidate is applied. A step with non-finite gradients leaves the state
-  unchanged and returns a non-finite update (for ``optax.apply_if_finite``).
+  Scores are kept in the finite range: ratios and sums that overflow (for
+  1e30-scale or mixed 1e30/1e-30 gradients) saturate at ``+-finfo.max``. A
+  candidate whose look-ahead losses are not finite never wins and scores 0;
+  if no look-ahead is finite (e.g. finite 1e30 gradients whose look-ahead
+  losses overflow) the first candidate is applied. A step with non-finite
+  gradients or ``task_losses``, or non-finite losses at the current point
+  (``criterion='transference'``), leaves the state unchanged and returns a
+  NaN update (for ``optax.apply_if_finite``).
 
   Args:
     num_tasks: number of tasks K.
@@ -598,6 +624,7 @@ def it_mtl(
   def step(updates, state, params, extra_args):
     loss_fn = extra_args.get("loss_fn")
     _require(params, loss_fn, method)
+    _check_stacked_on(updates, params, method, "updates")
     loss_fn = base.guard_loss_fn(loss_fn, params, method)
     dtype = state.weights.dtype
     proposals, new_states = [], []
@@ -619,16 +646,22 @@ def it_mtl(
     if out.shape[1] != num_tasks:
       raise ValueError(f"{method}: loss_fn returns {out.shape[1]} task losses "
                        f"but the gradients have {num_tasks} tasks.")
-    if with_base:
-      scores = jnp.sum(_transference(out[0], out[1:]), axis=1)
-      key = -scores
-    else:
-      scores = jnp.sum(out.astype(jnp.result_type(jnp.float32, out.dtype)),
-                       axis=1)
-      key = scores
-    choice = jnp.argmin(jnp.where(jnp.isfinite(key), key, jnp.inf)).astype(
-        jnp.int32)
+    acc = jnp.result_type(jnp.float32, out.dtype)
+    after = out[1:] if with_base else out
+    terms = (_transference(out[0], after) if with_base
+             else after.astype(acc))
+    scores, usable = _scores(terms, after, acc)
+    key = -scores if with_base else scores
+    choice = jnp.argmin(jnp.where(usable, key, jnp.inf)).astype(jnp.int32)
     update = jax.tree.map(lambda d: d[choice], stacked)
+    # Non-finite losses at the current point are non-finite input: NaN update
+    # (apply_if_finite skips it), state kept. Look-aheads that all overflow
+    # (finite but huge steps) leave the first candidate, as documented.
+    ok = jnp.all(jnp.isfinite(out[0])) if with_base else jnp.array(True)
+    if extra_args.get("task_losses") is not None:
+      ok &= jnp.all(jnp.isfinite(jnp.asarray(extra_args["task_losses"])))
+    update = jax.tree.map(lambda u: jnp.where(ok, u, jnp.nan).astype(u.dtype),
+                          update)
     wins = state.wins + jax.nn.one_hot(choice, num_candidates, dtype=jnp.int32)
     new_state = ITMTLState(weights[choice], choice, scores.astype(dtype), wins,
                            base.Opaque(tuple(new_states)))
