@@ -115,6 +115,10 @@ from mtl_optax._src.flax_utils import nnx_value_and_weighted_grad
 from mtl_optax._src.metrics import delta_m_flat
 from mtl_optax._src.metrics import delta_m_per_task
 
+# --- training-step protocol: task weights, Gram-first path ---
+from mtl_optax._src.base import PassThroughState
+from mtl_optax._src.base import task_weights
+
 __version__ = "0.1.0.dev0"
 
 # The family modules moved to mtl_optax._src; their old import paths warn.

@@ -251,6 +251,9 @@ class MarigoldState(NamedTuple):
   key: jax.Array
 
 
+base.register_loss_weighting_state(MarigoldState)
+
+
 # --------------------------------------------------------------------------
 # Small numerics.
 
@@ -625,10 +628,6 @@ def marigold(num_tasks: int, criterion: str = "mgda",
                          jnp.ones((), dtype), zero, direction, zero,
                          jnp.zeros((), jnp.int32), key)
 
-  def loss_weights(state, task_losses):
-    del task_losses
-    return optax.tree.get(state, "weights")
-
   # ---- the weight step, shared by every estimator -------------------------
 
   def take_step(state, grad, curvature):
@@ -927,6 +926,8 @@ def marigold(num_tasks: int, criterion: str = "mgda",
   def update_fn(updates, state, params=None, **extra_args):
     task_losses = extra_args.get("task_losses")
     validation.check_task_losses(task_losses, num_tasks, _METHOD)
+    if extra_args.get(base.PROBE_ARG):
+      return updates, state  # ``weights`` already holds this step's c.
     stacked = _stacked(updates, params, num_tasks)
     if not jax.tree.leaves(updates):
       return updates, state
@@ -938,7 +939,7 @@ def marigold(num_tasks: int, criterion: str = "mgda",
       loss_fn = None
     return compute(updates, state, params, task_losses, loss_fn, stacked)
 
-  return base.loss_weighting_transformation(init_fn, update_fn, loss_weights)
+  return base.loss_weighting_transformation(init_fn, update_fn)
 
 
 
