@@ -118,6 +118,8 @@ from mtl_optax._src.metrics import delta_m_per_task
 # --- training-step protocol: task weights, Gram-first path ---
 from mtl_optax._src.base import PassThroughState
 from mtl_optax._src.base import task_weights
+from mtl_optax._src.gram_first import value_and_gram
+from mtl_optax._src.gram_first import value_and_gram_weighted_grad
 
 __version__ = "0.1.0.dev0"
 

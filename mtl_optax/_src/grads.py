@@ -13,7 +13,7 @@ import numpy as np
 from mtl_optax._src import base
 
 
-def _normalize_argnums(argnums: int | Sequence[int]) -> tuple[tuple[int, ...], bool]:
+def normalize_argnums(argnums: int | Sequence[int]) -> tuple[tuple[int, ...], bool]:
   if isinstance(argnums, int):
     return (argnums,), True
   argnums = tuple(argnums)
@@ -23,7 +23,7 @@ def _normalize_argnums(argnums: int | Sequence[int]) -> tuple[tuple[int, ...], b
   return argnums, False
 
 
-def _split_args(args, argnums):
+def split_args(args, argnums):
   for a in argnums:
     if not -len(args) <= a < len(args):
       raise ValueError(f"argnums {a} is out of range for {len(args)} "
@@ -117,7 +117,7 @@ def merge(mask: Any, shared_part: Any, other_part: Any) -> Any:
                       other_part, is_leaf=lambda x: x is None)
 
 
-def _check_loss_vector(losses: Any, what: str) -> None:
+def check_loss_vector(losses: Any, what: str) -> None:
   if jnp.ndim(losses) != 1:
     raise ValueError(
         f"{what}: fn must return a 1-D vector of task losses, got shape "
@@ -200,17 +200,17 @@ def value_and_task_grads(
     [[6. 6.]
      [1. 1.]]
   """
-  argnums_t, single = _normalize_argnums(argnums)
+  argnums_t, single = normalize_argnums(argnums)
   _check_chunking(chunk_size, unroll)
 
   def wrapped(*args, **kwargs):
-    diff, rebuild = _split_args(args, argnums_t)
+    diff, rebuild = split_args(args, argnums_t)
     partial = lambda *d: fn(*rebuild(*d), **kwargs)
     if has_aux:
       losses, vjp_fn, aux = jax.vjp(partial, *diff, has_aux=True)
     else:
       losses, vjp_fn = jax.vjp(partial, *diff)
-    _check_loss_vector(losses, "value_and_task_grads")
+    check_loss_vector(losses, "value_and_task_grads")
     basis = jnp.eye(losses.shape[0], dtype=losses.dtype)
     if shared is None:
       grads = _task_rows(vjp_fn, basis, chunk_size, unroll)
@@ -412,16 +412,16 @@ def value_and_weighted_grad(
   """
   what = "value_and_weighted_grad"
   tx = _deprecated_method_form(tx, method, what)
-  argnums_t, single = _normalize_argnums(argnums)
+  argnums_t, single = normalize_argnums(argnums)
 
   def wrapped(opt_state, *args, **kwargs):
-    diff, rebuild = _split_args(args, argnums_t)
+    diff, rebuild = split_args(args, argnums_t)
     partial = lambda *d: fn(*rebuild(*d), **kwargs)
     if has_aux:
       losses, vjp_fn, aux = jax.vjp(partial, *diff, has_aux=True)
     else:
       losses, vjp_fn = jax.vjp(partial, *diff)
-    _check_loss_vector(losses, what)
+    check_loss_vector(losses, what)
     params = diff[0] if single else diff
     coefficients = probe_coefficients(
         tx, opt_state, params, jax.lax.stop_gradient(losses), what,
