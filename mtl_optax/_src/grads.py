@@ -317,7 +317,10 @@ def _deprecated_method_form(tx: Any, method: Any, what: str) -> Any:
     if tx is not None:
       raise TypeError(f"{what}: give tx, not both tx and method=.")
     tx = method
-  if method is not None or isinstance(tx, base.LossWeightingTransformation):
+  # The positional old form, (fn, method)(method_state, ...), is the new form
+  # with tx = the method: the probe reads the method's own state just as
+  # well, so it keeps working without a warning.
+  if method is not None:
     warnings.warn(
         f"{what}(fn, method)(method_state, params, ...) is deprecated: pass "
         f"the whole transformation and its whole state, {what}(fn, tx)"
@@ -387,9 +390,9 @@ def value_and_weighted_grad(
       parameters ``tx`` updates).
     has_aux: whether ``fn`` returns ``(losses, aux)``.
     shared: optional mask of the shared leaves (see above).
-    method: deprecated alias of ``tx`` (the old form passed the method and
-      its own state, ``opt_state[0]``; that still works, with a
-      ``DeprecationWarning``).
+    method: deprecated keyword alias of ``tx`` (``DeprecationWarning``).
+      The old positional form ``(fn, method)(opt_state[0], params, ...)``
+      still works unchanged: it is this form with ``tx`` the method alone.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, mtl_optax as mo
