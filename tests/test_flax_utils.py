@@ -186,9 +186,10 @@ def test_nnx_chunked_task_grads_and_train_step_equal_vmap(unroll):
 def test_nnx_weighted_grad_is_weighted_sum_of_task_grads():
   model = NNXNet(nnx.Rngs(1))
   x, y = _data()
-  method = mo.linear_scalarization(K)  # no loss_weights: rejected
-  with pytest.raises(TypeError, match="loss_weights"):
-    mo.nnx_value_and_weighted_grad(nnx_losses, method)
+  method = mo.linear_scalarization(K)  # not a loss weighting: rejected
+  with pytest.raises(ValueError, match="probe"):
+    mo.nnx_value_and_weighted_grad(nnx_losses, method)(
+        method.init(nnx.state(model, nnx.Param)), model, *_data())
   method = mo.gls(K)
   opt = nnx.Optimizer(model, optax.chain(method, optax.sgd(0.1)),
                       wrt=nnx.Param)

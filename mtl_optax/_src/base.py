@@ -9,6 +9,7 @@ sum and the optax plumbing, so each method's module contains only its math.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -352,17 +353,13 @@ def is_loss_weighting_state(node: Any) -> bool:
   return type(node) in _LOSS_WEIGHTING_STATES
 
 
-def _pure_opt_state(opt_state: Any) -> Any:
-  """Flax NNX optimizer states hold variables: read them as plain arrays."""
-  leaves = jax.tree.leaves(opt_state)
-  if all(isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, bool,
-                        complex)) for x in leaves):
-    return opt_state
-  try:
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return opt_state
-  return nnx.as_pure(opt_state)
+def pure_tree(tree: Any) -> Any:
+  """Flax NNX states hold variables (``nnx.Optimizer.opt_state``, the
+  ``nnx.State`` of parameters): the same tree of plain arrays."""
+  if "flax.nnx" not in sys.modules:
+    return tree
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx.as_pure(tree)
 
 
 def _partition_label(path: Sequence[Any]) -> str:
@@ -379,7 +376,7 @@ def method_states(opt_state: Any, select: Callable[[Any], bool]
                   ) -> list[tuple[str, Any]]:
   """``(label, state)`` of every method state in ``opt_state`` kept by
   ``select``; balancing states only, unless all are pass-through."""
-  opt_state = _pure_opt_state(opt_state)
+  opt_state = pure_tree(opt_state)
   found = [(_partition_label(path), node) for path, node in
            jax.tree_util.tree_flatten_with_path(
                opt_state, is_leaf=is_method_state)[0]

@@ -39,7 +39,7 @@ def split_args(args, argnums):
   return tuple(args[a] for a in argnums), rebuild
 
 
-def _check_chunking(chunk_size: int | None, unroll: bool) -> None:
+def check_chunking(chunk_size: int | None, unroll: bool) -> None:
   if not isinstance(unroll, bool):
     raise TypeError(f"unroll must be a bool, got {unroll!r}.")
   if chunk_size is None:
@@ -201,7 +201,7 @@ def value_and_task_grads(
      [1. 1.]]
   """
   argnums_t, single = normalize_argnums(argnums)
-  _check_chunking(chunk_size, unroll)
+  check_chunking(chunk_size, unroll)
 
   def wrapped(*args, **kwargs):
     diff, rebuild = split_args(args, argnums_t)
@@ -283,6 +283,7 @@ def probe_coefficients(tx: Any, opt_state: Any, params: Any,
   any other effect. The balancing state kept by ``select`` is read from the
   returned state; the rest of the probe is discarded (dead code under jit).
   """
+  params = base.pure_tree(params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   try:
     _, probed = tx.update(zeros, opt_state, params, task_losses=losses,
@@ -312,7 +313,7 @@ def probe_coefficients(tx: Any, opt_state: Any, params: Any,
   return jax.lax.stop_gradient(found[0][1].weights)
 
 
-def _deprecated_method_form(tx: Any, method: Any, what: str) -> Any:
+def deprecated_method_form(tx: Any, method: Any, what: str) -> Any:
   if method is not None:
     if tx is not None:
       raise TypeError(f"{what}: give tx, not both tx and method=.")
@@ -414,7 +415,7 @@ def value_and_weighted_grad(
     True
   """
   what = "value_and_weighted_grad"
-  tx = _deprecated_method_form(tx, method, what)
+  tx = deprecated_method_form(tx, method, what)
   argnums_t, single = normalize_argnums(argnums)
 
   def wrapped(opt_state, *args, **kwargs):

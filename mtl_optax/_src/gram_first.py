@@ -47,16 +47,6 @@ from mtl_optax._src import tree_math
 __all__ = ("value_and_gram", "value_and_gram_weighted_grad")
 
 
-def _check_chunk_size(chunk_size: Any) -> None:
-  if chunk_size is None:
-    return
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-    raise TypeError(f"chunk_size must be None or a positive int, got "
-                    f"{chunk_size!r}.")
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-
-
 def _gram_columns(jvp_fn, vjp_fn, cotangents, masks, dtype):
   """``(J t_j, p_j)`` for the tasks of one chunk: ``t_j = g_j / p_j``,
   ``p_j = max |g_j|`` over the shared leaves (1 for a zero gradient)."""
@@ -166,7 +156,7 @@ def value_and_gram(
      [1. 0. 1.]]
   """
   what = "value_and_gram"
-  _check_chunk_size(chunk_size)
+  grads_lib.check_chunking(chunk_size, False)
   _, split = _prepare(fn, argnums, shared, what)
 
   def wrapped(*args, **kwargs):
@@ -241,7 +231,7 @@ def value_and_gram_weighted_grad(
     True
   """
   what = "value_and_gram_weighted_grad"
-  _check_chunk_size(chunk_size)
+  grads_lib.check_chunking(chunk_size, False)
   single, split = _prepare(fn, argnums, shared, what)
 
   def wrapped(opt_state, *args, **kwargs):

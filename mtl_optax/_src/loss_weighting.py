@@ -9,8 +9,8 @@ backward pass whatever K is)::
     famo = mo.famo(num_tasks=3)
     tx = optax.chain(famo, optax.adam(1e-3))
     opt_state = tx.init(params)
-    losses, grads = mo.value_and_weighted_grad(task_losses, famo)(
-        opt_state[0], params, batch)      # the method's state comes first
+    losses, grads = mo.value_and_weighted_grad(task_losses, tx)(
+        opt_state, params, batch)         # the whole tx and its state
     updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
 
 ``update`` hands that ordinary gradient through and advances the method's
@@ -23,8 +23,10 @@ Common contract:
 
 * ``task_losses`` (shape ``(K,)``) is a required extra argument of ``update``;
   a missing one, or one of the wrong shape, is a trace-time ``ValueError``.
-  ``tx.loss_weights(state, losses)`` is the rule
-  :func:`mtl_optax.value_and_weighted_grad` calls.
+  ``update(..., weighting_probe=True)`` answers with the state's ``weights``
+  set to the coefficients of this step, nothing advanced: the probe
+  :func:`mtl_optax.value_and_weighted_grad` makes through the whole chain
+  (``tx.loss_weights(state, losses)`` is that probe of the bare method).
 * The state's ``weights`` field holds the coefficients ``c`` of the last
   update (``update = sum_i weights[i] g_i``).
 * Non-finite losses or gradients give a non-finite update (so that

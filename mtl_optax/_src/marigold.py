@@ -123,8 +123,8 @@ lambda g_w) / s``, ``s = 1, 1 + c**2, 1 + c`` for ``rescale = 0, 1, 2``, as
 
     method = mo.marigold(K)
     tx = optax.chain(method, optax.adam(1e-3))
-    losses, grads = mo.value_and_weighted_grad(task_losses, method)(
-        opt_state[0], params, batch)
+    losses, grads = mo.value_and_weighted_grad(task_losses, tx)(
+        opt_state, params, batch)
     updates, opt_state = tx.update(
         grads, opt_state, params, task_losses=losses,
         loss_fn=lambda p: task_losses(p, batch))
@@ -144,9 +144,8 @@ give the other partitions ``optax.identity()`` on the single-backward path
 stacked gradients). The look-ahead then moves only the method's leaves, so
 the Gram products are over those leaves, as with Gram-based methods.
 
-**With** ``optax.inject_hyperparams`` keep the un-injected transformation for
-its ``loss_weights`` rule: it reads the ``weights`` field wherever it is in
-the state it is given.
+**With** ``optax.inject_hyperparams`` nothing changes: the coefficients are
+read through ``update`` (a probe), so the injected values are used.
 
 **Non-finite input.** A NaN/inf gradient or task loss gives a NaN update (for
 ``optax.apply_if_finite``) and leaves the state unchanged; a non-finite
@@ -165,8 +164,8 @@ from the per-task gradients only to compare)::
     >>> opt_state = tx.init(theta)
     >>> @jax.jit
     ... def train_step(theta, opt_state, x):
-    ...   losses, grads = mo.value_and_weighted_grad(task_losses, method)(
-    ...       opt_state[0], theta, x)                  # one backward pass
+    ...   losses, grads = mo.value_and_weighted_grad(task_losses, tx)(
+    ...       opt_state, theta, x)                     # one backward pass
     ...   updates, opt_state = tx.update(
     ...       grads, opt_state, theta, task_losses=losses,
     ...       loss_fn=lambda p: task_losses(p, x))    # + look-ahead forwards
@@ -215,7 +214,7 @@ class MarigoldState(NamedTuple):
 
   Attributes:
     weights: ``(K,)`` coefficients ``c`` of the caller's next weighted loss
-      ``sum_i c_i L_i`` (what ``loss_weights`` returns): ``w`` for the MGDA
+      ``sum_i c_i L_i`` (what ``mo.value_and_weighted_grad`` uses): ``w`` for the MGDA
       and look-ahead criteria, ``(1/K + lambda w) / s`` for CAGrad, ``w + mu
       u`` with residual feedback.
     simplex_weights: ``(K,)`` the balancing variable ``w`` on the simplex.
