@@ -127,6 +127,13 @@ from mtl_optax._src.meta_weighting import AutoLambdaState
 from mtl_optax._src.meta_weighting import ldc_mtl
 from mtl_optax._src.meta_weighting import LDCMTLState
 
+# --- training-step protocol: task weights, Gram-first path ---
+from mtl_optax._src.base import PassThroughState
+from mtl_optax._src.base import task_weights
+from mtl_optax._src.gram_first import value_and_gram
+from mtl_optax._src.gram_first import value_and_gram_weighted_grad
+from mtl_optax._src.flax_utils import nnx_value_and_gram_weighted_grad
+
 __version__ = "0.1.0.dev0"
 
 # The family modules moved to mtl_optax._src; their old import paths warn.

@@ -71,7 +71,9 @@ def test_registry_covers_public_factories():
       "delta_m_flat", "delta_m_per_task", "masked_loss_fn",
       "gram_vector_product", "task_affinity", "select_task_groups",
       "apply_task_gradients", "label_by_path", "nnx_loss_fn", "nnx_train_step",
-      "nnx_value_and_task_grads", "nnx_value_and_weighted_grad"}
+      "nnx_value_and_task_grads", "nnx_value_and_weighted_grad",
+      "task_weights", "value_and_gram", "value_and_gram_weighted_grad",
+      "nnx_value_and_gram_weighted_grad"}
   for name in mo.__all__:
     obj = getattr(mo, name)
     if name in helpers or isinstance(obj, type) or not callable(obj):

@@ -186,9 +186,10 @@ def test_nnx_chunked_task_grads_and_train_step_equal_vmap(unroll):
 def test_nnx_weighted_grad_is_weighted_sum_of_task_grads():
   model = NNXNet(nnx.Rngs(1))
   x, y = _data()
-  method = mo.linear_scalarization(K)  # no loss_weights: rejected
-  with pytest.raises(TypeError, match="loss_weights"):
-    mo.nnx_value_and_weighted_grad(nnx_losses, method)
+  method = mo.linear_scalarization(K)  # not a loss weighting: rejected
+  with pytest.raises(ValueError, match="probe"):
+    mo.nnx_value_and_weighted_grad(nnx_losses, method)(
+        method.init(nnx.state(model, nnx.Param)), model, *_data())
   method = mo.gls(K)
   opt = nnx.Optimizer(model, optax.chain(method, optax.sgd(0.1)),
                       wrt=nnx.Param)
@@ -448,3 +449,70 @@ def test_nnx_train_step_lookahead_method_inside_partition():
           path) else v, params)
   loss_fn = mo.nnx_loss_fn(nnx_losses, model, x, y)
   np.testing.assert_allclose(loss_fn(masked), loss_fn(params), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# The three training paths on NNX: one partition, heads not stacked.
+# ---------------------------------------------------------------------------
+
+_NNX_LABELS = mo.label_by_path({"trunk": "shared", "heads": "head"})
+
+
+def _nnx_shared(state):
+  return jax.tree.map(lambda label: label == "shared", _NNX_LABELS(state))
+
+
+def _partitioned(method):
+  return optax.chain(optax.partition(
+      {"shared": method, "head": mo.task_sum(K)}, _NNX_LABELS),
+      optax.sgd(0.05))
+
+
+@pytest.mark.parametrize("path", ["stacked", "gram"])
+def test_nnx_train_step_gram_first_matches_stacked(path):
+  x, y = _data()
+  models = {}
+  for p in ("stacked", path):
+    model = NNXNet(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, _partitioned(mo.cagrad(K, c=0.4)),
+                              wrt=nnx.Param)
+    step = mo.nnx_train_step(nnx_losses, path=p, shared=_nnx_shared,
+                             chunk_size=2)
+    for _ in range(3):
+      step(model, optimizer, x, y)
+    models[p] = (model, mo.task_weights(optimizer.opt_state))
+  (a, wa), (b, wb) = models["stacked"], models[path]
+  np.testing.assert_allclose(wa, wb, rtol=1e-4, atol=1e-6)
+  _tree_close(nnx.state(a, nnx.Param), nnx.state(b, nnx.Param), rtol=1e-4,
+              atol=1e-6)
+
+
+def test_nnx_task_grads_shared_heads_not_stacked():
+  model = NNXNet(nnx.Rngs(1))
+  x, y = _data()
+  _, full = mo.nnx_value_and_task_grads(nnx_losses)(model, x, y)
+  _, mixed = mo.nnx_value_and_task_grads(nnx_losses, shared=_nnx_shared)(
+      model, x, y)
+  _tree_close(mixed["trunk"], full["trunk"], rtol=1e-6)
+  _tree_close(mixed["heads"], jax.tree.map(lambda g: g.sum(0), full["heads"]),
+              rtol=1e-6, atol=1e-7)
+
+
+def test_nnx_weighted_path_uses_the_recorded_coefficients():
+  model = NNXNet(nnx.Rngs(2))
+  x, y = _data()
+  optimizer = nnx.Optimizer(model, _partitioned(mo.famo(K, w_lr=0.3)),
+                            wrt=nnx.Param)
+  step = mo.nnx_train_step(nnx_losses, path="weighted", jit=False)
+  for _ in range(3):
+    step(model, optimizer, x, y)
+  losses, grads = mo.nnx_value_and_weighted_grad(nnx_losses, optimizer.tx)(
+      optimizer.opt_state, model, x, y)
+  _, per_task = mo.nnx_value_and_task_grads(nnx_losses)(model, x, y)
+  optimizer.update(model, grads, task_losses=losses)
+  c = mo.task_weights(optimizer.opt_state)
+  assert not np.allclose(c, 1 / K)
+  _tree_close(grads, jax.tree.map(lambda g: jnp.tensordot(c, g, 1), per_task),
+              rtol=1e-5, atol=1e-7)
+  with pytest.warns(DeprecationWarning, match="path='weighted'"):
+    mo.nnx_train_step(nnx_losses, method=mo.famo(K))

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import mtl_optax as mo
@@ -76,20 +77,24 @@ def test_from_batches_equals_python_loop():
 
 
 def test_value_and_weighted_grad_is_one_weighted_backward():
-  from mtl_optax._src.base import loss_weighting_transformation
   params, x, y = _problem()
-  weights = jnp.array([0.2, 0.5, 0.3])
-  method = loss_weighting_transformation(
-      lambda p: (), lambda u, s, p=None, **kw: (u, s), lambda s, l: weights)
-  losses, grads = mo.value_and_weighted_grad(_task_losses, method)(
-      (), params, x, y)
+  tx = optax.chain(mo.gls(3), optax.sgd(0.1))
+  state = tx.init(params)
+  losses, grads = mo.value_and_weighted_grad(_task_losses, tx)(
+      state, params, x, y)
+  _, new_state = tx.update(grads, state, params, task_losses=losses)
+  weights = mo.task_weights(new_state)
+  geometric_mean = jnp.exp(jnp.mean(jnp.log(losses)))
+  np.testing.assert_allclose(weights, geometric_mean / (3 * losses),
+                             rtol=1e-5)
   _, stacked = mo.value_and_task_grads(_task_losses)(params, x, y)
   for name in params:
     np.testing.assert_allclose(
         grads[name], jnp.tensordot(weights, stacked[name], axes=1),
         rtol=1e-5, atol=1e-6)
-  with pytest.raises(TypeError, match="loss_weights"):
-    mo.value_and_weighted_grad(_task_losses, mo.mgda(3))
+  with pytest.raises(ValueError, match="probe"):
+    mo.value_and_weighted_grad(_task_losses, mo.mgda(3))(
+        mo.mgda(3).init(params), params, x, y)
 
 
 def test_representation_grads_recover_the_parameter_gradient_for_the_mean():
@@ -168,3 +173,244 @@ def test_bad_chunking_raises_at_construction(chunk_size, unroll, error):
   with pytest.raises(error):
     mo.value_and_task_grads(_task_losses, chunk_size=chunk_size,
                             unroll=unroll)
+
+
+# ---------------------------------------------------------------------------
+# The training-step protocol: task_weights, single backward, shared heads.
+# ---------------------------------------------------------------------------
+
+import warnings  # noqa: E402
+
+
+_K = 2
+_LABELS = mo.label_by_path({"trunk": "shared", "heads": "head"})
+_SHARED = {"trunk": True, "heads": False}
+
+
+def _two_task_params():
+  return {"trunk": jnp.array([1.0, 2.0, -0.5]),
+          "heads": jnp.array([[0.5, -1.0, 0.2], [1.5, 0.3, -0.7]])}
+
+
+def _two_task_losses(params, x):
+  z = jnp.tanh(params["trunk"] * x)
+  return jnp.sum((params["heads"] * z - 1.0) ** 2, axis=1) + 0.1
+
+
+_X = jnp.array([0.3, 0.7, -1.2])
+
+
+def _injected_famo(w_lr):
+  tx = optax.inject_hyperparams(mo.famo, static_args=("num_tasks",))(
+      num_tasks=_K, w_lr=0.025)
+  return tx, lambda state: state._replace(hyperparams={
+      **state.hyperparams, "w_lr": jnp.asarray(w_lr)})
+
+
+def test_task_weights_through_every_wrapper():
+  params = _two_task_params()
+  _, grads = mo.value_and_task_grads(_two_task_losses)(params, _X)
+  mgda = mo.mgda(_K)
+  _, alone = mgda.update(grads, mgda.init(params), params)
+  expected = np.asarray(alone.weights)
+  part = optax.partition({"shared": mo.mgda(_K), "head": mo.task_sum(_K)},
+                         lambda p: jax.tree.map(lambda _: "shared", p))
+  wrappers = [
+      optax.chain(mo.mgda(_K), optax.adam(1e-3)),
+      optax.inject_hyperparams(mo.mgda, static_args=("num_tasks",))(
+          num_tasks=_K),
+      optax.chain(part, optax.sgd(0.1)),
+  ]
+  for tx in wrappers:
+    _, state = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(mo.task_weights(state), expected, rtol=1e-6)
+  # MultiSteps after the method (the supported order) and heads on task_sum.
+  tx = optax.chain(optax.partition(
+      {"shared": mo.mgda(_K), "head": mo.task_sum(_K)}, _LABELS),
+      optax.MultiSteps(optax.sgd(0.1), 2))
+  _, shared_grads = mo.value_and_task_grads(_two_task_losses,
+                                            shared=_SHARED)(params, _X)
+  _, state = tx.update(shared_grads, tx.init(params), params)
+  trunk = mo.mgda(_K)
+  _, trunk_state = trunk.update(grads["trunk"], trunk.init(params["trunk"]))
+  np.testing.assert_allclose(mo.task_weights(state), trunk_state.weights,
+                             rtol=1e-6)
+
+
+def test_task_weights_several_methods_by_label_and_clear_error():
+  params = _two_task_params()
+  _, grads = mo.value_and_task_grads(_two_task_losses)(params, _X)
+  tx = optax.partition({"shared": mo.mgda(_K),
+                        "head": mo.linear_scalarization(_K)}, _LABELS)
+  _, state = tx.update(grads, tx.init(params), params)
+  weights = mo.task_weights(state)
+  assert set(weights) == {"shared", "head"}
+  np.testing.assert_allclose(weights["head"], [0.5, 0.5])
+  with pytest.raises(ValueError, match="no mtl_optax method state"):
+    mo.task_weights(optax.adam(1e-3).init(params))
+
+
+def test_task_weights_of_nnx_optimizer_state():
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(3, _K, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(model, optax.chain(mo.famo(_K), optax.sgd(0.1)),
+                      wrt=nnx.Param)
+  np.testing.assert_allclose(mo.task_weights(opt.opt_state), [0.5, 0.5])
+
+
+def test_injected_famo_gradient_uses_the_recorded_coefficients():
+  """Regression: with inject_hyperparams(mo.famo) and a changed w_lr the
+  gradient was computed with other coefficients than the state recorded."""
+  params = _two_task_params()
+  tx, set_lr = _injected_famo(0.9)
+  state = set_lr(tx.init(params))
+  losses_seq = []
+  for _ in range(4):
+    losses, grads = mo.value_and_weighted_grad(_two_task_losses, tx)(
+        state, params, _X)
+    _, per_task = mo.value_and_task_grads(_two_task_losses)(params, _X)
+    _, state = tx.update(grads, state, params, task_losses=losses)
+    c = mo.task_weights(state)
+    for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(per_task)):
+      np.testing.assert_allclose(g, jnp.tensordot(c, p, 1), rtol=1e-6,
+                                 atol=1e-7)
+    params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+    losses_seq.append(c)
+  # The injected learning rate is the one used: w_lr=0.025 moves less.
+  plain = mo.famo(_K, w_lr=0.025)
+  assert not np.allclose(losses_seq[-1], plain.init(params).weights,
+                         atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["chain", "partition", "injected"])
+def test_single_backward_c_used_equals_c_recorded_under_jit(layout):
+  if layout == "chain":
+    tx = optax.chain(mo.uncertainty_weighting(_K), optax.adam(1e-2))
+  elif layout == "partition":
+    tx = optax.chain(optax.partition(
+        {"shared": mo.famo(_K, w_lr=0.3), "head": mo.task_sum(_K)}, _LABELS),
+        optax.adam(1e-2))
+  else:
+    inner, set_lr = _injected_famo(0.5)
+    tx = optax.chain(inner, optax.sgd(0.1))
+  params = _two_task_params()
+  state = tx.init(params)
+  if layout == "injected":
+    state = (set_lr(state[0]),) + state[1:]
+
+  @jax.jit
+  def step(params, state):
+    losses, grads = mo.value_and_weighted_grad(_two_task_losses, tx)(
+        state, params, _X)
+    _, per_task = mo.value_and_task_grads(_two_task_losses)(params, _X)
+    updates, state = tx.update(grads, state, params, task_losses=losses)
+    c = mo.task_weights(state)
+    err = jnp.max(jnp.stack([jnp.max(jnp.abs(g - jnp.tensordot(c, p, 1)))
+                             for g, p in zip(jax.tree.leaves(grads),
+                                             jax.tree.leaves(per_task))]))
+    return optax.apply_updates(params, updates), state, err
+
+  for _ in range(4):
+    params, state, err = step(params, state)
+    assert float(err) < 1e-6
+
+
+def test_single_backward_shared_heads_get_the_summed_gradient():
+  params = _two_task_params()
+  tx = optax.partition({"shared": mo.famo(_K), "head": optax.identity()},
+                       _LABELS)
+  state = tx.init(params)
+  for _ in range(2):
+    losses, grads = mo.value_and_weighted_grad(
+        _two_task_losses, tx, shared=_SHARED)(state, params, _X)
+    _, state = tx.update(grads, state, params, task_losses=losses)
+  _, per_task = mo.value_and_task_grads(_two_task_losses)(params, _X)
+  c = mo.task_weights(state)
+  np.testing.assert_allclose(grads["trunk"],
+                             jnp.tensordot(c, per_task["trunk"], 1),
+                             rtol=1e-6)
+  np.testing.assert_allclose(grads["heads"], per_task["heads"].sum(0),
+                             rtol=1e-6)
+
+
+def test_single_backward_deprecated_method_form_and_errors():
+  params = _two_task_params()
+  method = mo.gls(_K)
+  tx = optax.chain(method, optax.sgd(0.1))
+  state = tx.init(params)
+  new_losses, new_grads = mo.value_and_weighted_grad(_two_task_losses, tx)(
+      state, params, _X)
+  with pytest.warns(DeprecationWarning, match=r"value_and_weighted_grad\(fn, "
+                    r"tx\)\(opt_state"):
+    old = mo.value_and_weighted_grad(_two_task_losses, method=method)
+  losses, grads = old(state[0], params, _X)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(new_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    # A stacked-only method in the chain: refused with the recipe.
+    stacked = optax.chain(mo.cagrad(_K), optax.sgd(0.1))
+    with pytest.raises(ValueError, match="optax.identity"):
+      mo.value_and_weighted_grad(_two_task_losses, stacked)(
+          stacked.init(params), params, _X)
+    none = optax.sgd(0.1)
+    with pytest.raises(TypeError, match="no method of the right kind"):
+      mo.value_and_weighted_grad(_two_task_losses, none)(
+          none.init(params), params, _X)
+
+
+def test_famo_pending_logit_step_once_per_update(monkeypatch):
+  calls = []
+  real = optax.adam
+
+  def counting_adam(*args, **kwargs):
+    inner = real(*args, **kwargs)
+
+    def update(*a, **k):
+      calls.append(1)
+      return inner.update(*a, **k)
+    return optax.GradientTransformation(inner.init, update)
+  monkeypatch.setattr(optax, "adam", counting_adam)
+  tx = mo.famo(_K)
+  params = _two_task_params()
+  state = tx.init(params)
+  calls.clear()
+  losses, grads = mo.value_and_weighted_grad(_two_task_losses, tx)(
+      state, params, _X)
+  tx.update(grads, state, params, task_losses=losses)
+  assert len(calls) == 2   # once in the probe, once in the update
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+def test_task_grads_shared_heads_not_stacked(chunk_size):
+  params = _two_task_params()
+  _, full = mo.value_and_task_grads(_two_task_losses)(params, _X)
+  for shared in (_SHARED, lambda p: jax.tree.map(
+      lambda label: label == "shared", _LABELS(p))):
+    losses, grads = mo.value_and_task_grads(
+        _two_task_losses, shared=shared, chunk_size=chunk_size)(params, _X)
+    assert grads["trunk"].shape == (_K, 3)
+    assert grads["heads"].shape == (_K, 3)   # the params' own shape
+    np.testing.assert_allclose(grads["trunk"], full["trunk"], rtol=1e-6)
+    np.testing.assert_allclose(grads["heads"], full["heads"].sum(0),
+                               rtol=1e-6)
+  with pytest.raises(TypeError, match="Python bools"):
+    mo.value_and_task_grads(_two_task_losses, shared={
+        "trunk": "shared", "heads": "head"})(params, _X)
+
+
+def test_shared_heads_partition_matches_stacked_update():
+  params = _two_task_params()
+  tx = optax.chain(optax.partition(
+      {"shared": mo.cagrad(_K, c=0.4), "head": mo.task_sum(_K)}, _LABELS),
+      optax.sgd(0.1))
+  state = tx.init(params)
+  _, full = mo.value_and_task_grads(_two_task_losses)(params, _X)
+  _, mixed = mo.value_and_task_grads(_two_task_losses, shared=_SHARED)(
+      params, _X)
+  u_full, s_full = tx.update(full, state, params)
+  u_mixed, s_mixed = jax.jit(tx.update)(mixed, state, params)
+  for a, b in zip(jax.tree.leaves(u_full), jax.tree.leaves(u_mixed)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(mo.task_weights(s_full),
+                             mo.task_weights(s_mixed), rtol=1e-5)

@@ -285,8 +285,10 @@ def test_db_mtl_matches_numpy_oracle():
 
 
 def test_db_mtl_is_stacked_only():
-  with pytest.raises(TypeError, match="loss_weights"):
-    mo.value_and_weighted_grad(lambda p: jnp.stack([p, p]), mo.db_mtl(2))
+  with pytest.raises(ValueError, match="probe"):
+    mo.value_and_weighted_grad(lambda p: jnp.stack([p[0], p[1]]),
+                               mo.db_mtl(2))(mo.db_mtl(2).init(jnp.ones(3)),
+                                             jnp.ones(3))
   tx = mo.db_mtl(2)
   with pytest.raises(ValueError, match="leading task axis"):
     tx.update(jnp.ones(3), tx.init(jnp.zeros(3)), jnp.zeros(3),

@@ -85,7 +85,11 @@ def task_sum(num_tasks: int) -> optax.GradientTransformationExtraArgs:
 
   The rule for task-specific (head) parameters: each head only receives its
   own task's gradient, so the sum hands it through unchanged. Use it beside a
-  balancing method inside ``optax.partition``.
+  balancing method inside ``optax.partition``. Given one ordinary gradient
+  instead (shaped like ``params``: the heads' gradient from
+  ``mo.value_and_task_grads(..., shared=...)``, the single-backward or the
+  Gram-first path) it passes it through, so the same partition serves every
+  path. Its state is a ``PassThroughState``, which ``mo.task_weights`` skips.
 
   Example:
     >>> import jax.numpy as jnp, mtl_optax as mo
@@ -94,7 +98,21 @@ def task_sum(num_tasks: int) -> optax.GradientTransformationExtraArgs:
     >>> print(tx.update(heads, tx.init({'h': jnp.zeros(2)}))[0]['h'])
     [1. 3.]
   """
-  return linear_scalarization(num_tasks, weights=jnp.ones((num_tasks,)))
+  method = "task_sum"
+  num_tasks = validation.check_num_tasks(num_tasks, method)
+  ones = lambda dtype: base.PassThroughState(jnp.ones((num_tasks,), dtype))
+  summed = base.task_weighting_transformation(
+      num_tasks, method, ones, lambda ctx, _: (ones(ctx.dtype).weights,
+                                               ones(ctx.dtype)),
+      needs_gram=False)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is not None and jax.tree.map(jnp.shape, updates) == (
+        jax.tree.map(jnp.shape, params)):
+      return updates, state  # one ordinary gradient
+    return summed.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(summed.init, update_fn)
 
 
 class MGDAState(NamedTuple):

@@ -9,6 +9,7 @@ sum and the optax plumbing, so each method's module contains only its math.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -60,6 +61,7 @@ def guarded_transformation(
     step: Callable[[Any, NamedTuple, Any, dict],
                    tuple[Any, NamedTuple, jax.Array]],
     requires_task_losses: bool = False,
+    accepts_gram: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """The optax plumbing every stacked-gradient method shares.
 
@@ -70,10 +72,18 @@ def guarded_transformation(
   ``optax.apply_if_finite`` downstream to skip, but does not poison warm
   starts, EMAs or keys. State dtypes stay fixed across steps (jit carries,
   ``lax.cond``).
+
+  With ``accepts_gram`` the method also runs on the Gram-first path: given
+  the extra argument ``gram`` (:data:`GRAM_ARG`), ``updates`` is one ordinary
+  gradient (no task axis) and ``step`` must take its coefficients from the
+  given Gram matrix.
   """
 
   def update_fn(updates, state, params=None, **extra_args):
-    validation.check_task_axis(updates, num_tasks, method)
+    if extra_args.get(GRAM_ARG) is None:
+      validation.check_task_axis(updates, num_tasks, method)
+    else:
+      check_gram_arg(extra_args[GRAM_ARG], num_tasks, method, accepts_gram)
     validation.check_task_losses(extra_args.get("task_losses"), num_tasks,
                                  method, required=requires_task_losses)
     if not jax.tree.leaves(updates):
@@ -131,23 +141,32 @@ def task_weighting_transformation(
   def step(updates, state, params, extra_args):
     del params
     dtype = state.weights.dtype
-    if needs_gram:
-      normalized = tree_math.normalized_gram(updates)
+    given = extra_args.get(GRAM_ARG)
+    if not needs_gram:
+      gram = rms_norm = None
+    else:
+      normalized = (normalize_given_gram(given) if given is not None
+                    else tree_math.normalized_gram(updates))
       gram = normalized.gram.astype(jnp.promote_types(dtype, jnp.float32))
       rms_norm = normalized.rms_norm
-    else:
-      gram = rms_norm = None
     context = WeightingContext(gram, rms_norm, extra_args.get("task_losses"),
                                extra_args, dtype)
     coefficients, new_state = weights_rule(context, state)
     finite = jnp.all(jnp.isfinite(coefficients))
     if gram is not None:
       finite &= jnp.all(jnp.isfinite(gram))
-    return (tree_math.weighted_task_sum(coefficients, updates), new_state,
-            finite)
+    if given is None:
+      return (tree_math.weighted_task_sum(coefficients, updates), new_state,
+              finite)
+    # Gram-first: ``updates`` is already grad sum_i c_i L_i, computed by the
+    # caller with these coefficients (its probe ran this same rule).
+    if not extra_args.get(PROBE_ARG):
+      finite &= all_finite(updates)
+    return (jax.tree.map(lambda u: jnp.where(finite, u, jnp.nan).astype(
+        u.dtype), updates), new_state, finite)
 
   return guarded_transformation(num_tasks, method, init_fn, step,
-                                requires_task_losses)
+                                requires_task_losses, accepts_gram=True)
 
 
 def uniform_weights(num_tasks: int, dtype: jnp.dtype) -> jax.Array:
@@ -194,33 +213,46 @@ def preference_vector(pref_vector: PrefVector, num_tasks: int, method: str,
 class LossWeightingTransformation(optax.GradientTransformationExtraArgs):
   """A transformation on the single-backward path (one weighted-loss gradient).
 
-  Besides ``init`` and ``update`` it has a ``loss_weights`` attribute,
-  ``(method_state, task_losses) -> (K,)``: the coefficients ``c`` of the next
-  weighted loss ``sum_i c_i L_i``, whose gradient (one backward pass,
-  :func:`mtl_optax.value_and_weighted_grad`) is what ``update`` receives. The
-  coefficients are treated as constants (``stop_gradient``).
+  Its coefficients ``c`` depend only on its state and the task losses, so the
+  training step takes the gradient of ONE weighted loss ``sum_i c_i L_i``
+  (:func:`mtl_optax.value_and_weighted_grad`): one forward and one backward
+  pass whatever K is. ``update(grads, state, params, task_losses=...,
+  loss_fn=...)`` receives that ordinary (unstacked) gradient, returns the
+  update (usually the gradient itself) and advances the state from the extra
+  arguments. Methods that also accept stacked per-task gradients combine
+  them with the same coefficients (``sum_i c_i g_i``), so both paths give
+  the same update.
 
-  ``update(grads, state, params, task_losses=..., loss_fn=...)`` receives that
-  ordinary (unstacked) gradient, returns the update (usually the gradient
-  itself) and advances the weights from the extra arguments. Methods that
-  also accept stacked per-task gradients combine them with the same
-  coefficients (``sum_i c_i g_i``), so both paths give the same update.
+  The coefficients are read through ``update`` itself: called with the extra
+  argument ``weighting_probe=True`` (:data:`PROBE_ARG`), it returns its input
+  unchanged and its state with ``weights`` set to the coefficients the real
+  ``update`` on the same state and losses uses, without advancing anything
+  else. So wrappers (``optax.chain``, ``optax.partition``,
+  ``optax.inject_hyperparams``) need nothing special, and injected
+  hyper-parameters are the ones used.
   """
 
+  def loss_weights(self, state: Any, task_losses: jax.Array) -> jax.Array:
+    """The coefficients ``c`` the next ``update`` on ``state`` uses for
+    ``task_losses`` (one probe of ``update``; the state is not advanced)."""
+    _, probed = self.update((), state, None, task_losses=task_losses,
+                            **{PROBE_ARG: True})
+    return probed.weights
 
-def loss_weighting_transformation(init_fn, update_fn, loss_weights
+
+def loss_weighting_transformation(init_fn, update_fn
                                   ) -> LossWeightingTransformation:
-  """Builds a :class:`LossWeightingTransformation`."""
-  tx = LossWeightingTransformation(init_fn, update_fn)
-  tx.loss_weights = loss_weights
-  return tx
+  """Builds a :class:`LossWeightingTransformation`; ``update_fn`` must honour
+  :data:`PROBE_ARG`."""
+  return LossWeightingTransformation(init_fn, update_fn)
 
 
 def is_stacked(updates: Any, params: Any, num_tasks: int) -> bool:
   """Whether ``updates`` carries a leading task axis relative to ``params``.
 
   With ``params`` given the answer is unambiguous (stacked leaves have one
-  more dimension); without them, updates are taken as stacked.
+  more dimension); without them, updates are taken as stacked. With the
+  Gram-first extra argument ``gram`` the updates are one ordinary gradient.
   """
   if params is None:
     return True
@@ -229,6 +261,176 @@ def is_stacked(updates: Any, params: Any, num_tasks: int) -> bool:
     return True
   return all(jnp.ndim(u) == jnp.ndim(p) + 1 and jnp.shape(u)[0] == num_tasks
              for u, p in zip(u_leaves, p_leaves))
+
+
+# ---------------------------------------------------------------------------
+# The training-step protocol: probes, given Gram matrices, method states.
+# ---------------------------------------------------------------------------
+
+#: Extra argument of ``update`` asking a method for the coefficients it will
+#: use on this state and these losses (recorded in ``weights``), without
+#: advancing its state: :func:`mtl_optax.value_and_weighted_grad` calls
+#: ``tx.update(zeros, opt_state, params, task_losses=..., weighting_probe=True)``
+#: once, reads the coefficients, and discards the rest (dead code under jit).
+PROBE_ARG = "weighting_probe"
+
+#: Extra argument of ``update`` carrying the K x K Gram matrix of the task
+#: gradients (a raw ``(K, K)`` array or a ``tree_math.NormalizedGram``): the
+#: Gram-first path, where ``updates`` is one ordinary gradient.
+GRAM_ARG = "gram"
+
+
+def check_gram_arg(gram: Any, num_tasks: int, method: str,
+                   accepts_gram: bool) -> None:
+  """Trace-time check of the ``gram`` extra argument."""
+  if not accepts_gram:
+    raise ValueError(
+        f"{method}: is not a Gram-weighting method, so it cannot take the "
+        "gram= extra argument (the Gram-first path, "
+        "mo.value_and_gram_weighted_grad); give it stacked per-task "
+        "gradients (mo.value_and_task_grads).")
+  shape = jnp.shape(gram.gram if isinstance(gram, tree_math.NormalizedGram)
+                    else gram)
+  if shape != (num_tasks, num_tasks):
+    raise ValueError(f"{method}: gram has shape {tuple(shape)}, expected "
+                     f"({num_tasks}, {num_tasks}).")
+
+
+def normalize_given_gram(gram: Any) -> tree_math.NormalizedGram:
+  """A given Gram matrix, normalised as ``tree_math.normalized_gram`` does.
+
+  ``A / (trace(A) / K)`` with the RMS task-gradient norm
+  ``sqrt(trace(A) / K)``; all zeros when ``A`` is; NaN propagates. A
+  ``NormalizedGram`` (scale-safe over any magnitude) is taken as it is.
+  """
+  if isinstance(gram, tree_math.NormalizedGram):
+    return gram
+  raw = jnp.asarray(gram)
+  raw = raw.astype(jnp.promote_types(raw.dtype, jnp.float32))
+  mean_sq = jnp.trace(raw) / raw.shape[0]
+  zero = mean_sq == 0
+  normalized = jnp.where(zero, jnp.zeros_like(raw),
+                         raw / jnp.where(zero, 1.0, mean_sq))
+  return tree_math.NormalizedGram(normalized, jnp.sqrt(mean_sq))
+
+
+class PassThroughState(NamedTuple):
+  """State of a pass-through rule for task-specific leaves (``mo.task_sum``).
+
+  :func:`mtl_optax.task_weights` skips such states when a balancing method
+  is present.
+
+  Attributes:
+    weights: ``(K,)`` the constant coefficients (ones).
+  """
+  weights: jax.Array
+
+
+_LOSS_WEIGHTING_STATES: set = set()
+
+
+def register_loss_weighting_state(cls: type) -> type:
+  """Marks ``cls`` as the state of a :class:`LossWeightingTransformation`."""
+  _LOSS_WEIGHTING_STATES.add(cls)
+  return cls
+
+
+def is_method_state(node: Any) -> bool:
+  """Whether ``node`` is the state of one of the library's methods.
+
+  Every method's state is a NamedTuple with a ``weights`` field, defined in
+  this package (or registered as a loss-weighting state).
+  """
+  cls = type(node)
+  fields = getattr(cls, "_fields", None)
+  if not isinstance(node, tuple) or fields is None or "weights" not in fields:
+    return False
+  return (cls.__module__.startswith("mtl_optax")
+          or cls in _LOSS_WEIGHTING_STATES)
+
+
+def is_loss_weighting_state(node: Any) -> bool:
+  return type(node) in _LOSS_WEIGHTING_STATES
+
+
+def pure_tree(tree: Any) -> Any:
+  """Flax NNX states hold variables (``nnx.Optimizer.opt_state``, the
+  ``nnx.State`` of parameters): the same tree of plain arrays."""
+  if "flax.nnx" not in sys.modules:
+    return tree
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx.as_pure(tree)
+
+
+def _partition_label(path: Sequence[Any]) -> str:
+  """The ``optax.partition`` labels on a state's path (``/``-joined), or the
+  path itself when it crosses no partition."""
+  labels = [str(path[i + 1].key) for i, key in enumerate(path[:-1])
+            if isinstance(key, jax.tree_util.GetAttrKey)
+            and key.name == "inner_states"
+            and isinstance(path[i + 1], jax.tree_util.DictKey)]
+  return "/".join(labels) if labels else jax.tree_util.keystr(path)
+
+
+def method_states(opt_state: Any, select: Callable[[Any], bool]
+                  ) -> list[tuple[str, Any]]:
+  """``(label, state)`` of every method state in ``opt_state`` kept by
+  ``select``; balancing states only, unless all are pass-through."""
+  opt_state = pure_tree(opt_state)
+  found = [(_partition_label(path), node) for path, node in
+           jax.tree_util.tree_flatten_with_path(
+               opt_state, is_leaf=is_method_state)[0]
+           if is_method_state(node) and select(node)]
+  balancing = [(k, s) for k, s in found
+               if not isinstance(s, PassThroughState)]
+  return balancing or found
+
+
+def task_weights(opt_state: Any) -> jax.Array | dict:
+  """The balancing method's task weights, wherever it is in ``opt_state``.
+
+  Reads the ``weights`` field (the coefficients of the last update) of the
+  library's method state inside any nesting of ``optax.chain``,
+  ``optax.partition``, ``optax.inject_hyperparams``, ``optax.MultiSteps``,
+  ``optax.apply_if_finite`` and a Flax ``nnx.Optimizer``'s ``opt_state``.
+  Pass-through rules for task-specific leaves (``mo.task_sum``) are skipped
+  when a balancing method is present; wrappers that hide their inner
+  method's state (``mo.track_affinity``, ``mo.it_mtl``) count as one
+  method.
+
+  Args:
+    opt_state: the whole optimizer state.
+
+  Returns:
+    The ``(K,)`` weights; with several balancing methods (one per
+    ``optax.partition`` label), a dict ``label -> (K,)`` (labels of nested
+    partitions are ``/``-joined; outside a partition the state's path).
+
+  Raises:
+    ValueError: no method state of this library in ``opt_state``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, mtl_optax as mo
+    >>> params = {'trunk': jnp.ones(2), 'head': jnp.ones(2)}
+    >>> tx = optax.chain(optax.partition(
+    ...     {'shared': mo.mgda(2), 'head': mo.task_sum(2)},
+    ...     mo.label_by_path({'trunk': 'shared', 'head': 'head'})),
+    ...     optax.adam(1e-3))
+    >>> grads = {'trunk': jnp.array([[1., 0.], [0., 3.]]),
+    ...          'head': jnp.array([[1., 1.], [0., 0.]])}
+    >>> _, opt_state = tx.update(grads, tx.init(params), params)
+    >>> print(mo.task_weights(opt_state).round(2))
+    [0.9 0.1]
+  """
+  found = method_states(opt_state, lambda node: True)
+  if not found:
+    raise ValueError(
+        "task_weights: no mtl_optax method state in this optimizer state "
+        f"(a {type(opt_state).__name__}); build the transformation with one "
+        "of the library's methods, e.g. optax.chain(mo.cagrad(K), ...).")
+  if len(found) == 1:
+    return found[0][1].weights
+  return {label: state.weights for label, state in found}
 
 
 class Opaque:

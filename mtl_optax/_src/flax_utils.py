@@ -11,6 +11,7 @@ Flax NNX
     leading task axis on every leaf.
   * :func:`nnx_value_and_weighted_grad`: the single-backward path
     (loss-weighting methods, FAMO, MARIGOLD) for NNX modules.
+  * :func:`nnx_value_and_gram_weighted_grad`: the Gram-first path.
   * :func:`nnx_loss_fn`: the ``params -> (K,)`` closure on the current batch
     that look-ahead methods take as ``loss_fn``.
   * :func:`nnx_train_step`: a jitted multi-task train step around
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import fnmatch
 from typing import Any, Callable, Hashable, Mapping, Sequence
+import warnings
 
 import jax
 import optax
@@ -42,8 +44,8 @@ from mtl_optax._src import grads as grads_lib
 from mtl_optax._src import base
 
 __all__ = ("apply_task_gradients", "label_by_path", "nnx_loss_fn",
-           "nnx_train_step", "nnx_value_and_task_grads",
-           "nnx_value_and_weighted_grad")
+           "nnx_train_step", "nnx_value_and_gram_weighted_grad",
+           "nnx_value_and_task_grads", "nnx_value_and_weighted_grad")
 
 
 def _nnx():
@@ -192,7 +194,8 @@ def _pure_losses(fn, graphdef, rest, wrt, has_aux, args, kwargs):
 def nnx_value_and_task_grads(
     fn: Callable[..., Any], wrt: Any = None,
     has_aux: bool = False, *, chunk_size: int | None = None,
-    unroll: bool = False) -> Callable[..., tuple[Any, Any]]:
+    unroll: bool = False, shared: Any = None
+) -> Callable[..., tuple[Any, Any]]:
   """Per-task losses and gradients of an ``nnx.Module``.
 
   ``fn(model, *args, **kwargs)`` returns the ``(K,)`` task losses (or
@@ -217,6 +220,10 @@ def nnx_value_and_task_grads(
     chunk_size, unroll: how the K backward passes are batched, as in
       :func:`mtl_optax.value_and_task_grads` (``nnx.Linear`` kernels are
       ``(in, out)``: on a CPU ``chunk_size=1`` is usually faster).
+    shared: the mask of the shared leaves (a function of the parameters'
+      ``nnx.State``, e.g. from :func:`label_by_path`): only they get
+      per-task gradients, the heads the gradient of the summed loss
+      (:func:`mtl_optax.value_and_task_grads`).
 
   Returns:
     The wrapped function.
@@ -236,7 +243,8 @@ def nnx_value_and_task_grads(
     graphdef, params, rest = _split_model(model, wrt)
     pure = _pure_losses(fn, graphdef, rest, wrt, has_aux, args, kwargs)
     (losses, (aux, new_rest)), grads = grads_lib.value_and_task_grads(
-        pure, has_aux=True, chunk_size=chunk_size, unroll=unroll)(params)
+        pure, has_aux=True, chunk_size=chunk_size, unroll=unroll,
+        shared=shared)(params)
     nnx.update(model, new_rest)
     return ((losses, aux) if has_aux else losses), grads
 
@@ -244,28 +252,28 @@ def nnx_value_and_task_grads(
 
 
 def nnx_value_and_weighted_grad(
-    fn: Callable[..., Any], method: Any, wrt: Any = None,
-    has_aux: bool = False) -> Callable[..., tuple[Any, Any]]:
+    fn: Callable[..., Any], tx: Any = None, wrt: Any = None,
+    has_aux: bool = False, *, shared: Any = None,
+    method: Any = None) -> Callable[..., tuple[Any, Any]]:
   """The single-backward path for an ``nnx.Module``.
 
-  For :class:`~mtl_optax.LossWeightingTransformation` methods (loss
-  weightings, FAMO, MARIGOLD): ``wrapped(method_state, model, *args)``
-  returns ``(losses, grads)`` with ``grads`` the gradient (an ``nnx.State``
-  like ``nnx.grad``'s, no task axis) of ONE weighted loss ``sum_i c_i L_i``,
-  ``c = method.loss_weights(method_state, losses)`` held constant. One
-  forward and one backward pass whatever K is
-  (:func:`mtl_optax.value_and_weighted_grad`).
-
-  ``method_state`` is the method's own state: with
-  ``nnx.Optimizer(model, optax.chain(method, ...), wrt=...)`` it is
-  ``nnx.as_pure(optimizer.opt_state)[0]`` (:func:`nnx_train_step` finds it
-  for you). Variables in it are unwrapped.
+  ``wrapped(opt_state, model, *args)`` returns ``(losses, grads)`` with
+  ``grads`` the gradient (an ``nnx.State`` like ``nnx.grad``'s, no task
+  axis) of ONE weighted loss ``sum_i c_i L_i``: ``tx`` is the optimizer's
+  whole transformation (``optimizer.tx``) and ``opt_state`` its whole state
+  (``optimizer.opt_state``, variables or pure); the loss weighting inside
+  it is found and probed as in :func:`mtl_optax.value_and_weighted_grad`, so
+  ``c`` is exactly what ``optimizer.update(model, grads,
+  task_losses=losses)`` records. One forward and one backward pass.
 
   Args:
     fn: ``(model, *args) -> (K,)`` task losses.
-    method: a transformation with a ``loss_weights`` rule.
+    tx: the whole transformation of the ``nnx.Optimizer``.
     wrt: NNX filter of the differentiated variables (default ``nnx.Param``).
     has_aux: whether ``fn`` returns ``(losses, aux)``.
+    shared: optional mask of the shared leaves (the heads then get the
+      gradient of the summed loss).
+    method: deprecated keyword alias of ``tx``.
 
   Returns:
     The wrapped function.
@@ -275,29 +283,67 @@ def nnx_value_and_weighted_grad(
     >>> from flax import nnx
     >>> model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
     >>> fn = lambda m, x: jnp.sum(m(x) ** 2, axis=0)
-    >>> method = mo.gls(2)
-    >>> opt = nnx.Optimizer(model, optax.chain(method, optax.sgd(0.1)),
+    >>> opt = nnx.Optimizer(model, optax.chain(mo.gls(2), optax.sgd(0.1)),
     ...                     wrt=nnx.Param)
-    >>> losses, grads = mo.nnx_value_and_weighted_grad(fn, method)(
-    ...     nnx.as_pure(opt.opt_state)[0], model, jnp.ones((4, 2)))
-    >>> print(losses.shape, grads['kernel'].shape)
-    (2,) (2, 2)
+    >>> losses, grads = mo.nnx_value_and_weighted_grad(fn, opt.tx)(
+    ...     opt.opt_state, model, jnp.ones((4, 2)))
+    >>> _ = opt.update(model, grads, task_losses=losses)
+    >>> print(losses.shape, grads['kernel'].shape, mo.task_weights(
+    ...     opt.opt_state).shape)
+    (2,) (2, 2) (2,)
   """
-  if getattr(method, "loss_weights", None) is None:
-    raise TypeError(
-        "nnx_value_and_weighted_grad: method has no loss_weights rule; it must "
-        "be a single-backward method (a LossWeightingTransformation such as "
-        "mo.famo or mo.marigold). Use mo.nnx_value_and_task_grads for "
-        "stacked-gradient methods.")
+  tx = grads_lib.deprecated_method_form(tx, method,
+                                        "nnx_value_and_weighted_grad")
 
-  def wrapped(method_state, model, *args, **kwargs):
+  def wrapped(opt_state, model, *args, **kwargs):
     nnx = _nnx()
     graphdef, params, rest = _split_model(model, wrt)
     pure = _pure_losses(fn, graphdef, rest, wrt, has_aux, args, kwargs)
     (losses, (aux, new_rest)), grads = grads_lib.value_and_weighted_grad(
-        pure, method, has_aux=True)(nnx.as_pure(method_state), params)
+        pure, tx, has_aux=True, shared=shared)(nnx.as_pure(opt_state),
+                                               params)
     nnx.update(model, new_rest)
     return ((losses, aux) if has_aux else losses), grads
+
+  return wrapped
+
+
+def nnx_value_and_gram_weighted_grad(
+    fn: Callable[..., Any], tx: Any, wrt: Any = None, has_aux: bool = False,
+    *, shared: Any = None, chunk_size: int | None = None
+) -> Callable[..., tuple[Any, Any]]:
+  """The Gram-first path for an ``nnx.Module``.
+
+  ``wrapped(opt_state, model, *args)`` returns ``((losses, gram), grads)``
+  as :func:`mtl_optax.value_and_gram_weighted_grad` does, for
+  ``optimizer.update(model, grads, task_losses=losses, gram=gram)``:
+  ``tx`` and ``opt_state`` are the optimizer's whole transformation and
+  state, and at most ``chunk_size`` per-task gradients are alive at once.
+
+  Args:
+    fn: ``(model, *args) -> (K,)`` task losses.
+    tx: the whole transformation of the ``nnx.Optimizer``.
+    wrt: NNX filter of the differentiated variables (default ``nnx.Param``).
+    has_aux: whether ``fn`` returns ``(losses, aux)``.
+    shared: optional mask of the shared leaves (the Gram matrix is over
+      them; the heads get the gradient of the summed loss).
+    chunk_size: per-task gradients alive at once.
+
+  Returns:
+    The wrapped function.
+  """
+  from mtl_optax._src import gram_first  # pylint: disable=g-import-not-at-top
+
+  def wrapped(opt_state, model, *args, **kwargs):
+    nnx = _nnx()
+    graphdef, params, rest = _split_model(model, wrt)
+    pure = _pure_losses(fn, graphdef, rest, wrt, has_aux, args, kwargs)
+    ((losses, (aux, new_rest)), gram), grads = (
+        gram_first.value_and_gram_weighted_grad(
+            pure, tx, has_aux=True, shared=shared, chunk_size=chunk_size)(
+                nnx.as_pure(opt_state), params))
+    nnx.update(model, new_rest)
+    return (((losses, aux) if has_aux else losses), gram), grads
 
   return wrapped
 
@@ -342,61 +388,56 @@ def nnx_loss_fn(fn: Callable[..., Any], model: Any, *args: Any,
   return base.masked_loss_fn(loss_fn, current)
 
 
-def _default_method_state(optimizer, method):
-  opt_state = optimizer.opt_state
-  if optimizer.tx is method:
-    return opt_state
-  if type(opt_state) is tuple and opt_state:  # pylint: disable=unidiomatic-typecheck
-    return opt_state[0]  # optax.chain's state: a plain tuple.
-  raise ValueError(
-      "nnx_train_step: cannot find the method's state in the optimizer state; "
-      "build the optimizer with optax.chain(method, ...) or pass "
-      "method_state=lambda opt_state: ...")
+_PATHS = ("stacked", "weighted", "gram")
 
 
 def nnx_train_step(
-    fn: Callable[..., Any], *, method: Any = None, wrt: Any = None,
-    has_aux: bool = False, pass_loss_fn: bool = True,
-    method_state: Callable[[Any], Any] | None = None,
+    fn: Callable[..., Any], *, path: str | None = None, wrt: Any = None,
+    has_aux: bool = False, pass_loss_fn: bool = True, shared: Any = None,
     jit: bool = True, chunk_size: int | None = None,
-    unroll: bool = False) -> Callable[..., Any]:
+    unroll: bool = False, method: Any = None,
+    method_state: Callable[[Any], Any] | None = None) -> Callable[..., Any]:
   """A multi-task train step for an ``nnx.Module`` and an ``nnx.Optimizer``.
 
   ``step(model, optimizer, *args, **kwargs)`` computes the task losses
-  ``fn(model, *args, **kwargs)`` and their gradients, then calls
-  ``optimizer.update(model, grads, task_losses=losses, loss_fn=loss_fn)``,
-  which forwards both keyword arguments to ``tx.update`` (``loss_fn`` is
-  :func:`nnx_loss_fn` on the same batch; ``pass_loss_fn=False`` leaves it
-  out). It updates ``model`` and ``optimizer`` in place and returns the
-  losses (``(losses, aux)`` with ``has_aux``); the weights the method used
-  are ``optax.tree.get(nnx.as_pure(optimizer.opt_state), "weights")`` (or
-  with ``optimizer.opt_state[0]`` when several states have one).
+  ``fn(model, *args, **kwargs)`` and the gradients for ``optimizer.tx``,
+  then calls ``optimizer.update(model, grads, task_losses=losses,
+  loss_fn=loss_fn)``, which forwards the keyword arguments to ``tx.update``
+  (``loss_fn`` is :func:`nnx_loss_fn` on the same batch; ``pass_loss_fn=
+  False`` leaves it out). It updates ``model`` and ``optimizer`` in place
+  and returns the losses (``(losses, aux)`` with ``has_aux``); the weights
+  the method used are ``mo.task_weights(optimizer.opt_state)``.
 
-  Gradients:
-    * ``method=None`` (default): stacked per-task gradients
-      (:func:`nnx_value_and_task_grads`), for every aggregator (CAGrad, MGDA,
-      PCGrad, ...); ``optimizer.tx`` starts with the method, e.g.
-      ``optax.chain(mo.cagrad(K), optax.adam(1e-3))``, possibly inside an
-      ``optax.partition`` (:func:`label_by_path`).
-    * ``method=<LossWeightingTransformation>``: the single-backward path
-      (:func:`nnx_value_and_weighted_grad`); ``method`` must be the same
-      object the optimizer was built with. Its state is found as
-      ``optimizer.opt_state`` if ``optimizer.tx is method``, else as
-      ``optimizer.opt_state[0]`` (``optax.chain(method, ...)``); pass
-      ``method_state=lambda opt_state: ...`` for other layouts.
+  Gradients (``path``), one contract for the three training paths:
+    * ``"stacked"`` (default): per-task gradients
+      (:func:`nnx_value_and_task_grads`), for every method.
+    * ``"weighted"``: the single-backward path
+      (:func:`nnx_value_and_weighted_grad`): the loss weighting inside
+      ``optimizer.tx`` (FAMO, MARIGOLD, ...) is found by itself.
+    * ``"gram"``: the Gram-first path
+      (:func:`nnx_value_and_gram_weighted_grad`) for Gram weightings, at the
+      memory of ``chunk_size`` gradients; ``gram`` is passed to the update.
+
+  Trunk and heads: build the optimizer on ``optax.partition({'shared':
+  method, 'head': mo.task_sum(K)}, labels)`` and pass ``shared=`` the mask
+  of the trunk (e.g. ``lambda p: jax.tree.map(lambda l: l == 'shared',
+  labels(p))``): the heads' gradient is then never stacked, on every path.
 
   Args:
     fn: ``(model, *args) -> (K,)`` task losses.
-    method: the single-backward method, or None for stacked gradients.
+    path: ``"stacked"``, ``"weighted"`` or ``"gram"``.
     wrt: NNX filter of the trained variables (default ``nnx.Param``); must
       match the optimizer's ``wrt``.
     has_aux: whether ``fn`` returns ``(losses, aux)``.
     pass_loss_fn: whether to pass ``loss_fn`` (look-ahead methods need it;
       tracing a closure costs nothing when the method ignores it).
-    method_state: locates the method's state in ``optimizer.opt_state``.
+    shared: optional mask of the shared leaves.
     jit: wrap the step in ``nnx.jit``.
-    chunk_size, unroll: batching of the K backward passes of the stacked
-      path (:func:`mtl_optax.value_and_task_grads`).
+    chunk_size, unroll: batching of the K backward passes (stacked path;
+      ``chunk_size`` also bounds the Gram-first path's gradients).
+    method, method_state: deprecated (the old single-backward form):
+      ``method=`` means ``path="weighted"``; the method and its state are
+      now found in the optimizer.
 
   Returns:
     ``step(model, optimizer, *args, **kwargs) -> losses``.
@@ -417,26 +458,35 @@ def nnx_train_step(
     >>> print(bool(jax.numpy.all(last < first)), int(optimizer.step[...]))
     True 21
   """
-  if method is not None and getattr(method, "loss_weights", None) is None:
-    raise TypeError(
-        "nnx_train_step: method must be a LossWeightingTransformation (with a "
-        "loss_weights rule); for stacked-gradient methods leave method=None "
-        "and put the method in the optimizer's transformation.")
+  if method is not None or method_state is not None:
+    warnings.warn(
+        "nnx_train_step(fn, method=...) is deprecated: use nnx_train_step("
+        "fn, path='weighted'); the loss weighting and its state are found in "
+        "optimizer.tx and optimizer.opt_state.", DeprecationWarning,
+        stacklevel=2)
+    path = path or "weighted"
+  path = path or "stacked"
+  if path not in _PATHS:
+    raise ValueError(f"nnx_train_step: path must be one of {_PATHS}, got "
+                     f"{path!r}.")
 
   def step(model, optimizer, *args, **kwargs):
-    nnx = _nnx()
-    if method is None:
+    extra = {}
+    if path == "stacked":
       out, grads = nnx_value_and_task_grads(
           fn, wrt=wrt, has_aux=has_aux, chunk_size=chunk_size,
-          unroll=unroll)(model, *args, **kwargs)
-    else:
-      locate = method_state or (
-          lambda _: _default_method_state(optimizer, method))
-      state = nnx.as_pure(locate(optimizer.opt_state))
+          unroll=unroll, shared=shared)(model, *args, **kwargs)
+    elif path == "weighted":
       out, grads = nnx_value_and_weighted_grad(
-          fn, method, wrt=wrt, has_aux=has_aux)(state, model, *args, **kwargs)
+          fn, optimizer.tx, wrt=wrt, has_aux=has_aux, shared=shared)(
+              optimizer.opt_state, model, *args, **kwargs)
+    else:
+      (out, extra["gram"]), grads = nnx_value_and_gram_weighted_grad(
+          fn, optimizer.tx, wrt=wrt, has_aux=has_aux, shared=shared,
+          chunk_size=chunk_size)(optimizer.opt_state, model, *args,
+                                 **kwargs)
     losses = out[0] if has_aux else out
-    extra = {"task_losses": losses}
+    extra["task_losses"] = losses
     if pass_loss_fn:
       extra["loss_fn"] = nnx_loss_fn(fn, model, *args, wrt=wrt,
                                      has_aux=has_aux, **kwargs)
@@ -470,8 +520,10 @@ def apply_task_gradients(state: Any, grads: Any, *, task_losses: Any = None,
   ``grads`` are the stacked per-task gradients of ``state.params``
   (``mo.value_and_task_grads(lambda p: task_losses(p, batch))(state.params)``)
   or, for single-backward methods, the gradient of
-  ``mo.value_and_weighted_grad(fn, method)(state.opt_state[0],
-  state.params, batch)`` (``tx = optax.chain(method, ...)``). ``loss_fn`` is
+  ``mo.value_and_weighted_grad(fn, state.tx)(state.opt_state,
+  state.params, batch)``. Heads not stacked (Linen): label the params for
+  ``optax.partition({'shared': method, 'head': mo.task_sum(K)}, labels)``
+  and pass the same mask to ``value_and_task_grads(fn, shared=mask)``. ``loss_fn`` is
   ``lambda p: task_losses(p, batch)``: the params it receives have the
   structure of ``state.params``.
 

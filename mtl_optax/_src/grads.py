@@ -1,14 +1,19 @@
-"""Per-task gradients, stacked on a leading task axis."""
+"""Per-task gradients, stacked on a leading task axis, and the
+single-backward training step."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
+import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from mtl_optax._src import base
 
 
-def _normalize_argnums(argnums: int | Sequence[int]) -> tuple[tuple[int, ...], bool]:
+def normalize_argnums(argnums: int | Sequence[int]) -> tuple[tuple[int, ...], bool]:
   if isinstance(argnums, int):
     return (argnums,), True
   argnums = tuple(argnums)
@@ -18,7 +23,7 @@ def _normalize_argnums(argnums: int | Sequence[int]) -> tuple[tuple[int, ...], b
   return argnums, False
 
 
-def _split_args(args, argnums):
+def split_args(args, argnums):
   for a in argnums:
     if not -len(args) <= a < len(args):
       raise ValueError(f"argnums {a} is out of range for {len(args)} "
@@ -34,7 +39,7 @@ def _split_args(args, argnums):
   return tuple(args[a] for a in argnums), rebuild
 
 
-def _check_chunking(chunk_size: int | None, unroll: bool) -> None:
+def check_chunking(chunk_size: int | None, unroll: bool) -> None:
   if not isinstance(unroll, bool):
     raise TypeError(f"unroll must be a bool, got {unroll!r}.")
   if chunk_size is None:
@@ -71,10 +76,60 @@ def _task_rows(vjp_fn: Callable[[jax.Array], Any], basis: jax.Array,
   return jax.tree.map(lambda *rows: jnp.concatenate(rows), *chunks)
 
 
+def shared_mask(shared: Any, diff: tuple[Any, ...], single: bool,
+                what: str) -> tuple[Any, ...]:
+  """``shared`` (a bool tree or ``params -> bool tree``) as one full tree of
+  Python bools per differentiated argument; trace-time errors name the leaf.
+
+  A mask may be a prefix of the parameters (``{'trunk': True, 'heads':
+  False}``).
+  """
+  if callable(shared):
+    shared = shared(diff[0] if single else diff)
+  masks = (shared,) if single else tuple(shared)
+  if len(masks) != len(diff):
+    raise ValueError(f"{what}: shared has {len(masks)} masks for "
+                     f"{len(diff)} differentiated arguments.")
+
+  def expand(mask, tree):
+    def one(path, flag, sub):
+      if not isinstance(flag, (bool, np.bool_)):
+        raise TypeError(
+            f"{what}: shared must hold Python bools (True = shared, one "
+            f"gradient per task), got {flag!r} at "
+            f"{jax.tree_util.keystr(path) or '<root>'}. From optax.partition "
+            "labels: shared=lambda p: jax.tree.map(lambda l: l == 'shared', "
+            "labels(p)).")
+      return jax.tree.map(lambda _: bool(flag), sub)
+    return jax.tree_util.tree_map_with_path(one, mask, tree)
+
+  return tuple(expand(m, t) for m, t in zip(masks, diff))
+
+
+def select(mask: Any, tree: Any, keep: bool) -> Any:
+  """The leaves of ``tree`` where ``mask == keep``, others ``None``."""
+  return jax.tree.map(lambda m, x: x if m == keep else None, mask, tree)
+
+
+def merge(mask: Any, shared_part: Any, other_part: Any) -> Any:
+  """Reassembles a tree split by :func:`select` (``None`` marks the gaps)."""
+  return jax.tree.map(lambda m, a, b: a if m else b, mask, shared_part,
+                      other_part, is_leaf=lambda x: x is None)
+
+
+def check_loss_vector(losses: Any, what: str) -> None:
+  if jnp.ndim(losses) != 1:
+    raise ValueError(
+        f"{what}: fn must return a 1-D vector of task losses, got shape "
+        f"{jnp.shape(losses)}. For a scalar loss per task batch use "
+        "mo.value_and_task_grads_from_batches.")
+
+
 def value_and_task_grads(
     fn: Callable[..., Any], argnums: int | Sequence[int] = 0,
     has_aux: bool = False, *, chunk_size: int | None = None,
-    unroll: bool = False) -> Callable[..., tuple[Any, Any]]:
+    unroll: bool = False, shared: Any = None
+) -> Callable[..., tuple[Any, Any]]:
   """Per-task losses and gradients for a vector of losses on a shared batch.
 
   ``fn(*args)`` returns the ``(K,)`` task losses (``(losses, aux)`` with
@@ -96,6 +151,19 @@ def value_and_task_grads(
   but ``chunk_size=1, unroll=True`` takes 0.33-0.81x the vmap's time, at a
   longer compile. On accelerators keep the default.
 
+  Heads not stacked: with ``shared=`` (a tree of Python bools shaped like
+  the parameters or a prefix of them, ``True`` for the shared trunk, or a
+  function ``params -> mask``) only the shared leaves get the ``(K, ...)``
+  per-task gradients; every other leaf gets the ordinary gradient of the
+  summed loss ``sum_i L_i`` (one more backward pass of the same forward).
+  Under ``jit`` the K task rows of the head leaves are never computed (XLA
+  removes them: ``benchmarks/bench_shared_heads.py`` measures the memory).
+  Compose with ``optax.partition``: the method on the shared label,
+  ``mo.task_sum(K)`` or ``optax.identity()`` on the heads (both pass an
+  ordinary gradient through), the same partition as on the single-backward
+  and Gram-first paths. From the partition's labels:
+  ``shared=lambda p: jax.tree.map(lambda l: l == 'shared', labels(p))``.
+
   Args:
     fn: function returning a 1-D array of K task losses.
     argnums: which positional argument(s) to differentiate.
@@ -104,12 +172,21 @@ def value_and_task_grads(
       tasks back-propagated together; the results are identical.
     unroll: unroll the chunks into the program instead of a ``lax.map``
       loop (compile time grows with K / chunk_size); needs ``chunk_size``.
+    shared: None (every leaf stacked) or the mask of the shared leaves
+      (a tuple of masks when ``argnums`` is a tuple).
 
   Returns:
     The wrapped function.
 
   Example:
     >>> import jax.numpy as jnp, mtl_optax as mo
+    >>> params = {'trunk': jnp.array([1., 2.]), 'heads': jnp.array([3., 4.])}
+    >>> fn = lambda p: p['heads'] * jnp.sum(p['trunk'])
+    >>> _, grads = mo.value_and_task_grads(
+    ...     fn, shared={'trunk': True, 'heads': False})(params)
+    >>> print(grads['trunk'], grads['heads'])
+    [[3. 3.]
+     [4. 4.]] [3. 3.]
     >>> def task_losses(params, x):
     ...   return jnp.stack([(params['w'] @ x) ** 2, jnp.sum(params['w'])])
     >>> losses, grads = mo.value_and_task_grads(task_losses)(
@@ -123,23 +200,28 @@ def value_and_task_grads(
     [[6. 6.]
      [1. 1.]]
   """
-  argnums_t, single = _normalize_argnums(argnums)
-  _check_chunking(chunk_size, unroll)
+  argnums_t, single = normalize_argnums(argnums)
+  check_chunking(chunk_size, unroll)
 
   def wrapped(*args, **kwargs):
-    diff, rebuild = _split_args(args, argnums_t)
+    diff, rebuild = split_args(args, argnums_t)
     partial = lambda *d: fn(*rebuild(*d), **kwargs)
     if has_aux:
       losses, vjp_fn, aux = jax.vjp(partial, *diff, has_aux=True)
     else:
       losses, vjp_fn = jax.vjp(partial, *diff)
-    if jnp.ndim(losses) != 1:
-      raise ValueError(
-          "value_and_task_grads: fn must return a 1-D vector of task losses, "
-          f"got shape {jnp.shape(losses)}. For a scalar loss per task batch use "
-          "mo.value_and_task_grads_from_batches.")
+    check_loss_vector(losses, "value_and_task_grads")
     basis = jnp.eye(losses.shape[0], dtype=losses.dtype)
-    grads = _task_rows(vjp_fn, basis, chunk_size, unroll)
+    if shared is None:
+      grads = _task_rows(vjp_fn, basis, chunk_size, unroll)
+    else:
+      masks = shared_mask(shared, diff, single, "value_and_task_grads")
+      keep = lambda trees, flag: tuple(
+          select(m, t, flag) for m, t in zip(masks, trees))
+      rows = _task_rows(lambda ct: keep(vjp_fn(ct), True), basis,
+                        chunk_size, unroll)
+      summed = keep(vjp_fn(jnp.ones_like(losses)), False)
+      grads = tuple(merge(m, r, h) for m, r, h in zip(masks, rows, summed))
     grads = grads[0] if single else grads
     return ((losses, aux) if has_aux else losses), grads
 
@@ -187,62 +269,170 @@ def value_and_task_grads_from_batches(
   return wrapped
 
 
+def probe_coefficients(tx: Any, opt_state: Any, params: Any,
+                       losses: jax.Array, what: str,
+                       select: Callable[[Any], bool],
+                       **extra_args: Any) -> jax.Array:
+  """The coefficients ``c`` the balancing method in ``tx`` uses this step.
+
+  Calls ``tx.update`` once on a zero gradient shaped like ``params`` with
+  ``task_losses``, ``weighting_probe=True`` and ``extra_args``: every method
+  of the library in the chain records the coefficients its real ``update``
+  on the same state uses in its ``weights`` (Gram weightings advance their
+  state from ``extra_args['gram']`` exactly as the real call does), without
+  any other effect. The balancing state kept by ``select`` is read from the
+  returned state; the rest of the probe is discarded (dead code under jit).
+  """
+  params = base.pure_tree(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  try:
+    _, probed = tx.update(zeros, opt_state, params, task_losses=losses,
+                          **{base.PROBE_ARG: True}, **extra_args)
+  except (ValueError, TypeError) as err:
+    raise type(err)(
+        f"{what}: tx.update with one ordinary gradient (the probe that reads "
+        f"the coefficients) failed: {err} Every leaf's transformation must "
+        "accept an ordinary gradient: the balancing method on the shared "
+        "leaves, mo.task_sum(K) or optax.identity() on the heads "
+        "(optax.partition).") from err
+  found = base.method_states(probed, select)
+  if not found:
+    raise TypeError(
+        f"{what}: tx contains no method of the right kind ("
+        + ("a loss weighting such as mo.famo, mo.uncertainty_weighting or "
+           "mo.marigold" if select is base.is_loss_weighting_state else
+           "a Gram weighting such as mo.mgda or mo.cagrad, or a loss "
+           "weighting") + "); for stacked-gradient aggregators use "
+        "mo.value_and_task_grads.")
+  if len(found) > 1:
+    raise ValueError(
+        f"{what}: tx contains {len(found)} balancing methods "
+        f"({[label for label, _ in found]}); one gradient of sum_i c_i L_i "
+        "has one c: balance one partition, give the others mo.task_sum(K) "
+        "or optax.identity().")
+  return jax.lax.stop_gradient(found[0][1].weights)
+
+
+def deprecated_method_form(tx: Any, method: Any, what: str) -> Any:
+  if method is not None:
+    if tx is not None:
+      raise TypeError(f"{what}: give tx, not both tx and method=.")
+    tx = method
+  # The positional old form, (fn, method)(method_state, ...), is the new form
+  # with tx = the method: the probe reads the method's own state just as
+  # well, so it keeps working without a warning.
+  if method is not None:
+    warnings.warn(
+        f"{what}(fn, method)(method_state, params, ...) is deprecated: pass "
+        f"the whole transformation and its whole state, {what}(fn, tx)"
+        "(opt_state, params, ...); the method is found inside it.",
+        DeprecationWarning, stacklevel=3)
+  if tx is None:
+    raise TypeError(f"{what}: the transformation tx is required.")
+  return tx
+
+
+def weighted_backward(vjp_fn: Callable[[jax.Array], Any],
+                      coefficients: jax.Array, losses: jax.Array,
+                      masks: tuple[Any, ...] | None) -> tuple[Any, ...]:
+  """``grad sum_i c_i L_i``; with ``masks``, the non-shared leaves get
+  ``grad sum_i L_i`` instead (as ``value_and_task_grads(shared=)`` gives
+  them), from a second pull-back of the same forward pass."""
+  grads = vjp_fn(coefficients.astype(losses.dtype))
+  if masks is None:
+    return grads
+  summed = vjp_fn(jnp.ones_like(losses))
+  return tuple(merge(m, select(m, g, True), select(m, h, False))
+               for m, g, h in zip(masks, grads, summed))
+
+
 def value_and_weighted_grad(
-    fn: Callable[..., Any], method: Any, argnums: int | Sequence[int] = 0,
-    has_aux: bool = False) -> Callable[..., tuple[Any, Any]]:
+    fn: Callable[..., Any], tx: Any = None, argnums: int | Sequence[int] = 0,
+    has_aux: bool = False, *, shared: Any = None, method: Any = None
+) -> Callable[..., tuple[Any, Any]]:
   """Task losses and the gradient of ONE weighted loss: the single-backward path.
 
-  For methods that never need per-task gradients (MARIGOLD, FAMO, the loss
-  weightings): ``method`` is such a transformation (a
-  ``LossWeightingTransformation``); its ``loss_weights(state, losses)`` gives
-  the coefficients ``c`` and the wrapped function returns
-  ``(losses, grad sum_i c_i L_i)``: one forward and one backward pass,
-  whatever K is. The coefficients are constants of the backward pass.
+  For the loss weightings (FAMO, MARIGOLD, uncertainty weighting, ...),
+  which never need per-task gradients: ``wrapped(opt_state, params, *args)``
+  returns ``(losses, grad sum_i c_i L_i)``, one forward and one backward
+  pass whatever K is, where ``tx`` is the WHOLE transformation (any nesting
+  of ``optax.chain``, ``optax.partition``, ``optax.inject_hyperparams``,
+  ``optax.apply_if_finite``) and ``opt_state`` its whole state. Then the
+  usual ``tx.update(grads, opt_state, params, task_losses=losses)``.
 
-  The wrapped function takes the method's own state first, then ``fn``'s
-  arguments: ``wrapped(method_state, *args)``. In
-  ``optax.chain(method, optax.adam(...))`` the method's state is
-  ``opt_state[0]``.
+  How ``c`` is found (no attribute on ``tx``, so wrappers lose nothing): one
+  probe ``tx.update(zeros, opt_state, params, task_losses=losses,
+  weighting_probe=True)``; the loss weighting in the chain answers it with
+  its state's ``weights`` set to the coefficients its real ``update`` uses on
+  this state and these losses, advancing nothing else
+  (:class:`~mtl_optax.LossWeightingTransformation`). That state is read
+  back (:func:`mtl_optax.task_weights`' traversal) and the rest of the probe
+  is discarded: under ``jit`` the chain's other transformations on the zero
+  gradient are dead code. The probe runs inside ``tx``, so injected
+  hyper-parameters are the ones used, and the real ``update`` recomputes the
+  coefficients with the same code on the same inputs: the ``c`` of the
+  gradient IS the ``c`` it records in ``weights`` (K numbers of work, which
+  XLA may merge with the probe's under ``jit``; FAMO's pending logit step
+  is taken once per call). ``c`` is a constant of the backward pass.
+
+  Trunk-only balancing: ``optax.partition({'shared': mo.famo(K), 'head':
+  mo.task_sum(K)}, labels)`` (or ``optax.identity()`` on the heads), the
+  same partition as on the stacked path; by default the heads then receive
+  ``grad sum_i c_i L_i`` like every leaf (head i scaled by ``c_i``). With
+  ``shared=`` (the mask of :func:`value_and_task_grads`) the other leaves
+  get ``grad sum_i L_i`` instead, as on the stacked path, from a second
+  pull-back of the same forward pass (under jit, only the heads' part).
 
   Args:
     fn: function returning the ``(K,)`` task losses (``(losses, aux)`` with
       ``has_aux``).
-    method: the transformation whose ``loss_weights`` gives the weights.
-    argnums: which positional argument(s) of ``fn`` to differentiate.
+    tx: the whole transformation; exactly one balancing method in it.
+    argnums: which positional argument(s) of ``fn`` to differentiate (the
+      parameters ``tx`` updates).
     has_aux: whether ``fn`` returns ``(losses, aux)``.
+    shared: optional mask of the shared leaves (see above).
+    method: deprecated keyword alias of ``tx`` (``DeprecationWarning``).
+      The old positional form ``(fn, method)(opt_state[0], params, ...)``
+      still works unchanged: it is this form with ``tx`` the method alone.
 
   Example:
-    >>> import jax.numpy as jnp, optax, mtl_optax as mo
-    >>> from mtl_optax._src.base import loss_weighting_transformation
-    >>> fixed = loss_weighting_transformation(
-    ...     lambda p: (), lambda u, s, p=None, **kw: (u, s),
-    ...     lambda state, losses: jnp.array([0.25, 0.75]))
-    >>> losses_fn = lambda w: jnp.stack([w[0] ** 2, 3 * w[1]])
-    >>> losses, grads = mo.value_and_weighted_grad(losses_fn, fixed)(
-    ...     (), jnp.array([2., 1.]))
-    >>> print(losses, grads)
-    [4. 3.] [1.   2.25]
+    >>> import jax, jax.numpy as jnp, optax, mtl_optax as mo
+    >>> tx = optax.chain(optax.inject_hyperparams(mo.famo, static_args=(
+    ...     'num_tasks',))(num_tasks=2, w_lr=0.5), optax.sgd(0.1))
+    >>> losses_fn = lambda w: jnp.stack([w[0] ** 2, 3 * w[1] ** 2])
+    >>> w = jnp.array([2., 1.])
+    >>> opt_state = tx.init(w)
+    >>> for _ in range(3):
+    ...   w_used = w
+    ...   losses, grads = mo.value_and_weighted_grad(losses_fn, tx)(
+    ...       opt_state, w)
+    ...   updates, opt_state = tx.update(grads, opt_state, w,
+    ...                                  task_losses=losses)
+    ...   w = optax.apply_updates(w, updates)
+    >>> c = mo.task_weights(opt_state)      # what the last update recorded
+    >>> per_task = jnp.array([2 * w_used[0], 6 * w_used[1]])
+    >>> print(bool(jnp.allclose(grads, c * per_task, rtol=1e-6)))
+    True
   """
-  weights_fn = getattr(method, "loss_weights", None)
-  if weights_fn is None:
-    raise TypeError(
-        "value_and_weighted_grad: method has no loss_weights rule; it must be a "
-        "single-backward method (e.g. mo.famo, mo.marigold), not a stacked-"
-        "gradient aggregator (use mo.value_and_task_grads for those).")
-  argnums_t, single = _normalize_argnums(argnums)
+  what = "value_and_weighted_grad"
+  tx = deprecated_method_form(tx, method, what)
+  argnums_t, single = normalize_argnums(argnums)
 
-  def wrapped(method_state, *args, **kwargs):
-    diff, rebuild = _split_args(args, argnums_t)
+  def wrapped(opt_state, *args, **kwargs):
+    diff, rebuild = split_args(args, argnums_t)
     partial = lambda *d: fn(*rebuild(*d), **kwargs)
     if has_aux:
       losses, vjp_fn, aux = jax.vjp(partial, *diff, has_aux=True)
     else:
       losses, vjp_fn = jax.vjp(partial, *diff)
-    if jnp.ndim(losses) != 1:
-      raise ValueError("value_and_weighted_grad: fn must return a 1-D vector "
-                       f"of task losses, got shape {jnp.shape(losses)}.")
-    weights = jax.lax.stop_gradient(weights_fn(method_state, losses))
-    grads = vjp_fn(weights.astype(losses.dtype))
+    check_loss_vector(losses, what)
+    params = diff[0] if single else diff
+    coefficients = probe_coefficients(
+        tx, opt_state, params, jax.lax.stop_gradient(losses), what,
+        base.is_loss_weighting_state)
+    masks = (None if shared is None
+             else shared_mask(shared, diff, single, what))
+    grads = weighted_backward(vjp_fn, coefficients, losses, masks)
     grads = grads[0] if single else grads
     return ((losses, aux) if has_aux else losses), grads
 

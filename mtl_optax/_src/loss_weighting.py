@@ -9,8 +9,8 @@ backward pass whatever K is)::
     famo = mo.famo(num_tasks=3)
     tx = optax.chain(famo, optax.adam(1e-3))
     opt_state = tx.init(params)
-    losses, grads = mo.value_and_weighted_grad(task_losses, famo)(
-        opt_state[0], params, batch)      # the method's state comes first
+    losses, grads = mo.value_and_weighted_grad(task_losses, tx)(
+        opt_state, params, batch)         # the whole tx and its state
     updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
 
 ``update`` hands that ordinary gradient through and advances the method's
@@ -23,8 +23,10 @@ Common contract:
 
 * ``task_losses`` (shape ``(K,)``) is a required extra argument of ``update``;
   a missing one, or one of the wrong shape, is a trace-time ``ValueError``.
-  ``tx.loss_weights(state, losses)`` is the rule
-  :func:`mtl_optax.value_and_weighted_grad` calls.
+  ``update(..., weighting_probe=True)`` answers with the state's ``weights``
+  set to the coefficients of this step, nothing advanced: the probe
+  :func:`mtl_optax.value_and_weighted_grad` makes through the whole chain
+  (``tx.loss_weights(state, losses)`` is that probe of the bare method).
 * The state's ``weights`` field holds the coefficients ``c`` of the last
   update (``update = sum_i weights[i] g_i``).
 * Non-finite losses or gradients give a non-finite update (so that
@@ -211,8 +213,9 @@ def _loss_weighting(
     init_state: Callable[[jnp.dtype], NamedTuple],
     coefficients: Callable[[NamedTuple, jax.Array], jax.Array],
     advance: Callable[[NamedTuple, jax.Array, jax.Array, _Step], NamedTuple],
+    prepare: Optional[Callable[[NamedTuple, jax.Array], NamedTuple]] = None,
 ) -> base.LossWeightingTransformation:
-  """Builds a loss weighting from its two rules.
+  """Builds a loss weighting from its rules.
 
   Args:
     num_tasks: K, already validated.
@@ -220,12 +223,11 @@ def _loss_weighting(
     init_state: ``dtype -> State`` (a NamedTuple with a ``weights`` field).
     coefficients: ``(state, losses) -> c`` (K,): the loss weights of this step.
     advance: ``(state, losses, c, step) -> new_state``.
+    prepare: optional ``(state, losses) -> state``, the part of the state
+      advance that the coefficients depend on (FAMO's pending logit step);
+      run once per ``update``, before the other two rules.
   """
-
-  def loss_weights(state, task_losses):
-    validation.check_task_losses(task_losses, num_tasks, method, required=True)
-    losses = jnp.asarray(task_losses).astype(state.weights.dtype)
-    return coefficients(state, losses)
+  base.register_loss_weighting_state(type(init_state(jnp.float32)))
 
   def init_fn(params):
     return init_state(base.state_dtype(params))
@@ -233,12 +235,16 @@ def _loss_weighting(
   def update_fn(updates, state, params=None, **extra_args):
     task_losses = extra_args.get("task_losses")
     validation.check_task_losses(task_losses, num_tasks, method, required=True)
+    losses = jnp.asarray(task_losses).astype(state.weights.dtype)
+    prepared = state if prepare is None else prepare(state, losses)
+    if extra_args.get(base.PROBE_ARG):
+      # The coefficients this update would use, nothing advanced.
+      return updates, state._replace(weights=coefficients(prepared, losses))
     stacked = _updates_are_stacked(updates, params, num_tasks, method)
     if not jax.tree.leaves(updates):
       return updates, state
-    losses = jnp.asarray(task_losses).astype(state.weights.dtype)
-    coeffs = coefficients(state, losses)
-    new_state = advance(state, losses, coeffs,
+    coeffs = coefficients(prepared, losses)
+    new_state = advance(prepared, losses, coeffs,
                         _Step(updates, stacked, extra_args))
     out = updates
     if stacked:
@@ -254,7 +260,7 @@ def _loss_weighting(
                                    old), new_state, state)
     return out, new_state
 
-  return base.loss_weighting_transformation(init_fn, update_fn, loss_weights)
+  return base.loss_weighting_transformation(init_fn, update_fn)
 
 
 class LossWeightsState(NamedTuple):
@@ -821,18 +827,24 @@ def famo(num_tasks: int, w_lr: float = 0.025, gamma: float = 1e-3,
             jax.tree.map(lambda new, old: jnp.where(first, old, new),
                          opt_state, state.logits_opt_state))
 
-  def coefficients(state, losses):
-    logits, _ = pending_logits(state, losses)
-    # z_i / D_i normalised, in log space so that 1/D cannot overflow.
-    return jax.nn.softmax(jax.nn.log_softmax(logits) - log_gap(losses))
-
-  def advance(state, losses, coeffs, step):
-    del step
+  def prepare(state, losses):
+    # The pending logit step, taken once per update (coefficients and
+    # advance below read its result).
     logits, opt_state = pending_logits(state, losses)
-    return FAMOState(coeffs, logits, opt_state, losses,
-                     jnp.minimum(state.step + 1, 1))
+    return state._replace(logits=logits, logits_opt_state=opt_state)
 
-  return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
+  def coefficients(prepared, losses):
+    # z_i / D_i normalised, in log space so that 1/D cannot overflow.
+    return jax.nn.softmax(jax.nn.log_softmax(prepared.logits)
+                          - log_gap(losses))
+
+  def advance(prepared, losses, coeffs, step):
+    del step
+    return FAMOState(coeffs, prepared.logits, prepared.logits_opt_state,
+                     losses, jnp.minimum(prepared.step + 1, 1))
+
+  return _loss_weighting(num_tasks, method, init_state, coefficients, advance,
+                         prepare)
 
 
 # --------------------------------------------------------------------------

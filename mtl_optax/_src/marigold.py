@@ -123,8 +123,8 @@ lambda g_w) / s``, ``s = 1, 1 + c**2, 1 + c`` for ``rescale = 0, 1, 2``, as
 
     method = mo.marigold(K)
     tx = optax.chain(method, optax.adam(1e-3))
-    losses, grads = mo.value_and_weighted_grad(task_losses, method)(
-        opt_state[0], params, batch)
+    losses, grads = mo.value_and_weighted_grad(task_losses, tx)(
+        opt_state, params, batch)
     updates, opt_state = tx.update(
         grads, opt_state, params, task_losses=losses,
         loss_fn=lambda p: task_losses(p, batch))
@@ -144,9 +144,8 @@ give the other partitions ``optax.identity()`` on the single-backward path
 stacked gradients). The look-ahead then moves only the method's leaves, so
 the Gram products are over those leaves, as with Gram-based methods.
 
-**With** ``optax.inject_hyperparams`` keep the un-injected transformation for
-its ``loss_weights`` rule: it reads the ``next_weights`` field wherever it
-is in the state it is given.
+**With** ``optax.inject_hyperparams`` nothing changes: the coefficients are
+read through ``update`` (a probe), so the injected values are used.
 
 **Non-finite input.** A NaN/inf gradient or task loss gives a NaN update (for
 ``optax.apply_if_finite``) and leaves the state unchanged; a non-finite
@@ -165,8 +164,8 @@ from the per-task gradients only to compare)::
     >>> opt_state = tx.init(theta)
     >>> @jax.jit
     ... def train_step(theta, opt_state, x):
-    ...   losses, grads = mo.value_and_weighted_grad(task_losses, method)(
-    ...       opt_state[0], theta, x)                  # one backward pass
+    ...   losses, grads = mo.value_and_weighted_grad(task_losses, tx)(
+    ...       opt_state, theta, x)                     # one backward pass
     ...   updates, opt_state = tx.update(
     ...       grads, opt_state, theta, task_losses=losses,
     ...       loss_fn=lambda p: task_losses(p, x))    # + look-ahead forwards
@@ -219,7 +218,7 @@ class MarigoldState(NamedTuple):
       and look-ahead criteria, ``(1/K + lambda w) / s`` for CAGrad, ``w + mu
       u`` with residual feedback.
     next_weights: ``(K,)`` the coefficients of the caller's next weighted
-      loss (what ``loss_weights`` returns): ``weights`` after this step's
+      loss (what ``mo.value_and_weighted_grad`` uses): ``weights`` after this step's
       advance of ``w``.
     simplex_weights: ``(K,)`` the balancing variable ``w`` on the simplex.
     gradient_ema: ``(K,)`` EMA (decay ``ema``) of the normalised step
@@ -253,6 +252,9 @@ class MarigoldState(NamedTuple):
   previous: jax.Array
   count: jax.Array
   key: jax.Array
+
+
+base.register_loss_weighting_state(MarigoldState)
 
 
 # --------------------------------------------------------------------------
@@ -555,9 +557,9 @@ def marigold(num_tasks: int, criterion: str = "mgda",
 
   Returns:
     A :class:`~mtl_optax.LossWeightingTransformation` with
-    :class:`MarigoldState`; ``loss_weights(state, losses)`` returns
-    ``state.next_weights`` (``state.weights`` are the coefficients of the
-    update just returned).
+    :class:`MarigoldState`; ``mo.value_and_weighted_grad`` weights the losses
+    with ``state.next_weights`` (``state.weights`` are the coefficients of
+    the update just returned).
 
   Example (linear task losses, ``theta`` frozen: the weights converge to
   MGDA's, here 0.6 and 0.4 for TorchJD's matrix J = [[-4, 1, 1], [6, 1, 1]]):
@@ -644,10 +646,6 @@ def marigold(num_tasks: int, criterion: str = "mgda",
                          jnp.zeros((num_tasks, num_tasks), dtype), zero,
                          jnp.ones((), dtype), zero, direction, zero,
                          jnp.zeros((), jnp.int32), key)
-
-  def loss_weights(state, task_losses):
-    del task_losses
-    return optax.tree.get(state, "next_weights")
 
   # ---- the weight step, shared by every estimator -------------------------
 
@@ -950,6 +948,9 @@ def marigold(num_tasks: int, criterion: str = "mgda",
   def update_fn(updates, state, params=None, **extra_args):
     task_losses = extra_args.get("task_losses")
     validation.check_task_losses(task_losses, num_tasks, _METHOD)
+    if extra_args.get(base.PROBE_ARG):
+      # The probe reads ``weights``: the coefficients of this step's loss.
+      return updates, state._replace(weights=state.next_weights)
     stacked = _stacked(updates, params, num_tasks)
     if not jax.tree.leaves(updates):
       return updates, state
@@ -962,7 +963,7 @@ def marigold(num_tasks: int, criterion: str = "mgda",
       loss_fn = None
     return compute(updates, state, params, task_losses, loss_fn, stacked)
 
-  return base.loss_weighting_transformation(init_fn, update_fn, loss_weights)
+  return base.loss_weighting_transformation(init_fn, update_fn)
 
 
 
