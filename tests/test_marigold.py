@@ -382,7 +382,7 @@ def test_partition_on_the_single_backward_path():
   tx = optax.partition({"shared": method, "head": optax.identity()},
                        {"shared": "shared", "heads": "head"})
   state = tx.init(full)
-  losses, grads = mo.value_and_weighted_grad(task_losses, method)(state, full)
+  losses, grads = mo.value_and_weighted_grad(task_losses, tx)(state, full)
   _, state = tx.update(grads, state, full, task_losses=losses,
                        loss_fn=masked_loss_fn(task_losses, full))
 
@@ -403,10 +403,10 @@ def test_period_and_inject_hyperparams():
   loss_fn, params = _nonlinear_problem()
   injected = optax.inject_hyperparams(mo.marigold, static_args=(
       "num_tasks", "period"))(num_tasks=3, period=3, step_size=0.5)
-  method = mo.marigold(3)  # for its loss_weights rule only
 
   def step(state, _):
-    losses, grad = mo.value_and_weighted_grad(loss_fn, method)(state, params)
+    losses, grad = mo.value_and_weighted_grad(loss_fn, injected)(state,
+                                                                params)
     _, state = injected.update(grad, state, params, task_losses=losses,
                                loss_fn=loss_fn)
     return state, optax.tree.get(state, "next_weights")

@@ -359,8 +359,14 @@ def auto_lambda(num_tasks: int, virtual_lr: float = 0.1,
     if params is None:
       raise ValueError(f"{method}: update needs params (the virtual step "
                        "starts from them).")
-    stepped = meta_step(updates, stacked, state, params, extra_args)
-    out, new_state = weighting.update(updates, stepped, params, **extra_args)
+    if extra_args.get(base.PROBE_ARG):
+      return weighting.update(updates, state, params, **extra_args)
+    if stacked:  # the official order: meta-step, then the weighted update
+      stepped = meta_step(updates, stacked, state, params, extra_args)
+      out, new_state = weighting.update(updates, stepped, params, **extra_args)
+    else:  # the gradient was taken with the current lambda: record it
+      out, new_state = weighting.update(updates, state, params, **extra_args)
+      new_state = meta_step(updates, stacked, new_state, params, extra_args)
     ok = (base.all_finite(out) & base.all_finite(new_state.meta_weights)
           & base.all_finite(new_state.weights))
     return out, _keep_if(ok, new_state, state)
