@@ -115,6 +115,12 @@ from mtl_optax._src.flax_utils import nnx_value_and_weighted_grad
 from mtl_optax._src.metrics import delta_m_flat
 from mtl_optax._src.metrics import delta_m_per_task
 
+# --- printable methods: each factory's transformation prints its call ---
+from mtl_optax._src import naming as _naming
+_naming.make_printable(globals(), [
+    _name for _name, _value in list(globals().items())
+    if not _name.startswith("_") and _naming.is_factory(_value)])
+
 __version__ = "0.1.0.dev0"
 
 # The family modules moved to mtl_optax._src; their old import paths warn.

@@ -19,7 +19,8 @@ def check_num_tasks(num_tasks: Any, method: str) -> int:
         f"{method}: num_tasks must be a static Python int, got a JAX array. "
         "With optax.inject_hyperparams pass static_args=('num_tasks', ...)."
     )
-  if isinstance(num_tasks, (bool, np.bool_)) or int(num_tasks) != num_tasks:
+  if isinstance(num_tasks, (bool, np.bool_)) or not isinstance(
+      num_tasks, (int, np.integer)):
     raise TypeError(f"{method}: num_tasks must be an int, got {num_tasks!r}.")
   num_tasks = int(num_tasks)
   if num_tasks < 1:
