@@ -134,6 +134,12 @@ from mtl_optax._src.gram_first import value_and_gram
 from mtl_optax._src.gram_first import value_and_gram_weighted_grad
 from mtl_optax._src.flax_utils import nnx_value_and_gram_weighted_grad
 
+# --- printable methods: each factory's transformation prints its call ---
+from mtl_optax._src import naming as _naming
+_naming.make_printable(globals(), [
+    _name for _name, _value in list(globals().items())
+    if not _name.startswith("_") and _naming.is_factory(_value)])
+
 __version__ = "0.1.0.dev0"
 
 # The family modules moved to mtl_optax._src; their old import paths warn.

@@ -18,6 +18,7 @@ import optax
 
 from mtl_optax._src import grads as grads_lib
 from mtl_optax._src import base
+from mtl_optax._src import two_task
 
 #: Starts of the reference table; (-8.5, -5) is the official
 #: code's start, (-8.5, 5) the paper's printed one.
@@ -26,6 +27,8 @@ TOY_STARTS = ((-8.5, 7.5), (-8.5, -5.0), (-8.5, 5.0), (0.0, 0.0), (9.0, 9.0),
 #: Starts used by the Nash-MTL / FAMO variant (``l1_scale=0.1``).
 NASH_MTL_STARTS = ((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5),
                    (9.0, -1.0))
+#: Starts from which descent on the mean loss stalls on a plateau (L0 > 0).
+MEAN_GRADIENT_STUCK_STARTS = ((-8.5, 7.5), (-8.5, 5.0), (9.0, 9.0))
 #: Minimiser and value of the average loss ``L0``.
 L0_OPTIMUM = (0.0, -8.3551)
 L0_MIN = -15.0916
@@ -143,6 +146,31 @@ def run_toy(method: optax.GradientTransformation,
   trajectories, final, weights = jax.jit(jax.vmap(run_one))(starts)
   final_losses = jax.vmap(lambda t: toy_losses(t, l1_scale))(final)
   return ToyRun(trajectories, final, final_losses, weights)
+
+
+def pareto_residual(theta: jax.Array, l1_scale: float = 1.0) -> jax.Array:
+  """Pareto-stationarity residual ``||d*|| / max_i ||g_i||`` at ``theta``.
+
+  ``d*`` is the min-norm element of the convex hull of the two task
+  gradients (MGDA's direction): zero exactly where no direction lowers both
+  losses (the Pareto set), at most 1. Scale-free; 0 where both gradients
+  vanish.
+
+  Example (the Pareto set runs from ``(-7, -8.43)`` through ``(0, -8.3551)``
+  to ``(7, -8.43)``):
+    >>> import jax.numpy as jnp
+    >>> from mtl_optax.toy import pareto_residual
+    >>> on, off = pareto_residual(jnp.array([3.0, -8.3551])), pareto_residual(
+    ...     jnp.array([3.0, 0.0]))
+    >>> print(bool(on < 1e-3), bool(off > 0.1))
+    True True
+  """
+  jac = jax.jacrev(lambda t: toy_losses(t, l1_scale))(theta)
+  gram = jac @ jac.T
+  weights, _ = two_task.min_norm_weights(gram)
+  largest = jnp.sqrt(jnp.max(jnp.diagonal(gram)))
+  return jnp.where(largest > 0, jnp.linalg.norm(weights @ jac)
+                   / jnp.where(largest > 0, largest, 1.0), 0.0)
 
 
 def default_methods() -> dict[str, Callable[[], optax.GradientTransformation]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -516,3 +517,57 @@ def test_nnx_weighted_path_uses_the_recorded_coefficients():
               rtol=1e-5, atol=1e-7)
   with pytest.warns(DeprecationWarning, match="path='weighted'"):
     mo.nnx_train_step(nnx_losses, method=mo.famo(K))
+
+
+# Every public method inside nnx.Optimizer (the conformance suite's cases).
+# ---------------------------------------------------------------------------
+
+from tests.conftest import all_cases  # noqa: E402
+
+
+def _linear_losses(model, x, y):
+  return jnp.mean((model(x) - y) ** 2, axis=0)
+
+
+def _nnx_step(case, model, optimizer, x, y):
+  """One ``optimizer.update`` with the case's extra arguments (stacked path)."""
+  losses, grads = mo.nnx_value_and_task_grads(_linear_losses)(model, x, y)
+  loss_fn = mo.nnx_loss_fn(_linear_losses, model, x, y)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  optimizer.update(model, grads, **case.extras(params, losses, loss_fn))
+
+
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("case", all_cases(), ids=str)
+def test_every_method_inside_nnx_optimizer(case, jitted):
+  """Two steps through ``nnx.Optimizer`` equal the same two steps of the
+  method on plain arrays (its states, wrappers' included, survive NNX's
+  variable boxing, eagerly and under ``nnx.jit``)."""
+  x = jax.random.normal(jax.random.key(1), (8, IN))
+  y = jax.random.normal(jax.random.key(2), (8, K))
+  model = nnx.Linear(IN, K, rngs=nnx.Rngs(0))
+  tx = optax.chain(case.make(K), optax.sgd(0.1))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.as_pure(params)
+
+  # Oracle: the same steps on pure arrays, without NNX.
+  def pure_losses(p):
+    return _linear_losses(nnx.merge(graphdef, p), x, y)
+
+  expected, state = params, tx.init(params)
+  for _ in range(2):
+    losses, grads = mo.value_and_task_grads(pure_losses)(expected)
+    extras = case.extras(expected, losses, mo.masked_loss_fn(
+        pure_losses, expected))
+    updates, state = tx.update(grads, state, expected, **extras)
+    expected = optax.apply_updates(expected, updates)
+
+  step = nnx.jit(functools.partial(_nnx_step, case)) if jitted else (
+      functools.partial(_nnx_step, case))
+  for _ in range(2):
+    step(model, optimizer, x, y)
+  got = nnx.as_pure(nnx.state(model, nnx.Param))
+  _tree_close(got, expected, rtol=1e-4, atol=1e-6)
+  assert jax.tree.structure(nnx.as_pure(optimizer.opt_state)) == (
+      jax.tree.structure(state))

@@ -414,3 +414,75 @@ def test_shared_heads_partition_matches_stacked_update():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(mo.task_weights(s_full),
                              mo.task_weights(s_mixed), rtol=1e-5)
+
+
+# --------------------------------------------- TorchJD habits and messages
+
+
+def _two_losses(w, x):
+  return (w @ x) ** 2, jnp.sum(w)
+
+
+def test_loss_function_returning_a_list_or_tuple_is_stacked():
+  w, x = jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0])
+  expected_losses = np.array([9.0, 3.0])
+  expected_grads = np.array([[6.0, 6.0], [1.0, 1.0]])  # 2 (w.x) x ; ones
+  for fn in (lambda w, x: list(_two_losses(w, x)), _two_losses):
+    losses, grads = mo.value_and_task_grads(fn)(w, x)
+    np.testing.assert_allclose(losses, expected_losses)
+    np.testing.assert_allclose(grads, expected_grads)
+  (losses, aux), grads = mo.value_and_task_grads(
+      lambda w, x: (list(_two_losses(w, x)), "aux"), has_aux=True)(w, x)
+  assert aux == "aux" and losses.shape == (2,)
+  np.testing.assert_allclose(grads, expected_grads)
+
+
+def test_loss_list_with_non_scalar_items_says_what_to_return():
+  fn = lambda w: [w, jnp.sum(w)]
+  with pytest.raises(TypeError, match=r"item 0 has shape \(2,\).*1-D array"):
+    mo.value_and_task_grads(fn)(jnp.ones(2))
+  # (losses, aux) without has_aux: the message points at has_aux.
+  with pytest.raises(TypeError, match="has_aux=True"):
+    mo.value_and_task_grads(lambda w: (w * 2, {"a": 1}))(jnp.ones(2))
+
+
+@pytest.mark.parametrize("argnums", [1.0, "0", None, (0, 1.5), True, ()])
+def test_bad_argnums_is_a_clear_type_error(argnums):
+  with pytest.raises(TypeError, match="argnums must be an int or a non-empty"):
+    mo.value_and_task_grads(lambda w: w, argnums=argnums)
+
+
+def _batch_loss(w, batch):
+  return jnp.mean((batch["x"] @ w - batch["y"]) ** 2)
+
+
+def test_list_of_per_task_batches_is_stacked():
+  batches = [{"x": jnp.ones((3, 1)), "y": jnp.full(3, 1.0)},
+             {"x": jnp.ones((3, 1)), "y": jnp.full(3, 3.0)}]
+  stacked = jax.tree.map(lambda *b: jnp.stack(b), *batches)
+  fn = mo.value_and_task_grads_from_batches(_batch_loss, num_tasks=2)
+  losses, grads = fn(jnp.array([2.0]), batches)
+  ref_losses, ref_grads = fn(jnp.array([2.0]), stacked)
+  np.testing.assert_allclose(losses, [1.0, 1.0])
+  np.testing.assert_allclose(grads.ravel(), [2.0, -2.0])  # 2 (w - y)
+  np.testing.assert_allclose(losses, ref_losses)
+  np.testing.assert_allclose(grads, ref_grads)
+
+
+def test_batch_without_task_axis_is_refused_naming_the_shapes():
+  one_batch = {"x": jnp.ones((5, 1)), "y": jnp.ones(5)}
+  fn = mo.value_and_task_grads_from_batches(_batch_loss, num_tasks=2)
+  with pytest.raises(ValueError, match=r"num_tasks = 2.*\['x'\] \(5, 1\)"):
+    fn(jnp.array([2.0]), one_batch)
+  # Without num_tasks, leaves whose leading axes disagree are refused too.
+  ragged = {"x": jnp.ones((2, 5, 1)), "y": jnp.ones((5,))}
+  with pytest.raises(ValueError, match=r"\['y'\] \(5,\)"):
+    mo.value_and_task_grads_from_batches(_batch_loss)(jnp.array([2.0]), ragged)
+  with pytest.raises(ValueError, match="of one structure"):
+    fn(jnp.array([2.0]), [one_batch, {"x": jnp.ones((5, 1))}])
+
+
+def test_out_of_range_batch_argnum_is_a_clear_error():
+  fn = mo.value_and_task_grads_from_batches(_batch_loss, batch_argnum=3)
+  with pytest.raises(ValueError, match="batch_argnum=3 is out of range for 2"):
+    fn(jnp.array([2.0]), {"x": jnp.ones((2, 3, 1)), "y": jnp.ones((2, 3))})

@@ -1,10 +1,15 @@
 """The CAGrad 2-D toy: the paper's qualitative claims, as regression targets."""
 
+import json
+
+import jax
 import numpy as np
 import pytest
 
 import mtl_optax as mo
 from mtl_optax import toy
+from mtl_optax.__main__ import PARETO_TOLERANCE
+from mtl_optax.__main__ import expectation
 from mtl_optax.__main__ import main
 
 
@@ -50,14 +55,51 @@ def test_mgda_and_pcgrad_end_on_the_pareto_set():
     final = np.asarray(toy.run_toy(method).final)
     assert np.all(np.abs(final[:, 0]) <= 7.05)
     assert np.all((final[:, 1] < -8.3) & (final[:, 1] > -8.45))
+    residuals = np.asarray(jax.vmap(toy.pareto_residual)(final))
+    assert np.all(residuals < PARETO_TOLERANCE)
+
+
+def test_pareto_residual_against_brute_force_min_norm():
+  """``||d*|| / max ||g_i||`` with ``d*`` found on a fine grid of the hull
+  (NumPy), at points on and off the Pareto set."""
+  points = [(3.0, -8.3551), (3.0, 0.0), (-5.044, 2.164), (0.0, -8.3551),
+            (8.0, -8.3551), (-8.5, 7.5)]
+  ts = np.linspace(0.0, 1.0, 200_001)
+  for point in points:
+    theta = np.asarray(point, np.float32)
+    jac = np.asarray(jax.jacrev(toy.toy_losses)(theta), np.float64)
+    hull = ts[:, None] * jac[0] + (1 - ts[:, None]) * jac[1]
+    expected = np.min(np.linalg.norm(hull, axis=1)) / np.max(
+        np.linalg.norm(jac, axis=1))
+    got = float(toy.pareto_residual(theta))
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-6)
+  assert float(toy.pareto_residual(np.array([0.0, -8.3551]))) < 1e-4
+  assert float(toy.pareto_residual(np.array([3.0, 0.0]))) > 0.1
+
+
+def test_expectations_name_the_three_stuck_starts():
+  assert [expectation("mean gradient (Adam)", s) for s in toy.TOY_STARTS] == [
+      "stuck", "optimum", "stuck", "optimum", "stuck", "optimum"]
+  assert {expectation("MGDA", s) for s in toy.TOY_STARTS} == {"pareto"}
+  assert {expectation("PCGrad", s) for s in toy.TOY_STARTS} == {"pareto"}
+  assert {expectation("CAGrad (c=0.5)", s) for s in toy.TOY_STARTS} == {
+      "optimum"}
 
 
 def test_command_line_main_job_writes_plot_and_table(tmp_path, capsys):
   assert main(["toy", "--steps", "2000", "--out", str(tmp_path)]) == 0
   out = capsys.readouterr().out
-  assert "CAGrad (c=0.5)" in out and "average L0" in out
+  # One progress line per method, then one table per method.
+  for name in toy.default_methods():
+    assert sum(line.strip().startswith(name) for line in out.splitlines()
+               ) == 2, name
+  assert "Pareto res." in out and "as expected" in out
+  assert "reference end" not in out
   assert (tmp_path / "toy_trajectories.png").stat().st_size > 10_000
-  assert (tmp_path / "toy_results.json").exists()
+  table = json.loads((tmp_path / "toy_results.json").read_text())
+  assert table["tolerances"]["pareto_residual"] == PARETO_TOLERANCE
+  rows = table["results"]["CAGrad (c=0.5)"]
+  assert len(rows) == 6 and {r["expected"] for r in rows} == {"optimum"}
 
 
 def test_run_toy_takes_loss_weightings_and_shifted_losses():

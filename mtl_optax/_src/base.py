@@ -450,10 +450,24 @@ class Opaque:
     return f"Opaque({self.value!r})"
 
 
+def _is_container(x: Any) -> bool:
+  return x is None or isinstance(x, (tuple, list, dict))
+
+
+def _flatten_opaque(node: Opaque):
+  # The static data is the skeleton of plain containers (NamedTuple states,
+  # tuples, dicts) only; anything else is a child that JAX flattens on its
+  # own. A wrapper that boxes the leaves in pytree nodes of its own (Flax
+  # NNX's optimizer state variables) then sees the same static data before
+  # and after boxing.
+  children, skeleton = jax.tree.flatten(
+      node.value, is_leaf=lambda x: not _is_container(x))
+  return children, skeleton
+
+
 jax.tree_util.register_pytree_node(
-    Opaque,
-    lambda node: (jax.tree.leaves(node.value), jax.tree.structure(node.value)),
-    lambda treedef, leaves: Opaque(jax.tree.unflatten(treedef, leaves)))
+    Opaque, _flatten_opaque,
+    lambda skeleton, children: Opaque(jax.tree.unflatten(skeleton, children)))
 
 
 def _is_masked_node(x: Any) -> bool:

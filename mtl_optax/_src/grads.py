@@ -12,8 +12,11 @@ import numpy as np
 
 from mtl_optax._src import base
 
+from mtl_optax._src import validation
+
 
 def normalize_argnums(argnums: int | Sequence[int]) -> tuple[tuple[int, ...], bool]:
+  validation.check_argnums(argnums)
   if isinstance(argnums, int):
     return (argnums,), True
   argnums = tuple(argnums)
@@ -164,8 +167,12 @@ def value_and_task_grads(
   and Gram-first paths. From the partition's labels:
   ``shared=lambda p: jax.tree.map(lambda l: l == 'shared', labels(p))``.
 
+  ``fn`` may also return a Python list or tuple of K scalar losses (the
+  TorchJD habit); they are stacked into the ``(K,)`` vector for you.
+
   Args:
-    fn: function returning a 1-D array of K task losses.
+    fn: function returning a 1-D array of K task losses (or a list/tuple of
+      K scalars).
     argnums: which positional argument(s) to differentiate.
     has_aux: whether ``fn`` returns ``(losses, aux)``.
     chunk_size: None (all K backward passes in one vmap) or the number of
@@ -205,7 +212,8 @@ def value_and_task_grads(
 
   def wrapped(*args, **kwargs):
     diff, rebuild = split_args(args, argnums_t)
-    partial = lambda *d: fn(*rebuild(*d), **kwargs)
+    partial = lambda *d: validation.as_loss_vector(
+        fn(*rebuild(*d), **kwargs), has_aux, "value_and_task_grads")
     if has_aux:
       losses, vjp_fn, aux = jax.vjp(partial, *diff, has_aux=True)
     else:
@@ -230,7 +238,8 @@ def value_and_task_grads(
 
 def value_and_task_grads_from_batches(
     task_loss: Callable[..., Any], argnums: int = 0, batch_argnum: int = 1,
-    has_aux: bool = False) -> Callable[..., tuple[Any, Any]]:
+    has_aux: bool = False, num_tasks: int | None = None
+) -> Callable[..., tuple[Any, Any]]:
   """Per-task gradients when every task has its own batch.
 
   For multi-task RL or multi-input data sets: ``task_loss(params, batch)``
@@ -245,8 +254,13 @@ def value_and_task_grads_from_batches(
     task_loss: scalar loss of one task's batch (``(loss, aux)`` with
       ``has_aux``).
     argnums: the positional argument to differentiate (the parameters).
-    batch_argnum: the positional argument holding the per-task batches.
+    batch_argnum: the positional argument holding the per-task batches:
+      leaves with one leading task axis, or a Python list of K per-task
+      batches of one structure (stacked for you; a tuple or dict is a batch
+      pytree, not a list of tasks).
     has_aux: whether ``task_loss`` returns ``(loss, aux)``; aux is stacked.
+    num_tasks: optional K; the batches' leading axis is then checked
+      against it (without it, only its agreement across leaves).
 
   Example:
     >>> import jax.numpy as jnp, mtl_optax as mo
@@ -262,6 +276,8 @@ def value_and_task_grads_from_batches(
   grad_fn = jax.value_and_grad(task_loss, argnums=argnums, has_aux=has_aux)
 
   def wrapped(*args, **kwargs):
+    args = validation.task_batches(args, batch_argnum, num_tasks,
+                                   "value_and_task_grads_from_batches")
     in_axes = [None] * len(args)
     in_axes[batch_argnum] = 0
     return jax.vmap(lambda *a: grad_fn(*a, **kwargs), in_axes=in_axes)(*args)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtl_optax._src import two_task
+
 
 def project_to_simplex(x: jax.Array) -> jax.Array:
   """Euclidean projection onto ``{w >= 0, sum(w) = 1}`` (sort based).
@@ -42,6 +44,10 @@ class SimplexSolution(NamedTuple):
   residual: jax.Array
   iterations: jax.Array
 
+
+# Reported by the K = 2 closed forms (two_task), which take no steps.
+def _no_iterations():
+  return jnp.zeros((), jnp.int32)
 
 # After an accepted step the Lipschitz estimate is relaxed by this factor, so
 # that steps can lengthen again where the curvature is lower.
@@ -195,6 +201,8 @@ def min_norm_weights(gram: jax.Array, init: jax.Array | None = None,
     [0.7143 0.2857]
   """
   num_tasks = gram.shape[0]
+  if num_tasks == 2:  # closed form, no loop
+    return SimplexSolution(*two_task.min_norm_weights(gram), _no_iterations())
   if init is None:
     init = jnp.full((num_tasks,), 1.0 / num_tasks, gram.dtype)
   value_and_grad = lambda w: (0.5 * w @ gram @ w, gram @ w)
@@ -223,6 +231,9 @@ def cagrad_dual_weights(gram: jax.Array, c: jax.Array | float,
   """
   num_tasks = gram.shape[0]
   dtype = gram.dtype
+  if num_tasks == 2:  # closed form, no loop
+    return SimplexSolution(*two_task.cagrad_dual_weights(gram, c, anchor),
+                           _no_iterations())
   if init is None:
     init = jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
   if anchor is None:
@@ -440,6 +451,9 @@ def lower_bounded_qp(quad: jax.Array, lower: jax.Array, max_iter: int = 100,
     >>> print(np.asarray(sol.solution, np.float64).round(4))
     [0.5  0.25]
   """
+  if quad.shape[0] == 2:  # closed form, no loop
+    return BoxQPSolution(*two_task.lower_bounded_qp(quad, lower),
+                         _no_iterations())
   return _lower_bounded_qp(quad, jnp.asarray(lower, quad.dtype), max_iter,
                            tol)
 

@@ -19,7 +19,8 @@ def check_num_tasks(num_tasks: Any, method: str) -> int:
         f"{method}: num_tasks must be a static Python int, got a JAX array. "
         "With optax.inject_hyperparams pass static_args=('num_tasks', ...)."
     )
-  if isinstance(num_tasks, (bool, np.bool_)) or int(num_tasks) != num_tasks:
+  if isinstance(num_tasks, (bool, np.bool_)) or not isinstance(
+      num_tasks, (int, np.integer)):
     raise TypeError(f"{method}: num_tasks must be an int, got {num_tasks!r}.")
   num_tasks = int(num_tasks)
   if num_tasks < 1:
@@ -103,3 +104,80 @@ def check_positive_int(value: Any, name: str, method: str) -> None:
   if (isinstance(value, (bool, np.bool_)) or np.ndim(value) != 0
       or int(value) != value or int(value) < 1):
     raise ValueError(f"{method}: {name} must be an int >= 1, got {value!r}.")
+
+
+def check_argnums(argnums: Any, what: str = "argnums") -> None:
+  """Raises a clear TypeError unless ``argnums`` is an int or ints."""
+  is_int = lambda a: isinstance(a, (int, np.integer)) and not isinstance(
+      a, (bool, np.bool_))
+  if is_int(argnums):
+    return
+  if isinstance(argnums, (tuple, list)) and argnums and all(
+      is_int(a) for a in argnums):
+    return
+  raise TypeError(f"{what} must be an int or a non-empty tuple of ints (the "
+                  f"positions of the arguments to differentiate), got "
+                  f"{argnums!r} of type {type(argnums).__name__}.")
+
+
+def as_loss_vector(out: Any, has_aux: bool, what: str) -> Any:
+  """Stacks a Python list or tuple of K scalar losses into a ``(K,)`` array.
+
+  ``out`` is a loss function's output (``(losses, aux)`` with ``has_aux``);
+  arrays pass unchanged. An element that is not a scalar is refused with a
+  message saying what to return.
+  """
+  losses, aux = out if has_aux else (out, None)
+  if isinstance(losses, (list, tuple)):
+    for i, loss in enumerate(losses):
+      if np.ndim(loss) != 0:
+        raise TypeError(
+            f"{what}: fn returned a {type(losses).__name__} of "
+            f"{len(losses)} items, and item {i} has shape "
+            f"{tuple(np.shape(loss))}; return the K task losses as a 1-D "
+            "array (or a list/tuple of K scalars, stacked for you). With an "
+            "auxiliary output return (losses, aux) and pass has_aux=True.")
+    losses = jax.numpy.stack(losses) if losses else losses
+  return (losses, aux) if has_aux else losses
+
+
+def task_batches(args: tuple, batch_argnum: Any, num_tasks: Any,
+                 what: str) -> tuple:
+  """Checks and normalises the per-task batches at ``args[batch_argnum]``.
+
+  A Python list there is a list of K per-task batches (one per task, each
+  with the same structure), stacked on a new leading axis; anything else
+  must already carry the task axis on every leaf. Every leaf's leading axis
+  must agree, and equal ``num_tasks`` when it is given.
+  """
+  check_argnums(batch_argnum, "batch_argnum")
+  if not -len(args) <= batch_argnum < len(args):
+    raise ValueError(f"{what}: batch_argnum={batch_argnum} is out of range "
+                     f"for {len(args)} positional arguments.")
+  batch = args[batch_argnum]
+  if isinstance(batch, list):
+    structures = {jax.tree.structure(b) for b in batch}
+    if not batch or len(structures) != 1:
+      raise ValueError(f"{what}: a list of per-task batches must hold K >= 1 "
+                       "batches of one structure, got "
+                       f"{len(batch)} with {len(structures)} structures.")
+    batch = jax.tree.map(lambda *b: jax.numpy.stack(b), *batch)
+  leaves = jax.tree_util.tree_leaves_with_path(batch)
+  sizes = {}
+  for path, leaf in leaves:
+    shape = tuple(np.shape(leaf))
+    sizes.setdefault(shape[0] if shape else None, []).append(
+        f"{jax.tree_util.keystr(path) or '<batch>'} {shape}")
+  expected = {num_tasks} if num_tasks is not None else None
+  if len(sizes) > 1 or None in sizes or (
+      expected is not None and sizes and set(sizes) != expected):
+    shapes = "; ".join(s for group in sizes.values() for s in group)
+    raise ValueError(
+        f"{what}: every leaf of the per-task batches needs a leading task "
+        f"axis of one size K"
+        f"{f' = num_tasks = {num_tasks}' if num_tasks is not None else ''}, "
+        f"got shapes {shapes}. Stack one batch per task (or pass a Python "
+        "list of per-task batches).")
+  args = list(args)
+  args[batch_argnum] = batch
+  return tuple(args)
