@@ -115,6 +115,11 @@ from mtl_optax._src.flax_utils import nnx_value_and_weighted_grad
 from mtl_optax._src.metrics import delta_m_flat
 from mtl_optax._src.metrics import delta_m_per_task
 
+# --- the Gram-weighting layer and Priority-Constrained Descent ---
+from mtl_optax import gram_weightings
+from mtl_optax._src.priority import pcd
+from mtl_optax._src.priority import PCDState
+
 __version__ = "0.1.0.dev0"
 
 # The family modules moved to mtl_optax._src; their old import paths warn.
