@@ -17,7 +17,6 @@ import numpy as np
 import optax
 
 from mtl_optax._src import base
-from mtl_optax._src import solvers
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 
