@@ -134,6 +134,11 @@ from mtl_optax._src.gram_first import value_and_gram
 from mtl_optax._src.gram_first import value_and_gram_weighted_grad
 from mtl_optax._src.flax_utils import nnx_value_and_gram_weighted_grad
 
+# --- the Gram-weighting layer and Priority-Constrained Descent ---
+from mtl_optax import gram_weightings
+from mtl_optax._src.priority import pcd
+from mtl_optax._src.priority import PCDState
+
 # --- printable methods: each factory's transformation prints its call ---
 from mtl_optax._src import naming as _naming
 _naming.make_printable(globals(), [

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from mtl_optax._src import base
-from mtl_optax._src import solvers
+from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 
 
@@ -163,12 +163,11 @@ def mgda(num_tasks: int, max_iter: int = 500, tol: Optional[float] = None,
     return MGDAState(base.uniform_weights(num_tasks, dtype),
                      jnp.zeros((), dtype))
 
+  from mtl_optax import gram_weightings  # pylint: disable=g-import-not-at-top
+
   def rule(context, state):
-    uniform = base.uniform_weights(num_tasks, context.gram.dtype)
-    start = base.finite_or(state.weights.astype(context.gram.dtype), uniform)
-    sol = solvers.min_norm_weights(
-        context.gram, start if warm_start else uniform, max_iter, tol)
-    return sol.weights, MGDAState(sol.weights, sol.residual)
+    return gram_weightings.mgda(tree_math.NormalizedGram(context.gram, context.rms_norm), state, max_iter=max_iter,
+                                tol=tol, warm_start=warm_start)
 
   return base.task_weighting_transformation(num_tasks, method, init_state, rule)
 
@@ -246,9 +245,9 @@ def pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformationExtraAr
     return PCGradState(base.uniform_weights(num_tasks, dtype),
                        jax.random.PRNGKey(seed))
 
+  from mtl_optax import gram_weightings  # pylint: disable=g-import-not-at-top
+
   def rule(context, state):
-    key, subkey = jax.random.split(state.key)
-    coeffs = pcgrad_coefficients(context.gram, subkey)
-    return coeffs, PCGradState(coeffs, key)
+    return gram_weightings.pcgrad(tree_math.NormalizedGram(context.gram, context.rms_norm), state)
 
   return base.task_weighting_transformation(num_tasks, method, init_state, rule)

@@ -26,6 +26,7 @@ import optax
 
 from mtl_optax._src import base
 from mtl_optax._src import solvers
+from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 
 __all__ = (
@@ -152,22 +153,13 @@ def nash_mtl(num_tasks: int, update_weights_every: int = 1,
                         jnp.ones((num_tasks,), dtype),
                         jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
 
+  from mtl_optax import gram_weightings  # pylint: disable=g-import-not-at-top
+
   def rule(context, state):
-    gram = context.gram
-    dtype = gram.dtype
-    rms = context.rms_norm.astype(dtype)
-    alpha, residual = _nash_alpha(
-        gram, rms, state.alpha.astype(dtype), state.residual.astype(dtype),
-        state.step, update_weights_every, optim_niter, tol)
-    # ||d||**2 = alpha^T A alpha = (rms alpha)^T gram (rms alpha), computed on
-    # the O(1) vector rms * alpha so that it neither overflows nor underflows.
-    scaled = alpha * rms
-    norm = jnp.sqrt(jnp.maximum(scaled @ gram @ scaled, 0.0))
-    limit = jnp.asarray(max_norm, dtype)
-    clip = (limit > 0) & (norm > limit)
-    weights = alpha * jnp.where(clip, limit / jnp.where(clip, norm, 1.0), 1.0)
-    weights = base.poison_if_nonfinite(weights, gram)
-    return weights, NashMTLState(weights, alpha, state.step + 1, residual)
+    return gram_weightings.nash_mtl(
+        tree_math.NormalizedGram(context.gram, context.rms_norm), state,
+        update_weights_every=update_weights_every, max_iter=optim_niter,
+        max_norm=max_norm, tol=tol)
 
   return base.task_weighting_transformation(num_tasks, method, init_state, rule)
 

@@ -10,6 +10,7 @@ import optax
 
 from mtl_optax._src import base
 from mtl_optax._src import solvers
+from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 
 
@@ -158,26 +159,12 @@ def cagrad(num_tasks: int, c: float = 0.4, rescale: int = 1,
     return CAGradState(uniform, uniform, jnp.zeros((), dtype),
                        jax.random.PRNGKey(seed))
 
+  from mtl_optax import gram_weightings  # pylint: disable=g-import-not-at-top
+
   def rule(context, state):
-    gram = context.gram
-    uniform = base.uniform_weights(num_tasks, gram.dtype)
-    if num_sampled_tasks is None:
-      start = base.finite_or(state.dual_weights.astype(gram.dtype), uniform)
-      coefficients, sol = cagrad_coefficients(
-          gram, c, rescale, start if warm_start else uniform, max_iter, tol)
-      return coefficients, CAGradState(coefficients, sol.weights, sol.residual,
-                                       state.key)
-    key, subkey = jax.random.split(state.key)
-    mixing = sampled_task_matrix(subkey, num_tasks,
-                                 num_sampled_tasks).astype(gram.dtype)
-    anchor = jnp.concatenate([
-        jnp.full((num_sampled_tasks,), 1.0 / num_tasks, gram.dtype),
-        jnp.full((1,), (num_tasks - num_sampled_tasks) / num_tasks,
-                 gram.dtype)])
-    surrogate, sol = cagrad_coefficients(
-        mixing @ gram @ mixing.T, c, rescale, None, max_iter, tol, anchor)
-    coefficients = mixing.T @ surrogate
-    return coefficients, CAGradState(coefficients, mixing.T @ sol.weights,
-                                     sol.residual, key)
+    return gram_weightings.cagrad(
+        tree_math.NormalizedGram(context.gram, context.rms_norm), state, c=c,
+        rescale=rescale, max_iter=max_iter, tol=tol, warm_start=warm_start,
+        num_sampled_tasks=num_sampled_tasks)
 
   return base.task_weighting_transformation(num_tasks, method, init_state, rule)

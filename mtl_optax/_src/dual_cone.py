@@ -19,6 +19,7 @@ import optax
 
 from mtl_optax._src import base
 from mtl_optax._src import solvers
+from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 
 __all__ = (
@@ -83,12 +84,14 @@ def _dual_cone_method(method, num_tasks, pref_vector, reg_eps, max_iter, tol,
   def init_state(dtype):
     return DualConeState(pref(dtype), jnp.zeros((), dtype))
 
+  from mtl_optax import gram_weightings  # pylint: disable=g-import-not-at-top
+  del weights_fn  # the layer's function of the same name wraps it
+  layer = getattr(gram_weightings, method)
+
   def rule(context, state):
-    del state
-    gram = context.gram
-    weights, sol = weights_fn(gram, pref(gram.dtype), reg_eps, max_iter, tol)
-    weights = base.poison_if_nonfinite(weights, gram)
-    return weights, DualConeState(weights, sol.residual)
+    return layer(tree_math.NormalizedGram(context.gram, context.rms_norm),
+                 state, pref_vector=pref_vector, reg_eps=reg_eps,
+                 max_iter=max_iter, tol=tol)
 
   return base.task_weighting_transformation(num_tasks, method, init_state, rule)
 

@@ -125,10 +125,11 @@ def krum(num_tasks: int, n_byzantine: int = 0, n_selected: int = 1
     raise ValueError(f"{method}: n_selected={n_selected} exceeds "
                      f"num_tasks={num_tasks}.")
 
+  from mtl_optax import gram_weightings  # pylint: disable=g-import-not-at-top
+
   def rule(context, state):
-    del state
-    weights = krum_weights(context.gram, n_byzantine, n_selected)
-    return weights, KrumState(weights)
+    return gram_weightings.krum(tree_math.NormalizedGram(context.gram, context.rms_norm), state,
+                                n_byzantine=n_byzantine, n_selected=n_selected)
 
   return base.task_weighting_transformation(
       num_tasks, method,

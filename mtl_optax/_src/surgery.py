@@ -154,11 +154,10 @@ def gradvac(num_tasks: int, beta: float = 0.5, seed: int = 0
                         jnp.zeros((num_tasks, num_tasks), dtype),
                         jax.random.PRNGKey(seed))
 
+  from mtl_optax import gram_weightings  # pylint: disable=g-import-not-at-top
+
   def rule(context, state):
-    key, subkey = jax.random.split(state.key)
-    coeffs, targets = gradvac_coefficients(context.gram, state.targets, beta,
-                                           subkey)
-    return coeffs, GradVacState(coeffs, targets, key)
+    return gram_weightings.gradvac(tree_math.NormalizedGram(context.gram, context.rms_norm), state, beta=beta)
 
   return base.task_weighting_transformation(num_tasks, method, init_state, rule)
 

@@ -347,6 +347,48 @@ class NormalizedGram(NamedTuple):
   rms_norm: jax.Array
 
 
+def _normalized_from_raw(raw: jax.Array, scale: jax.Array) -> NormalizedGram:
+  """``raw`` divided by its mean diagonal; ``scale`` multiplies the RMS norm."""
+  mean_sq = jnp.trace(raw) / raw.shape[0]
+  zero = mean_sq == 0  # all task gradients zero; NaN stays NaN below
+  gram = jnp.where(zero, jnp.zeros_like(raw),
+                   raw / jnp.where(zero, 1.0, mean_sq))
+  return NormalizedGram(gram, scale * jnp.sqrt(mean_sq))
+
+
+def normalize_gram_matrix(gram: jax.Array) -> NormalizedGram:
+  """:func:`normalized_gram` for a Gram matrix that is already computed.
+
+  ``gram`` is a ``(K, K)`` raw Gram matrix ``A[i, j] = <g_i, g_j>``, in
+  float32 or wider (narrower input is promoted). The fast path divides it by
+  its mean diagonal, exactly as :func:`normalized_gram` does with the Gram
+  matrix of the gradients; when that mean overflows or underflows (entries
+  beyond roughly 1e38 or below 1e-24 in float32) the matrix is first divided
+  by its largest magnitude, so any finite Gram matrix gives a finite result.
+  Non-finite entries give a non-finite result.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from mtl_optax._src.tree_math import normalize_gram_matrix
+    >>> out = normalize_gram_matrix(jnp.array([[9e-31, 0.], [0., 16e-31]]))
+    >>> print(np.asarray(out.gram, np.float64).round(4), f"{out.rms_norm:.4e}")
+    [[0.72 0.  ]
+     [0.   1.28]] 1.1180e-15
+  """
+  gram = jnp.asarray(gram)
+  raw = gram.astype(jnp.promote_types(gram.dtype, jnp.float32))
+  mean_sq = jnp.trace(raw) / raw.shape[0]
+
+  def rescaled(_):
+    peak = jnp.max(jnp.abs(raw))
+    scale = jnp.where(peak > 0, peak, 1.0)
+    return _normalized_from_raw(raw / scale, jnp.sqrt(scale))
+
+  return jax.lax.cond(
+      _lost_range(mean_sq, raw.dtype), rescaled,
+      lambda _: _normalized_from_raw(raw, jnp.ones((), raw.dtype)), None)
+
+
 def normalized_gram(stacked: Any) -> NormalizedGram:
   """Scale-free Gram matrix, safe for gradient magnitudes 1e-30 ... 1e30.
 
@@ -377,12 +419,7 @@ def normalized_gram(stacked: Any) -> NormalizedGram:
   blocks = _task_blocks(leaves)
   gram = lambda bs: _blocks_gram(bs, bs, num_tasks, num_tasks, dtype, True)
 
-  def from_gram(raw: jax.Array, scale: jax.Array) -> NormalizedGram:
-    mean_sq = jnp.trace(raw) / num_tasks
-    zero = mean_sq == 0  # all task gradients zero; NaN stays NaN below
-    gram = jnp.where(zero, jnp.zeros_like(raw),
-                     raw / jnp.where(zero, 1.0, mean_sq))
-    return NormalizedGram(gram, scale * jnp.sqrt(mean_sq))
+  from_gram = _normalized_from_raw
 
   raw = gram(blocks)
   needs_rescale = _lost_range(jnp.trace(raw) / num_tasks, dtype)
