@@ -31,12 +31,12 @@ def test_the_gram_weighting_layer_is_documented():
 
 
 def _factories():
-  """Public functions that build a transformation (take ``num_tasks``)."""
+  """Public functions that build a transformation (``num_tasks`` first)."""
   out = set()
   for name in mtl_optax.__all__:
     value = getattr(mtl_optax, name)
-    if inspect.isfunction(value) and "num_tasks" in inspect.signature(
-        value).parameters:
+    if inspect.isfunction(value) and list(inspect.signature(
+        value).parameters)[:1] == ["num_tasks"]:
       out.add(name)
   return out
 
