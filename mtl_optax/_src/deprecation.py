@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 import types
@@ -32,3 +33,45 @@ def alias_moved_modules(package: str, names: tuple[str, ...]) -> None:
     sys.modules.setdefault(f"{package}.{name}",
                            _MovedModule(f"{package}.{name}",
                                         f"{package}._src.{name}"))
+
+
+def renamed_arguments(**renames):
+  """Keeps old keyword-argument spellings of a factory working, with a warning.
+
+  ``renames`` maps an old name to the new one, or to ``(new, convert)`` when
+  the meaning changed too (e.g. an EMA weight of the new value becoming
+  optax's ``decay``: ``beta=("decay", lambda b: 1 - b)``). Passing both the
+  old and the new name is an error.
+
+  Example:
+    >>> import warnings
+    >>> @renamed_arguments(optim_niter="max_iter")
+    ... def solve(num_tasks, max_iter=20):
+    ...   return max_iter
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...   warnings.simplefilter("always")
+    ...   print(solve(2, optim_niter=5), caught[0].category.__name__)
+    5 DeprecationWarning
+  """
+  table = {old: (new if isinstance(new, tuple) else (new, None))
+           for old, new in renames.items()}
+
+  def decorate(factory):
+    @functools.wraps(factory)
+    def wrapped(*args, **kwargs):
+      for old, (new, convert) in table.items():
+        if old not in kwargs:
+          continue
+        if new in kwargs:
+          raise TypeError(f"{factory.__name__}: got both {old}= (deprecated) "
+                          f"and {new}=; pass {new}= only.")
+        value = kwargs.pop(old)
+        warnings.warn(
+            f"{factory.__name__}({old}=...) is deprecated: use {new}="
+            + ("" if convert is None else " (see the docstring: the value's "
+               "meaning changed)") + ".", DeprecationWarning, stacklevel=2)
+        kwargs[new] = value if convert is None else convert(value)
+      return factory(*args, **kwargs)
+    wrapped.renamed_arguments = dict(renames)
+    return wrapped
+  return decorate
