@@ -202,9 +202,13 @@ def fairgrad(num_tasks: int, alpha: float = 1.0, max_iter: int = 50,
 
   Output scale: the paper's. The weights scale as ``|g|^(-2 alpha / (1 +
   alpha))`` and the update as ``|g|^((1 - alpha) / (1 + alpha))``: for
-  ``alpha = 1``, ``||d|| = sqrt(K)`` whatever the gradients' scale. For
-  ``alpha != 1`` and gradients far from unit scale the weights can leave the
-  float32 range. Zero gradients and Pareto-stationary points are handled as
+  ``alpha = 1``, ``||d|| = sqrt(K)`` whatever the gradients' scale. The
+  system is solved on the scale-free Gram matrix and the update formed as
+  ``rms^((1 - alpha)/(1 + alpha)) sum_i (w_hat_i / rms) g_i`` (``rms`` the
+  RMS task-gradient norm), so it stays finite from 1e-30 to 1e30 although
+  for ``alpha != 1`` the raw weights may not be representable there: then
+  ``state.weights`` saturates at the dtype's largest value (or underflows
+  to 0) and is no longer exact. Zero gradients and Pareto-stationary points are handled as
   in :func:`nash_mtl` and reported by ``residual``.
 
   Args:
@@ -243,10 +247,23 @@ def fairgrad(num_tasks: int, alpha: float = 1.0, max_iter: int = 50,
     fair = a > 0
     safe = jnp.where(fair, a, 1.0)
     sol = solvers.alpha_fair_weights(gram, safe, max_iter=max_iter, tol=tol)
-    weights = _to_raw_scale(sol.weights, rms, -2.0 * safe / (1.0 + safe))
-    weights = jnp.where(fair, weights, base.uniform_weights(num_tasks, dtype))
-    weights = base.poison_if_nonfinite(weights, gram)
+    # Raw weights w = w_unit * rms**(-2a/(1+a)) leave the float range for
+    # alpha != 1 long before the update does: the update is formed as
+    # rms**((1-a)/(1+a)) * sum_i (w_unit_i / rms) g_i, every factor finite.
+    positive = rms > 0
+    safe_rms = jnp.where(positive, rms, 1.0)
+    update_scale = jnp.exp((1.0 - safe) / (1.0 + safe) * jnp.log(safe_rms))
+    uniform = base.uniform_weights(num_tasks, dtype)
+    coefficients = jnp.where(fair, sol.weights / safe_rms, uniform)
+    coefficients = base.poison_if_nonfinite(coefficients, gram)
+    update_scale = jnp.where(fair, update_scale, 1.0)
+    # The recorded raw weights saturate at the dtype's range.
+    weights = jnp.minimum(_to_raw_scale(sol.weights, safe_rms,
+                                        -2.0 * safe / (1.0 + safe)),
+                          jnp.finfo(dtype).max)
+    weights = base.poison_if_nonfinite(jnp.where(fair, weights, uniform), gram)
     residual = jnp.where(fair, sol.residual, 0.0)
-    return weights, FairGradState(weights, residual)
+    return (base.ScaledCoefficients(coefficients, update_scale),
+            FairGradState(weights, residual))
 
   return base.task_weighting_transformation(num_tasks, method, init_state, rule)
