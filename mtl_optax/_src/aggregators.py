@@ -64,6 +64,8 @@ def fixed_weighting(num_tasks: int, weights, method: str
       np.shape(weights) != (num_tasks,)):
     raise ValueError(f"{method}: weights has shape {np.shape(weights)}, "
                      f"expected ({num_tasks},).")
+  if weights is not None:
+    validation.check_finite(weights, "weights", method)
 
   def fixed(dtype):
     if weights is None:
@@ -94,7 +96,8 @@ def task_sum(num_tasks: int) -> optax.GradientTransformationExtraArgs:
     >>> print(tx.update(heads, tx.init({'h': jnp.zeros(2)}))[0]['h'])
     [1. 3.]
   """
-  return linear_scalarization(num_tasks, weights=jnp.ones((num_tasks,)))
+  num_tasks = validation.check_num_tasks(num_tasks, "task_sum")
+  return fixed_weighting(num_tasks, jnp.ones((num_tasks,)), "task_sum")
 
 
 class MGDAState(NamedTuple):
@@ -140,6 +143,9 @@ def mgda(num_tasks: int, max_iter: int = 500, tol: Optional[float] = None,
   """
   method = "mgda"
   num_tasks = validation.check_num_tasks(num_tasks, method)
+  validation.check_positive_int(max_iter, "max_iter", method)
+  if tol is not None:
+    validation.check_positive(tol, "tol", method)
 
   def init_state(dtype):
     return MGDAState(base.uniform_weights(num_tasks, dtype),
@@ -223,6 +229,7 @@ def pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformationExtraAr
   """
   method = "pcgrad"
   num_tasks = validation.check_num_tasks(num_tasks, method)
+  seed = validation.static_int(seed, "seed", method)
 
   def init_state(dtype):
     return PCGradState(base.uniform_weights(num_tasks, dtype),

@@ -81,7 +81,7 @@ class NashMTLState(NamedTuple):
 
 
 def nash_mtl(num_tasks: int, update_weights_every: int = 1,
-             optim_niter: int = 20, max_norm: float = 1.0,
+             optim_niter: int = 100, max_norm: float = 1.0,
              tol: Optional[float] = None
              ) -> optax.GradientTransformationExtraArgs:
   """Nash-MTL: the Nash bargaining solution between the tasks.
@@ -122,7 +122,11 @@ def nash_mtl(num_tasks: int, update_weights_every: int = 1,
   Args:
     num_tasks: number of tasks K.
     update_weights_every: solve every this many steps (int >= 1).
-    optim_niter: cap on Newton steps per solve (int >= 1).
+    optim_niter: cap on Newton steps per solve (int >= 1). The loop stops
+      at ``tol``, so warm-started steps take a few; the cap matters on hard
+      problems (a 1e6 ratio of task-gradient norms leaves residuals of
+      0.15-0.84 after 20 steps and converges to 1e-15 within 100). Not the
+      official ``optim_niter``, which counts cvxpy sub-problems.
     max_norm: bound on ``||d||``; 0 disables it (injectable).
     tol: Newton tolerance on the relative residual; default 1e-5 in
       float32, 1e-10 in float64.
@@ -198,7 +202,10 @@ def fairgrad(num_tasks: int, alpha: float = 1.0, max_iter: int = 50,
   in TorchJD. Solved by Newton's method on the convex potential
   ``1/2 w^T A w - sum_i (w_i^p - 1) / p``, ``p = 1 - 1/alpha`` (see
   :func:`~mtl_optax._src.solvers.alpha_fair_weights`), where the official
-  code and TorchJD call ``scipy.optimize.least_squares`` on the host.
+  code and TorchJD call ``scipy.optimize.least_squares`` on the host. The
+  official trainer then multiplies the update by K and clips its norm to 1;
+  chain ``optax.scale(num_tasks)`` and ``optax.clip_by_global_norm(1.0)``
+  for that.
 
   Output scale: the paper's. The weights scale as ``|g|^(-2 alpha / (1 +
   alpha))`` and the update as ``|g|^((1 - alpha) / (1 + alpha))``: for

@@ -18,10 +18,19 @@ Two mini-batches: :func:`sdmgrad` and :func:`modo` accept the extra argument
 
 The weights are computed from ``A = J J'^T`` (``A[i, j] = <g_i, g'_j>``,
 with ``g`` from ``updates`` and ``g'`` from ``second_task_grads``) and the
-update is ``sum_i w_i g_i`` along ``updates``, as in TorchJD's two-batch
-examples. Without ``second_task_grads`` both fall back to the single-batch
-Gram matrix ``J J^T``: the deterministic method, biased for stochastic
-gradients (the papers' guarantees need the independent batch).
+update is ``sum_i w_i g_i`` along ``updates``. Without
+``second_task_grads`` both fall back to the single-batch Gram matrix
+``J J^T``: the deterministic method, biased for stochastic gradients (the
+papers' guarantees need the independent batch).
+
+The papers also draw the batch the update is taken along independently of
+the two that fit the weights (a third batch). That is not supported: the
+update is always along ``updates``, the first batch. TorchJD's examples
+differ from both: its MoDo example updates along the average
+``(losses_1 + losses_2) / 2`` of the two batches, and its SDMGrad example
+uses a third batch for the update. For the papers' version, take the
+weights from ``state.weights`` and combine a third batch's gradients with
+them (``mo.constant(num_tasks, state.weights)``).
 """
 
 from __future__ import annotations
@@ -226,8 +235,10 @@ def sdmgrad(num_tasks: int, lam: float = 0.3, lr: Optional[float] = None,
   projected heavy-ball SGD (fresh momentum each call, warm-started ``w``)
   with the stochastic gradient ``A_n (w + lam 1/K)``, where ``A`` is the
   cross-batch matrix ``J J'^T`` (see the module docstring for
-  ``second_task_grads``) normalised as in the official code and LibMTL,
-  ``A_n = A / mean_i(sqrt(max(A_ii, 0)))**2``. Then
+  ``second_task_grads``) normalised as in LibMTL,
+  ``A_n = A / mean_i(sqrt(max(A_ii, 0)))**2`` (the official code divides by
+  ``mean_i(sqrt(A_ii + 1e-4))**2`` without a clamp, which is
+  scale-dependent and NaN for a negative cross-batch diagonal). Then
   ``d = sum_i (w_i + lam / K) / (1 + lam) g_i`` over ``updates``: the scale
   of ``g0`` (weights sum to 1). ``lam = 0`` gives stochastic MGDA; large
   ``lam`` gives ``g0``.
@@ -338,9 +349,9 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.1
   module docstring for ``second_task_grads``), then ``d = sum_i lambda_i g_i``
   over ``updates``: the scale of ``g0``. As in the paper and LibMTL the step
   acts on the unnormalised matrix, so ``gamma`` must suit the squared
-  gradient scale (LibMTL's defaults below; TorchJD's ``MoDoWeighting``
-  replaces the projection with a softmax and uses ``gamma = 0.1``,
-  ``rho = 0``). For gradients so large that ``gamma ||g||^2`` overflows the
+  gradient scale (LibMTL's defaults below; TorchJD 0.18's ``MoDoWeighting``
+  takes the same simplex projection with ``rho = 0.1`` and agrees with this
+  one). For gradients so large that ``gamma ||g||^2`` overflows the
   step is capped, which gives its limit.
 
   Args:
@@ -411,8 +422,7 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
 
   Fernando, Shen, Liu, Chaudhury, Murugesan & Chen, "Mitigating Gradient
   Bias in Multi-objective Learning: A Provably Convergent Stochastic
-  Approach", ICLR 2023, in the form of the authors' code as shipped by LibMTL
-  (with LibMTL's defaults). At step ``k = 1, 2, ...``, with
+  Approach", ICLR 2023, in LibMTL's version (with LibMTL's defaults). At step ``k = 1, 2, ...``, with
   ``h_i = L_i g_i / ||g_i||`` (each gradient rescaled to its task loss),
   ``beta_k = beta / k**beta_sigma`` and ``gamma_k = gamma / k**gamma_sigma``::
 
@@ -422,8 +432,9 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
 
   Output scale: a convex combination of the tracked ``y_i``, whose norms
   approach the task losses ``L_i`` (not ``g0``'s scale). The paper's
-  Algorithm 1 projects ``lambda`` onto the simplex and tracks raw gradients;
-  the authors' code (used here) normalises by the loss and uses the softmax.
+  Algorithm 1 and the authors' public code track raw gradients and project
+  ``lambda`` onto the simplex; the loss normalisation and the softmax used
+  here are LibMTL's version.
   ``||g_i||`` has no ``1e-8`` guard here: a zero gradient gives ``h_i = 0``.
   Requires ``task_losses``. The state holds ``y``: one ``(K, *shape)`` array
   per parameter (float32 or wider).
