@@ -276,7 +276,9 @@ def test_degenerate_inputs_are_reported_not_averaged():
   # zero update, residual ~1 says so.
   for tx in (mo.nash_mtl(2), mo.fairgrad(2)):
     update, state = apply_fresh(tx, np.stack([g, -g]))
-    np.testing.assert_allclose(update, np.zeros(3), atol=1e-5)
+    # The ridge-regularised weights are ~1/sqrt(eps): their float32
+    # cancellation leaves ~5e-5 of ||g||.
+    np.testing.assert_allclose(update, np.zeros(3), atol=5e-4)
     assert np.all(np.isfinite(state.weights))
     assert float(state.residual) > 0.5
   # All zero: zero update, zero weights.
