@@ -188,7 +188,7 @@ def test_sdmgrad_matches_oracle_with_two_batches(name):
   seconds = _second_batches(jacs)
   with jax.enable_x64(True):
     expected = _sdmgrad_oracle(jacs, seconds, 0.3, 5.0, 0.5, 20)
-    ours = _run(mo.sdmgrad, jacs, seconds, jnp.float64, lam=0.3)
+    ours = _run(mo.sdmgrad, jacs, seconds, jnp.float64, lam=0.3, lr=5.0)
     for (update, state), (d, weights, w) in zip(ours, expected):
       np.testing.assert_allclose(state.simplex_weights, w, atol=1e-9)
       np.testing.assert_allclose(state.weights, weights, atol=1e-9)
