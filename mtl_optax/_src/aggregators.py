@@ -229,7 +229,7 @@ def pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformationExtraAr
   """
   method = "pcgrad"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  seed = validation.static_int(seed, "seed", method)
+  validation.check_seed(seed, method)
 
   def init_state(dtype):
     return PCGradState(base.uniform_weights(num_tasks, dtype),

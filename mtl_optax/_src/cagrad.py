@@ -152,7 +152,7 @@ def cagrad(num_tasks: int, c: float = 0.4, rescale: int = 1,
   num_tasks = validation.check_num_tasks(num_tasks, method)
   validation.check_nonnegative(c, "c", method)
   validation.check_finite(c, "c", method)
-  seed = validation.static_int(seed, "seed", method)
+  validation.check_seed(seed, method)
   if validation.is_concrete(rescale) and int(rescale) not in (0, 1, 2):
     raise ValueError(f"{method}: rescale must be 0, 1 or 2, got {rescale!r}.")
 

@@ -282,7 +282,7 @@ def sdmgrad(num_tasks: int, lam: float = 0.3, lr: Optional[float] = None,
   if lr is not None:
     validation.check_positive(lr, "lr", method)
   validation.check_probability(momentum, "momentum", method, exclude_one=True)
-  num_iters = validation.static_int(num_iters, "num_iters", method, 1)
+  validation.check_positive_int(num_iters, "num_iters", method)
 
   def init_fn(params):
     uniform = base.uniform_weights(num_tasks, base.state_dtype(params))

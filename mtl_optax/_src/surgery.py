@@ -147,7 +147,7 @@ def gradvac(num_tasks: int, beta: float = 0.5, seed: int = 0
   method = "gradvac"
   num_tasks = validation.check_num_tasks(num_tasks, method)
   validation.check_probability(beta, "beta", method)
-  seed = validation.static_int(seed, "seed", method)
+  validation.check_seed(seed, method)
 
   def init_state(dtype):
     return GradVacState(base.uniform_weights(num_tasks, dtype),
@@ -228,7 +228,7 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
   """
   method = "graddrop"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  seed = validation.static_int(seed, "seed", method)
+  validation.check_seed(seed, method)
   if validation.is_concrete(leak) and np.shape(leak) not in ((), (num_tasks,)):
     raise ValueError(f"{method}: leak must be a scalar or have shape "
                      f"({num_tasks},), got shape {np.shape(leak)}.")

@@ -156,6 +156,20 @@ def check_loss_fn(loss_fn: Any, method: str) -> None:
     )
 
 
+def check_seed(seed: Any, method: str) -> None:
+  """Refuses a PRNG seed that is not an integer (e.g. 1.5 or True).
+
+  A traced integer seed passes: ``optax.inject_hyperparams`` injects every
+  numeric argument not named in ``static_args``.
+  """
+  if not is_concrete(seed) or isinstance(seed, jax.Array):
+    if not jnp.issubdtype(jnp.result_type(seed), jnp.integer):
+      raise TypeError(f"{method}: seed must be an int, got dtype "
+                      f"{jnp.result_type(seed)}.")
+    return
+  static_int(seed, "seed", method)
+
+
 def check_positive_int(value: Any, name: str, method: str) -> None:
   """Raises for a concrete value that is not an int >= 1.
 

@@ -116,7 +116,7 @@ def random_weighting(num_tasks: int, seed: int = 0
   """
   method = "random_weighting"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  seed = validation.static_int(seed, "seed", method)
+  validation.check_seed(seed, method)
 
   def init_fn(params):
     return RandomWeightingState(
