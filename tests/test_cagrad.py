@@ -193,3 +193,26 @@ def test_cagrad_fast_solves_the_papers_surrogate_problem():
 def test_cagrad_fast_rejects_bad_sample_sizes():
   with pytest.raises(ValueError, match="num_sampled_tasks"):
     mo.cagrad(4, num_sampled_tasks=4)
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_vanished_g_w_gives_lambda_zero_and_bounded_ema(x64):
+  # A task with an exactly zero gradient puts w* on it: g_w = 0, so the
+  # correction vanishes and the coefficients are those of g0, (1/K)/(1+c^2).
+  with jax.enable_x64(x64):
+    dtype = jnp.float64 if x64 else jnp.float32
+    g1 = jnp.array([[1, .2, 0], [.3, 1, 0], [0, 0, 0]], dtype)
+    g2 = jnp.array([[1, .2, 0], [.3, 1, 0], [.1, .1, 1]], dtype)
+    tx = mo.cagrad(3, c=0.4)
+    update, state = tx.update(g1, tx.init(jnp.zeros(3, dtype)))
+    np.testing.assert_allclose(state.weights, np.full(3, 1 / 3 / 1.16),
+                               rtol=1e-6)
+    np.testing.assert_allclose(update, np.asarray(g1).mean(0) / 1.16,
+                               rtol=1e-6)
+    ema = mo.ema_weights(mo.cagrad(3, c=0.4), 3)
+    state = ema.init(jnp.zeros(3, dtype))
+    for g in (g1, g2):
+      update, state = ema.update(g, state)
+    # Every coefficient of CAGrad is at most 1/K + c ||g0|| / ||g_w*|| with
+    # unit-scale gradients here; the exploded one gave a norm of 635.7.
+    assert float(jnp.linalg.norm(update)) < 2.0

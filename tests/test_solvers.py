@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
+import mtl_optax as mo
 from mtl_optax._src import solvers
 
 
@@ -170,3 +171,68 @@ def test_jacobi_cholesky_solver_and_step_to_boundary():
     np.testing.assert_allclose(
         solvers._step_to_boundary(z, jnp.array([-2.0, 1.0, -0.25])), 0.5)
     assert float(solvers._step_to_boundary(z, jnp.ones(3))) == np.inf
+
+
+def test_project_to_simplex_keeps_the_input_dtype_under_x64():
+  with jax.enable_x64(True):
+    for dtype in (jnp.float32, jnp.float64):
+      out = solvers.project_to_simplex(jnp.array([0.5, 2.0, -1.0], dtype))
+      assert out.dtype == dtype
+
+
+@pytest.mark.parametrize("make", [lambda k: mo.mgda(k), lambda k: mo.cagrad(k),
+                                  lambda k: mo.nash_mtl(k),
+                                  lambda k: mo.upgrad(k)])
+@pytest.mark.parametrize("num_tasks", [2, 5])
+def test_residuals_are_finite_for_degenerate_gradients(make, num_tasks):
+  tx = make(num_tasks)
+  opposite = jnp.concatenate([jnp.array([[1.0, 2.0], [-1.0, -2.0]]),
+                              jnp.ones((num_tasks - 2, 2))])
+  for grads in (jnp.zeros((num_tasks, 3)), jnp.full((num_tasks, 3), 1e-45),
+                opposite if num_tasks == 2 else jnp.zeros((num_tasks, 2))):
+    state = tx.init(jnp.zeros(grads.shape[1:]))
+    for step in (tx.update, jax.jit(tx.update)):
+      _, new_state = step(grads, state)
+      for leaf in jax.tree.leaves(new_state):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+          assert np.all(np.isfinite(leaf)), new_state
+
+
+def _brute_force_min_norm(gram):
+  """Exact min-norm weights by enumerating supports (KKT on each face)."""
+  num_tasks = len(gram)
+  for size in range(1, num_tasks + 1):
+    for support in itertools.combinations(range(num_tasks), size):
+      idx = list(support)
+      try:
+        raw = np.linalg.solve(gram[np.ix_(idx, idx)], np.ones(size))
+      except np.linalg.LinAlgError:
+        continue
+      if np.any(raw <= 0):
+        continue
+      w = np.zeros(num_tasks)
+      w[idx] = raw / raw.sum()
+      if np.all(gram @ w >= (w @ gram @ w) * (1 - 1e-9)):
+        return w
+  raise AssertionError("no KKT point found")
+
+
+@pytest.mark.parametrize("x64", [True])
+def test_mgda_exact_with_task_norms_1e_minus_3_and_1e3(x64):
+  rng = np.random.default_rng(0)
+  norms = np.array([1e-3, 1e3, 1e3, 1e-3, 1e3])
+  directions = rng.normal(size=(5, 20))
+  jac = directions / np.linalg.norm(directions, axis=1,
+                                    keepdims=True) * norms[:, None]
+  expected = _brute_force_min_norm(jac @ jac.T) @ jac
+  with jax.enable_x64(x64):
+    dtype = jnp.float64 if x64 else jnp.float32
+    tx = mo.mgda(5)
+    update, state = tx.update(jnp.asarray(jac, dtype),
+                              tx.init(jnp.zeros(20, dtype)))
+  update = np.asarray(update, np.float64)
+  cosine = update @ expected / np.linalg.norm(update) / np.linalg.norm(expected)
+  assert cosine > 1 - (1e-12 if x64 else 1e-5)
+  np.testing.assert_allclose(np.linalg.norm(update), np.linalg.norm(expected),
+                             rtol=1e-9 if x64 else 1e-3)
+  assert float(state.residual) < (1e-10 if x64 else 1e-5)

@@ -188,7 +188,7 @@ def test_sdmgrad_matches_oracle_with_two_batches(name):
   seconds = _second_batches(jacs)
   with jax.enable_x64(True):
     expected = _sdmgrad_oracle(jacs, seconds, 0.3, 5.0, 0.5, 20)
-    ours = _run(mo.sdmgrad, jacs, seconds, jnp.float64, lam=0.3)
+    ours = _run(mo.sdmgrad, jacs, seconds, jnp.float64, lam=0.3, lr=5.0)
     for (update, state), (d, weights, w) in zip(ours, expected):
       np.testing.assert_allclose(state.simplex_weights, w, atol=1e-9)
       np.testing.assert_allclose(state.weights, weights, atol=1e-9)
@@ -347,3 +347,60 @@ def test_moco_float64_tree_scale_and_errors():
       rtol=1e-5)
   with pytest.raises(ValueError, match="task_losses"):
     tx.update(tree, state)
+
+
+def test_sdmgrad_under_x64_with_float32_gradients_keeps_float32():
+  with jax.enable_x64(True):
+    grads = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)),
+                        jnp.float32)
+    for tx in (mo.sdmgrad(3), mo.modo(3), mo.mgda(3), mo.cagrad(3)):
+      update, state = jax.jit(tx.update)(grads, tx.init(jnp.zeros(4,
+                                                                 jnp.float32)))
+      assert update.dtype == jnp.float32
+      assert state.weights.dtype == jnp.float32
+
+
+def test_sdmgrad_default_is_the_same_under_jit_eager_and_vmap():
+  rng = np.random.default_rng(11)
+  gs = [jnp.asarray(rng.normal(size=(3, 15)), jnp.float32) for _ in range(3)]
+  tx = mo.sdmgrad(3)
+  p = jnp.zeros(15)
+
+  def run(step):
+    state = tx.init(p)
+    for g in gs:
+      update, state = step(g, state)
+    return update, state.weights
+
+  eager = run(lambda g, s: tx.update(g, s, p))
+  jitted = run(jax.jit(lambda g, s: tx.update(g, s, p)))
+  for a, b in zip(eager, jitted):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  batch = jnp.stack(gs)
+  states = jax.vmap(tx.init)(jnp.zeros((3, 15)))
+  vmapped, _ = jax.vmap(lambda g, s: tx.update(g, s))(batch, states)
+  for i, g in enumerate(gs):
+    looped, _ = tx.update(g, tx.init(p))
+    np.testing.assert_allclose(vmapped[i], looped, rtol=1e-4, atol=1e-6)
+  # The default step contracts: the weights solve the inner problem
+  # (w + lam/K)/(1 + lam) with w = argmin ||J^T (w + lam/K)||^2 on the simplex,
+  # checked against a fine grid.
+  a = np.asarray(gs[0] @ gs[0].T, np.float64)
+  grid = np.stack(np.meshgrid(*[np.linspace(0, 1, 201)] * 2), -1).reshape(-1, 2)
+  grid = np.concatenate([grid, 1 - grid.sum(1, keepdims=True)], 1)
+  grid = grid[grid[:, 2] >= 0]
+  shifted = grid + 0.3 / 3
+  best = grid[np.argmin(np.einsum("ni,ij,nj->n", shifted, a, shifted))]
+  _, state = tx.update(gs[0], tx.init(p))
+  np.testing.assert_allclose(state.simplex_weights, best, atol=0.02)
+
+
+def test_moco_tiny_gradient_with_a_large_loss_is_finite():
+  tx = mo.moco(3)
+  grads = jnp.array([[0.0, 0.0], [0.0, 0.0], [1e-27, 0.0]])
+  update, state = tx.update(grads, tx.init(jnp.zeros(2)),
+                            task_losses=jnp.array([0.0, 0.0, 1e12]))
+  assert np.all(np.isfinite(update))
+  # h_3 = L_3 g_3 / ||g_3|| = (1e12, 0); tracked y = beta_1 h = 0.5 h.
+  np.testing.assert_allclose(state.tracked[2], [5e11, 0.0], rtol=1e-6)
+  np.testing.assert_array_equal(state.tracked[:2], 0.0)

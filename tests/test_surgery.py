@@ -289,3 +289,18 @@ def test_graddrop_leak_one_is_the_mean_and_errors():
   zero_col = jac.at[:, 0].set(0.0)
   update, _ = tx.update(zero_col, tx.init(jnp.zeros(6)))
   assert update[0] == 0.0
+
+
+def test_graddrop_propagates_nan_and_inf_under_jit_and_keeps_its_key():
+  # XLA rewrites mask * row as a select under jit, which dropped NaN/inf.
+  tx = mo.graddrop(3, seed=1)
+  params = jnp.zeros(2)
+  state = tx.init(params)
+  step = jax.jit(lambda g, s: tx.update(g, s, params))
+  for bad in (jnp.nan, jnp.inf, -jnp.inf):
+    grads = jnp.array([[1.0, -2.0], [bad, 3.0], [0.5, 1.0]])
+    for update, new_state in (tx.update(grads, state, params),
+                              step(grads, state)):
+      assert np.isnan(update[0]) and np.isfinite(update[1])
+      np.testing.assert_array_equal(new_state.key, state.key)
+      np.testing.assert_array_equal(new_state.weights, state.weights)

@@ -64,6 +64,8 @@ def fixed_weighting(num_tasks: int, weights, method: str
       np.shape(weights) != (num_tasks,)):
     raise ValueError(f"{method}: weights has shape {np.shape(weights)}, "
                      f"expected ({num_tasks},).")
+  if weights is not None:
+    validation.check_finite(weights, "weights", method)
 
   def fixed(dtype):
     if weights is None:
@@ -158,6 +160,9 @@ def mgda(num_tasks: int, max_iter: int = 500, tol: Optional[float] = None,
   """
   method = "mgda"
   num_tasks = validation.check_num_tasks(num_tasks, method)
+  validation.check_positive_int(max_iter, "max_iter", method)
+  if tol is not None:
+    validation.check_positive(tol, "tol", method)
 
   def init_state(dtype):
     return MGDAState(base.uniform_weights(num_tasks, dtype),
@@ -240,6 +245,7 @@ def pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformationExtraAr
   """
   method = "pcgrad"
   num_tasks = validation.check_num_tasks(num_tasks, method)
+  validation.check_seed(seed, method)
 
   def init_state(dtype):
     return PCGradState(base.uniform_weights(num_tasks, dtype),

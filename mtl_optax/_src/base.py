@@ -47,6 +47,18 @@ class WeightingContext(NamedTuple):
   dtype: jnp.dtype
 
 
+class ScaledCoefficients(NamedTuple):
+  """What a weighting rule may return instead of plain coefficients:
+  ``update = scale * sum_i coefficients[i] g_i``.
+
+  For rules whose true coefficients leave the float range while the update
+  does not (FairGrad's scale ``|g|^(-2 alpha / (1 + alpha))``): the sum is
+  formed with representable coefficients, then scaled.
+  """
+  coefficients: jax.Array
+  scale: jax.Array
+
+
 def all_finite(tree: Any) -> jax.Array:
   """One boolean: every element of every floating leaf of ``tree`` is finite."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
@@ -66,8 +78,10 @@ def guarded_transformation(
   """The optax plumbing every stacked-gradient method shares.
 
   Around ``step(updates, state, params, extra_args) -> (update, new_state,
-  finite)`` it does the trace-time checks (leading task axis, ``task_losses``
-  shape), passes empty trees through, and keeps the previous state when
+  finite)`` it does the trace-time checks (leading task axis, floating-point
+  leaves, leaf shapes ``(K, *param.shape)`` when ``params`` is given, the
+  state's ``weights`` built for K tasks, ``task_losses`` shape), passes empty
+  trees through, and keeps the previous state when
   ``finite`` is False: a NaN/inf step returns its non-finite update, for
   ``optax.apply_if_finite`` downstream to skip, but does not poison warm
   starts, EMAs or keys. State dtypes stay fixed across steps (jit carries,
@@ -82,8 +96,11 @@ def guarded_transformation(
   def update_fn(updates, state, params=None, **extra_args):
     if extra_args.get(GRAM_ARG) is None:
       validation.check_task_axis(updates, num_tasks, method)
+      validation.check_stacked_like_params(updates, params, num_tasks, method)
     else:
       check_gram_arg(extra_args[GRAM_ARG], num_tasks, method, accepts_gram)
+    validation.check_float_leaves(updates, method)
+    validation.check_state_tasks(state, num_tasks, method)
     validation.check_task_losses(extra_args.get("task_losses"), num_tasks,
                                  method, required=requires_task_losses)
     if not jax.tree.leaves(updates):
@@ -124,7 +141,8 @@ def task_weighting_transformation(
     num_tasks: K, already validated.
     method: the method's public name, used in error messages.
     init_state: ``dtype -> State``; the state must have a ``weights`` field.
-    weights_rule: ``(context, state) -> (coefficients (K,), new_state)``.
+    weights_rule: ``(context, state) -> (coefficients (K,), new_state)``;
+      the coefficients may be a :class:`ScaledCoefficients`.
     needs_gram: whether the rule reads the Gram matrix (one pass over the
       gradients); rules that do not (fixed weights) skip it.
     requires_task_losses: raise at trace time if ``task_losses`` is missing.
@@ -152,12 +170,20 @@ def task_weighting_transformation(
     context = WeightingContext(gram, rms_norm, extra_args.get("task_losses"),
                                extra_args, dtype)
     coefficients, new_state = weights_rule(context, state)
+    scale = None
+    if isinstance(coefficients, ScaledCoefficients):
+      coefficients, scale = coefficients
     finite = jnp.all(jnp.isfinite(coefficients))
     if gram is not None:
       finite &= jnp.all(jnp.isfinite(gram))
     if given is None:
-      return (tree_math.weighted_task_sum(coefficients, updates), new_state,
-              finite)
+      update = tree_math.weighted_task_sum(coefficients, updates)
+      if scale is not None:
+        finite &= jnp.isfinite(scale)
+        update = jax.tree.map(
+            lambda u: (u.astype(jnp.promote_types(u.dtype, scale.dtype))
+                       * scale).astype(u.dtype), update)
+      return update, new_state, finite
     # Gram-first: ``updates`` is already grad sum_i c_i L_i, computed by the
     # caller with these coefficients (its probe ran this same rule).
     if not extra_args.get(PROBE_ARG):
@@ -250,16 +276,15 @@ def loss_weighting_transformation(init_fn, update_fn
 def is_stacked(updates: Any, params: Any, num_tasks: int) -> bool:
   """Whether ``updates`` carries a leading task axis relative to ``params``.
 
-  With ``params`` given the answer is unambiguous (stacked leaves have one
-  more dimension); without them, updates are taken as stacked. With the
-  Gram-first extra argument ``gram`` the updates are one ordinary gradient.
+  With ``params`` given the answer is unambiguous (every stacked leaf is
+  shaped ``(K, *param.shape)``); without them, updates are taken as stacked.
   """
   if params is None:
     return True
   u_leaves, p_leaves = jax.tree.leaves(updates), jax.tree.leaves(params)
   if len(u_leaves) != len(p_leaves):
     return True
-  return all(jnp.ndim(u) == jnp.ndim(p) + 1 and jnp.shape(u)[0] == num_tasks
+  return all(tuple(jnp.shape(u)) == (num_tasks,) + tuple(jnp.shape(p))
              for u, p in zip(u_leaves, p_leaves))
 
 

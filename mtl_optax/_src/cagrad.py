@@ -39,7 +39,8 @@ def cagrad_coefficients(gram: jax.Array, c: jax.Array | float,
                         anchor: Optional[jax.Array] = None):
   """CAGrad's update as coefficients on the task gradients.
 
-  ``d = (g0 + lambda g_w*) / s`` with ``lambda = c ||g0|| / ||g_w*||`` and
+  ``d = (g0 + lambda g_w*) / s`` with ``lambda = c ||g0|| / ||g_w*||``
+  (0 when ``||g_w*||`` is below ``sqrt(eps)`` of the mean task norm) and
   ``s`` = 1, ``1 + c**2`` or ``1 + c`` for ``rescale`` = 0, 1, 2, i.e.
   ``d = sum_i (1/K + lambda w*_i) / s * g_i``. Everything is a function of the
   Gram matrix, so any positive rescaling of ``gram`` gives the same result.
@@ -59,11 +60,15 @@ def cagrad_coefficients(gram: jax.Array, c: jax.Array | float,
   w = sol.weights
   mean_norm = jnp.sqrt(jnp.maximum(anchor @ gram @ anchor, 0.0))
   dual_norm = jnp.sqrt(jnp.maximum(w @ gram @ w, 0.0))
-  # As in the official code, a vanishing g_w gives a vanishing correction
-  # (lambda g_w -> 0) rather than a unit vector of arbitrary direction.
+  # A vanishing g_w (a zero task gradient, a Pareto-stationary point) has no
+  # direction: lambda = 0 there, so the correction vanishes (as in the
+  # official code) and the recorded coefficients stay those of g0 instead
+  # of c ||g0|| / floor on the vanished direction.
   floor = jnp.sqrt(jnp.finfo(dtype).eps) * (
       jnp.trace(gram) / num_tasks) + jnp.finfo(dtype).tiny
-  lam = c * mean_norm / jnp.maximum(dual_norm, floor)
+  resolved = dual_norm > floor
+  lam = jnp.where(resolved, c * mean_norm / jnp.where(resolved, dual_norm,
+                                                      1.0), 0.0)
   rescale = jnp.asarray(rescale)
   divisor = jnp.where(rescale == 1, 1.0 + c * c,
                       jnp.where(rescale == 2, 1.0 + c, 1.0))
@@ -125,7 +130,8 @@ def cagrad(num_tasks: int, c: float = 0.4, rescale: int = 1,
       variables and is solved cold (the tasks change every step). We follow
       the paper's formula; the official ``cagrad_fastk`` divides the leftover
       sum by ``K - k + 1`` over ``idx[k:]`` and drops task ``idx[k - 1]``
-      (an off-by-one we do not reproduce). The compute saving of the paper
+      (an off-by-one we do not reproduce); its ``cagrad_fast{k+1}`` option
+      corresponds to ``num_sampled_tasks=k``. The compute saving of the paper
       comes from back-propagating only the ``k + 1`` surrogate losses: build
       them with :func:`sampled_task_matrix` and a ``task_losses`` of
       ``k + 1`` entries if you need it; given all K gradients, this option
@@ -146,6 +152,8 @@ def cagrad(num_tasks: int, c: float = 0.4, rescale: int = 1,
   method = "cagrad"
   num_tasks = validation.check_num_tasks(num_tasks, method)
   validation.check_nonnegative(c, "c", method)
+  validation.check_finite(c, "c", method)
+  validation.check_seed(seed, method)
   if validation.is_concrete(rescale) and int(rescale) not in (0, 1, 2):
     raise ValueError(f"{method}: rescale must be 0, 1 or 2, got {rescale!r}.")
 

@@ -115,7 +115,11 @@ def upgrad(num_tasks: int, pref_vector: base.PrefVector = None,
   is divided by its trace and ``reg_eps`` is added to its diagonal (the
   default 1e-4 reproduces TorchJD's values; it makes each QP strictly convex
   with a bounded solution, at the cost of conflicts up to
-  ``reg_eps * ||J||_F^2 * v_i``). ``reg_eps=0`` gives the exact projection. Unlike TorchJD there is no
+  ``reg_eps * ||J||_F^2 * v_i``). ``reg_eps=0`` gives the exact projection, up to
+  the float resolution of the unit-trace Gram matrix: with task-gradient
+  norms 1e-3 and 1e3 a small task's entries are 1e-12 of the large ones and
+  a residual conflict of cosine ~1e-4 remains in float32 (the ``residual``
+  in the state reports it; use float64 for such ratios). Unlike TorchJD there is no
   absolute ``norm_eps`` threshold: the method is scale-invariant down to
   gradients of 1e-30.
 

@@ -34,18 +34,6 @@ __all__ = [
 ]
 
 
-def _static_int(value, name: str, method: str, minimum: int) -> int:
-  if not validation.is_concrete(value) or isinstance(value, jax.Array):
-    raise TypeError(
-        f"{method}: {name} must be a static Python int, got a JAX array. With "
-        f"optax.inject_hyperparams pass static_args=('num_tasks', '{name}').")
-  if isinstance(value, bool) or int(value) != value:
-    raise TypeError(f"{method}: {name} must be an int, got {value!r}.")
-  if int(value) < minimum:
-    raise ValueError(f"{method}: {name} must be >= {minimum}, got {value}.")
-  return int(value)
-
-
 class KrumState(NamedTuple):
   """State of :func:`krum`.
 
@@ -114,8 +102,8 @@ def krum(num_tasks: int, n_byzantine: int = 0, n_selected: int = 1
   """
   method = "krum"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  n_byzantine = _static_int(n_byzantine, "n_byzantine", method, 0)
-  n_selected = _static_int(n_selected, "n_selected", method, 1)
+  n_byzantine = validation.static_int(n_byzantine, "n_byzantine", method, 0)
+  n_selected = validation.static_int(n_selected, "n_selected", method, 1)
   if num_tasks < n_byzantine + 3:
     raise ValueError(
         f"{method}: needs num_tasks >= n_byzantine + 3 = {n_byzantine + 3} so "
@@ -200,7 +188,7 @@ def trimmed_mean(num_tasks: int, trim_number: int = 1
   """
   method = "trimmed_mean"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  trim_number = _static_int(trim_number, "trim_number", method, 0)
+  trim_number = validation.static_int(trim_number, "trim_number", method, 0)
   if num_tasks < 2 * trim_number + 1:
     raise ValueError(
         f"{method}: needs num_tasks >= 2 * trim_number + 1 = "

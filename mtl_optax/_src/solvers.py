@@ -28,7 +28,9 @@ def project_to_simplex(x: jax.Array) -> jax.Array:
     >>> print(project_to_simplex(jnp.array([0.5, 2.0, -1.0])))
     [0. 1. 0.]
   """
-  return optax.projections.projection_simplex(x)
+  # optax computes in the default float type (float64 under jax_enable_x64):
+  # cast back, so that loop carries keep their dtype.
+  return optax.projections.projection_simplex(x).astype(x.dtype)
 
 
 class SimplexSolution(NamedTuple):
@@ -60,6 +62,9 @@ def default_tolerance(dtype: jnp.dtype) -> float:
 
 
 def _gradient_mapping(grad_fn, w, lipschitz):
+  # A flat problem (zero gradients) relaxes its Lipschitz estimate towards
+  # zero; 0 / 0 would make the residual NaN.
+  lipschitz = jnp.maximum(lipschitz, jnp.finfo(w.dtype).tiny)
   step = project_to_simplex(w - grad_fn(w) / lipschitz)
   return lipschitz * jnp.linalg.norm(step - w)
 
@@ -107,7 +112,8 @@ def minimize_on_simplex(
   dtype = init.dtype
   tol = default_tolerance(dtype) if tol is None else tol
   eps = jnp.finfo(dtype).eps
-  lipschitz = jnp.maximum(jnp.asarray(lipschitz, dtype), jnp.finfo(dtype).tiny)
+  tiny = jnp.finfo(dtype).tiny
+  lipschitz = jnp.maximum(jnp.asarray(lipschitz, dtype), tiny)
   value_fn = lambda w: value_and_grad_fn(w)[0]
 
   class Loop(NamedTuple):
@@ -155,7 +161,8 @@ def minimize_on_simplex(
     momentum = jnp.where(restart, 0.0, (s.t - 1.0) / t_next)
     y = p + momentum * (p - s.x)
     return Loop(p, y, jnp.where(restart, jnp.ones_like(s.t), t_next),
-                RELAX * lip, residual, step_norm, s.iteration + 1)
+                jnp.maximum(RELAX * lip, tiny), residual, step_norm,
+                s.iteration + 1)
 
   one = jnp.ones((), dtype)
   inf = jnp.full((), jnp.inf, dtype)
@@ -207,7 +214,37 @@ def min_norm_weights(gram: jax.Array, init: jax.Array | None = None,
     init = jnp.full((num_tasks,), 1.0 / num_tasks, gram.dtype)
   value_and_grad = lambda w: (0.5 * w @ gram @ w, gram @ w)
   lipschitz = largest_eigenvalue(gram)
-  return minimize_on_simplex(value_and_grad, init, lipschitz, max_iter, tol)
+  sol = minimize_on_simplex(value_and_grad, init, lipschitz, max_iter, tol)
+  return _polish_on_support(gram, sol, lipschitz)
+
+
+def _polish_on_support(gram: jax.Array, sol: SimplexSolution,
+                       lipschitz: jax.Array) -> SimplexSolution:
+  """Crossover: the exact minimiser on the face the iterate lies on.
+
+  A first-order method with the global Lipschitz constant crawls along a
+  face whose own curvature is many orders smaller (task norms 1e-3 and 1e3
+  make it 1e-12 on the unit-trace Gram matrix) and its gradient mapping is
+  then tiny while the weights are far off. On the support ``S`` of the
+  iterate the minimiser solves ``A_S w_S = t 1`` (one Jacobi-scaled
+  Cholesky solve); it replaces the iterate when it is feasible and does not
+  increase the objective.
+  """
+  support = sol.weights > 0
+  face = jnp.where(support[:, None] & support[None, :], gram, 0.0) + jnp.diag(
+      jnp.where(support, 0.0, 1.0))
+  raw = _jacobi_cholesky_solver(face)(jnp.where(support, 1.0, 0.0))
+  raw = jnp.where(support, raw, 0.0)
+  total = jnp.sum(raw)
+  polished = raw / jnp.where(total > 0, total, 1.0)
+  value = lambda w: w @ gram @ w
+  eps = jnp.finfo(gram.dtype).eps
+  use = (jnp.all(jnp.isfinite(polished)) & jnp.all(polished >= 0)
+         & (total > 0) & (value(polished) <= value(sol.weights) * (1 + 8 * eps)))
+  weights = jnp.where(use, polished, sol.weights)
+  residual = jnp.where(use, _gradient_mapping(lambda w: gram @ w, weights,
+                                              lipschitz), sol.residual)
+  return SimplexSolution(weights, residual, sol.iterations)
 
 
 def cagrad_dual_weights(gram: jax.Array, c: jax.Array | float,

@@ -18,15 +18,24 @@ Two mini-batches: :func:`sdmgrad` and :func:`modo` accept the extra argument
 
 The weights are computed from ``A = J J'^T`` (``A[i, j] = <g_i, g'_j>``,
 with ``g`` from ``updates`` and ``g'`` from ``second_task_grads``) and the
-update is ``sum_i w_i g_i`` along ``updates``, as in TorchJD's two-batch
-examples. Without ``second_task_grads`` both fall back to the single-batch
-Gram matrix ``J J^T``: the deterministic method, biased for stochastic
-gradients (the papers' guarantees need the independent batch).
+update is ``sum_i w_i g_i`` along ``updates``. Without
+``second_task_grads`` both fall back to the single-batch Gram matrix
+``J J^T``: the deterministic method, biased for stochastic gradients (the
+papers' guarantees need the independent batch).
+
+The papers also draw the batch the update is taken along independently of
+the two that fit the weights (a third batch). That is not supported: the
+update is always along ``updates``, the first batch. TorchJD's examples
+differ from both: its MoDo example updates along the average
+``(losses_1 + losses_2) / 2`` of the two batches, and its SDMGrad example
+uses a third batch for the update. For the papers' version, take the
+weights from ``state.weights`` and combine a third batch's gradients with
+them (``mo.constant(num_tasks, state.weights)``).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -49,12 +58,6 @@ __all__ = [
     "SDMGradState",
 ]
 
-
-
-def _check_positive(value, name: str, method: str) -> None:
-  """Raises for a concrete non-positive hyper-parameter; traced ones pass."""
-  if validation.is_concrete(value) and np.any(np.asarray(value) <= 0):
-    raise ValueError(f"{method}: {name} must be > 0, got {value!r}.")
 
 
 def _capped_step(rate: jax.Array, scale: jax.Array) -> jax.Array:
@@ -166,7 +169,7 @@ def excess_mtl(num_tasks: int, robust_step_size: float = 1e-2,
   """
   method = "excess_mtl"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  _check_positive(robust_step_size, "robust_step_size", method)
+  validation.check_positive(robust_step_size, "robust_step_size", method)
   if validation.is_concrete(warmup_steps) and int(warmup_steps) < 1:
     raise ValueError(f"{method}: warmup_steps must be >= 1, got "
                      f"{warmup_steps!r}.")
@@ -221,7 +224,7 @@ class SDMGradState(NamedTuple):
   simplex_weights: jax.Array
 
 
-def sdmgrad(num_tasks: int, lam: float = 0.3, lr: float = 5.0,
+def sdmgrad(num_tasks: int, lam: float = 0.3, lr: Optional[float] = None,
             momentum: float = 0.5, num_iters: int = 20
             ) -> optax.GradientTransformationExtraArgs:
   """SDMGrad: stochastic direction-oriented multi-objective gradient.
@@ -232,8 +235,10 @@ def sdmgrad(num_tasks: int, lam: float = 0.3, lr: float = 5.0,
   projected heavy-ball SGD (fresh momentum each call, warm-started ``w``)
   with the stochastic gradient ``A_n (w + lam 1/K)``, where ``A`` is the
   cross-batch matrix ``J J'^T`` (see the module docstring for
-  ``second_task_grads``) normalised as in the official code and LibMTL,
-  ``A_n = A / mean_i(sqrt(max(A_ii, 0)))**2``. Then
+  ``second_task_grads``) normalised as in LibMTL,
+  ``A_n = A / mean_i(sqrt(max(A_ii, 0)))**2`` (the official code divides by
+  ``mean_i(sqrt(A_ii + 1e-4))**2`` without a clamp, which is
+  scale-dependent and NaN for a negative cross-batch diagonal). Then
   ``d = sum_i (w_i + lam / K) / (1 + lam) g_i`` over ``updates``: the scale
   of ``g0`` (weights sum to 1). ``lam = 0`` gives stochastic MGDA; large
   ``lam`` gives ``g0``.
@@ -246,7 +251,13 @@ def sdmgrad(num_tasks: int, lam: float = 0.3, lr: float = 5.0,
     num_tasks: number of tasks K.
     lam: pull towards the mean gradient (paper's experiments, LibMTL and
       TorchJD: 0.3). Injectable.
-    lr: inner step size (LibMTL: 5; TorchJD: 10). Injectable.
+    lr: inner step size. The default None takes ``1 / ||A_n||_F`` (at most
+      ``1 / lambda_max``), a step with which the inner loop contracts, so
+      the weights are a continuous function of the gradients. LibMTL's 5
+      (TorchJD: 10) overshoots to simplex vertices and makes the loop
+      chaotic: the vertex reached then depends on floating-point rounding,
+      so ``jit``, eager execution and ``vmap`` disagree (by up to the whole
+      update). Pass ``lr=5.0`` to reproduce LibMTL eagerly. Injectable.
     momentum: inner heavy-ball momentum (0.5 in both). Injectable.
     num_iters: inner iterations (20; static int).
 
@@ -258,7 +269,7 @@ def sdmgrad(num_tasks: int, lam: float = 0.3, lr: float = 5.0,
   weights [0.6, 0.4] since they are reachable as ``(w + lam/K) / (1 + lam)``):
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
     >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
-    >>> for lr in (5.0, 0.5):
+    >>> for lr in (5.0, None):
     ...   tx = mo.sdmgrad(2, lr=lr)
     ...   update, state = tx.update(grads, tx.init(jnp.zeros(3)))
     ...   print(np.asarray(state.weights, np.float64).round(4))
@@ -268,11 +279,10 @@ def sdmgrad(num_tasks: int, lam: float = 0.3, lr: float = 5.0,
   method = "sdmgrad"
   num_tasks = validation.check_num_tasks(num_tasks, method)
   validation.check_nonnegative(lam, "lam", method)
-  _check_positive(lr, "lr", method)
-  if validation.is_concrete(momentum) and not 0 <= float(momentum) < 1:
-    raise ValueError(f"{method}: momentum must be in [0, 1), got {momentum!r}.")
-  if validation.is_concrete(num_iters) and int(num_iters) < 1:
-    raise ValueError(f"{method}: num_iters must be >= 1, got {num_iters!r}.")
+  if lr is not None:
+    validation.check_positive(lr, "lr", method)
+  validation.check_probability(momentum, "momentum", method, exclude_one=True)
+  validation.check_positive_int(num_iters, "num_iters", method)
 
   def init_fn(params):
     uniform = base.uniform_weights(num_tasks, base.state_dtype(params))
@@ -288,7 +298,11 @@ def sdmgrad(num_tasks: int, lam: float = 0.3, lr: float = 5.0,
                         jnp.where(peak > 0, peak, 1.0))
     matrix = matrix / divisor
     lam_ = jnp.asarray(lam, dtype)
-    lr_ = jnp.asarray(lr, dtype)
+    if lr is None:
+      frobenius = jnp.sqrt(jnp.sum(jnp.square(matrix)))
+      lr_ = 1.0 / jnp.where(frobenius > 0, frobenius, 1.0)
+    else:
+      lr_ = jnp.asarray(lr, dtype)
     mu = jnp.asarray(momentum, dtype)
     uniform = base.uniform_weights(num_tasks, dtype)
     pull = lam_ * (matrix @ uniform)
@@ -335,9 +349,9 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.1
   module docstring for ``second_task_grads``), then ``d = sum_i lambda_i g_i``
   over ``updates``: the scale of ``g0``. As in the paper and LibMTL the step
   acts on the unnormalised matrix, so ``gamma`` must suit the squared
-  gradient scale (LibMTL's defaults below; TorchJD's ``MoDoWeighting``
-  replaces the projection with a softmax and uses ``gamma = 0.1``,
-  ``rho = 0``). For gradients so large that ``gamma ||g||^2`` overflows the
+  gradient scale (LibMTL's defaults below; TorchJD 0.18's ``MoDoWeighting``
+  takes the same simplex projection with ``rho = 0.1`` and agrees with this
+  one). For gradients so large that ``gamma ||g||^2`` overflows the
   step is capped, which gives its limit.
 
   Args:
@@ -360,7 +374,7 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.1
   """
   method = "modo"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  _check_positive(gamma, "gamma", method)
+  validation.check_positive(gamma, "gamma", method)
   validation.check_nonnegative(rho, "rho", method)
 
   def init_fn(params):
@@ -408,8 +422,7 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
 
   Fernando, Shen, Liu, Chaudhury, Murugesan & Chen, "Mitigating Gradient
   Bias in Multi-objective Learning: A Provably Convergent Stochastic
-  Approach", ICLR 2023, in the form of the authors' code as shipped by LibMTL
-  (with LibMTL's defaults). At step ``k = 1, 2, ...``, with
+  Approach", ICLR 2023, in LibMTL's version (with LibMTL's defaults). At step ``k = 1, 2, ...``, with
   ``h_i = L_i g_i / ||g_i||`` (each gradient rescaled to its task loss),
   ``beta_k = beta / k**beta_sigma`` and ``gamma_k = gamma / k**gamma_sigma``::
 
@@ -419,8 +432,9 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
 
   Output scale: a convex combination of the tracked ``y_i``, whose norms
   approach the task losses ``L_i`` (not ``g0``'s scale). The paper's
-  Algorithm 1 projects ``lambda`` onto the simplex and tracks raw gradients;
-  the authors' code (used here) normalises by the loss and uses the softmax.
+  Algorithm 1 and the authors' public code track raw gradients and project
+  ``lambda`` onto the simplex; the loss normalisation and the softmax used
+  here are LibMTL's version.
   ``||g_i||`` has no ``1e-8`` guard here: a zero gradient gives ``h_i = 0``.
   Requires ``task_losses``. The state holds ``y``: one ``(K, *shape)`` array
   per parameter (float32 or wider).
@@ -450,8 +464,8 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
   """
   method = "moco"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  for name, value in (("beta", beta), ("gamma", gamma)):
-    _check_positive(value, name, method)
+  validation.check_probability(beta, "beta", method, exclude_zero=True)
+  validation.check_positive(gamma, "gamma", method)
   for name, value in (("beta_sigma", beta_sigma),
                       ("gamma_sigma", gamma_sigma), ("rho", rho)):
     validation.check_nonnegative(value, name, method)
@@ -465,15 +479,20 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
     dtype = state.weights.dtype
     losses = jnp.asarray(extra_args["task_losses"])
     norms = tree_math.task_norms(updates)
-    scale = jnp.where(norms > 0, losses.astype(norms.dtype) / jnp.where(
-        norms > 0, norms, 1.0), 0.0)
+    # h_i = L_i * (g_i / ||g_i||): the unit vector first, since L / ||g||
+    # alone can overflow (a tiny gradient with a large loss).
+    # A subnormal norm counts as zero (its reciprocal overflows).
+    active = norms >= jnp.finfo(norms.dtype).tiny
+    inv_norm = 1.0 / jnp.where(active, norms, 1.0)
+    loss_or_zero = jnp.where(active, losses.astype(norms.dtype), 0.0)
     k = (state.count + 1).astype(dtype)
     beta_k = jnp.asarray(beta, dtype) / k ** jnp.asarray(beta_sigma, dtype)
     gamma_k = jnp.asarray(gamma, dtype) / k ** jnp.asarray(gamma_sigma, dtype)
 
     def track(y, g):
-      target = g.astype(y.dtype) * scale.astype(y.dtype).reshape(
+      per_task = lambda v: v.astype(y.dtype).reshape(
           (num_tasks,) + (1,) * (g.ndim - 1))
+      target = per_task(loss_or_zero) * (g.astype(y.dtype) * per_task(inv_norm))
       return y - beta_k.astype(y.dtype) * (y - target)
 
     tracked = jax.tree.map(track, state.tracked, updates)

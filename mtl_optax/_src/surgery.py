@@ -146,8 +146,8 @@ def gradvac(num_tasks: int, beta: float = 0.5, seed: int = 0
   """
   method = "gradvac"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  if validation.is_concrete(beta) and not 0.0 <= float(beta) <= 1.0:
-    raise ValueError(f"{method}: beta must be in [0, 1], got {beta!r}.")
+  validation.check_probability(beta, "beta", method)
+  validation.check_seed(seed, method)
 
   def init_state(dtype):
     return GradVacState(base.uniform_weights(num_tasks, dtype),
@@ -227,13 +227,11 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
   """
   method = "graddrop"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  if validation.is_concrete(leak):
-    leak_np = np.asarray(leak)
-    if leak_np.shape not in ((), (num_tasks,)):
-      raise ValueError(f"{method}: leak must be a scalar or have shape "
-                       f"({num_tasks},), got shape {leak_np.shape}.")
-    if np.any(leak_np < 0) or np.any(leak_np > 1):
-      raise ValueError(f"{method}: leak must be in [0, 1], got {leak!r}.")
+  validation.check_seed(seed, method)
+  if validation.is_concrete(leak) and np.shape(leak) not in ((), (num_tasks,)):
+    raise ValueError(f"{method}: leak must be a scalar or have shape "
+                     f"({num_tasks},), got shape {np.shape(leak)}.")
+  validation.check_probability(leak, "leak", method)
 
   def init_fn(params):
     return GradDropState(
@@ -272,8 +270,9 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
       for i, row in enumerate(rows):
         mask = (keep_positive & (row > 0)) | (keep_negative & (row < 0))
         factor = leaks[i] + (1.0 - leaks[i]) * mask
-        # Multiplying (not selecting) keeps NaN at a NaN coordinate.
-        combined.append(factor * row)
+        # NaN/inf must reach the update, for optax.apply_if_finite: under jit
+        # XLA rewrites ``mask * row`` as a select, which drops them.
+        combined.append(jnp.where(jnp.isfinite(row), factor * row, jnp.nan))
         scaled = jnp.square(row / peaks[i])
         kept = kept.at[i].add(jnp.sum(factor * scaled))
         total = total.at[i].add(jnp.sum(scaled))

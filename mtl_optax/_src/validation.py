@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -33,10 +34,73 @@ def is_concrete(value: Any) -> bool:
   return not isinstance(value, jax.core.Tracer)
 
 
+def _concrete_array(value: Any) -> np.ndarray | None:
+  """``value`` as a NumPy array when known at trace time, else None."""
+  return np.asarray(value) if is_concrete(value) else None
+
+
 def check_nonnegative(value: Any, name: str, method: str) -> None:
-  """Raises for a concrete negative hyper-parameter; traced ones pass."""
-  if is_concrete(value) and np.any(np.asarray(value) < 0):
+  """Raises for a concrete hyper-parameter that is negative or NaN; traced
+  ones pass (``optax.inject_hyperparams``)."""
+  array = _concrete_array(value)
+  if array is not None and not np.all(array >= 0):
     raise ValueError(f"{method}: {name} must be >= 0, got {value!r}.")
+
+
+def check_positive(value: Any, name: str, method: str) -> None:
+  """Raises for a concrete hyper-parameter that is <= 0 or NaN; traced ones
+  pass."""
+  array = _concrete_array(value)
+  if array is not None and not np.all(array > 0):
+    raise ValueError(f"{method}: {name} must be > 0, got {value!r}.")
+
+
+def check_finite(value: Any, name: str, method: str) -> None:
+  """Raises for a concrete hyper-parameter with a NaN or infinite entry."""
+  array = _concrete_array(value)
+  if array is not None and not np.all(np.isfinite(array)):
+    raise ValueError(f"{method}: {name} must be finite, got {value!r}.")
+
+
+def check_probability(value: Any, name: str, method: str,
+                      exclude_zero: bool = False,
+                      exclude_one: bool = False) -> None:
+  """Raises for a concrete hyper-parameter outside ``[0, 1]`` (or NaN).
+
+  ``exclude_zero`` / ``exclude_one`` make that end of the interval open.
+  """
+  array = _concrete_array(value)
+  if array is None:
+    return
+  above = array > 0 if exclude_zero else array >= 0
+  below = array < 1 if exclude_one else array <= 1
+  if not np.all(above & below):
+    interval = ("(" if exclude_zero else "[") + "0, 1" + (
+        ")" if exclude_one else "]")
+    raise ValueError(f"{method}: {name} must be in {interval}, got {value!r}.")
+
+
+def static_int(value: Any, name: str, method: str,
+               minimum: int | None = None) -> int:
+  """Returns ``value`` as a Python int, for arguments that fix shapes, loop
+  lengths or PRNG seeds at construction.
+
+  Raises:
+    TypeError: for a JAX array or tracer (pass the name in ``static_args`` of
+      ``optax.inject_hyperparams``), a bool or a non-integral number.
+    ValueError: for an int below ``minimum``.
+  """
+  if isinstance(value, (jax.Array, jax.core.Tracer)):
+    raise TypeError(
+        f"{method}: {name} must be a static Python int, got a JAX array. With "
+        f"optax.inject_hyperparams pass static_args=('num_tasks', '{name}').")
+  if (isinstance(value, (bool, np.bool_)) or np.ndim(value) != 0
+      or not isinstance(value, (int, float, np.integer, np.floating))
+      or int(value) != value):
+    raise TypeError(f"{method}: {name} must be an int, got {value!r}.")
+  if minimum is not None and int(value) < minimum:
+    raise ValueError(f"{method}: {name} must be >= {minimum}, got {value}.")
+  return int(value)
 
 
 def check_task_axis(tree: Any, num_tasks: int, method: str,
@@ -93,16 +157,33 @@ def check_loss_fn(loss_fn: Any, method: str) -> None:
     )
 
 
+def check_seed(seed: Any, method: str) -> None:
+  """Refuses a PRNG seed that is not an integer (e.g. 1.5 or True).
+
+  A traced integer seed passes: ``optax.inject_hyperparams`` injects every
+  numeric argument not named in ``static_args``.
+  """
+  if not is_concrete(seed) or isinstance(seed, jax.Array):
+    if not jnp.issubdtype(jnp.result_type(seed), jnp.integer):
+      raise TypeError(f"{method}: seed must be an int, got dtype "
+                      f"{jnp.result_type(seed)}.")
+    return
+  static_int(seed, "seed", method)
+
+
 def check_positive_int(value: Any, name: str, method: str) -> None:
   """Raises for a concrete value that is not an int >= 1.
 
   For iteration counts that only bound ``lax`` loops: a traced value (an int
   left out of ``static_args`` of ``optax.inject_hyperparams``) passes.
+  Raises TypeError for a bool or a non-integral number, ValueError below 1.
   """
   if not is_concrete(value):
     return
   if (isinstance(value, (bool, np.bool_)) or np.ndim(value) != 0
-      or int(value) != value or int(value) < 1):
+      or int(value) != value):
+    raise TypeError(f"{method}: {name} must be an int >= 1, got {value!r}.")
+  if int(value) < 1:
     raise ValueError(f"{method}: {name} must be an int >= 1, got {value!r}.")
 
 
@@ -181,3 +262,55 @@ def task_batches(args: tuple, batch_argnum: Any, num_tasks: Any,
   args = list(args)
   args[batch_argnum] = batch
   return tuple(args)
+
+
+def check_float_leaves(tree: Any, method: str, what: str = "updates") -> None:
+  """Refuses integer and boolean leaves, naming the leaf and its dtype.
+
+  Gradients are floating point; an integer tree would be silently truncated
+  by every weighted sum (the mean of 1 and 2 would be 1).
+  """
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f"{method}: leaf {jax.tree_util.keystr(path) or '<root>'} of {what} "
+          f"has dtype {dtype}; gradients must be floating point (cast them, "
+          "e.g. with jax.tree.map(lambda g: g.astype(jnp.float32), grads)).")
+
+
+def check_stacked_like_params(updates: Any, params: Any, num_tasks: int,
+                              method: str) -> None:
+  """With ``params`` given, checks every leaf of ``updates`` is shaped
+  ``(K, *param.shape)``: catches unstacked gradients whose first axis
+  happens to equal K, which :func:`check_task_axis` cannot tell apart."""
+  if params is None:
+    return
+  u_leaves = jax.tree_util.tree_leaves_with_path(updates)
+  p_leaves = jax.tree.leaves(params)
+  if len(u_leaves) != len(p_leaves):
+    raise ValueError(
+        f"{method}: updates has {len(u_leaves)} leaves but params has "
+        f"{len(p_leaves)}; pass the params tree the gradients were taken of.")
+  for (path, leaf), param in zip(u_leaves, p_leaves):
+    expected = (num_tasks,) + tuple(np.shape(param))
+    if tuple(np.shape(leaf)) != expected:
+      raise ValueError(
+          f"{method}: leaf {jax.tree_util.keystr(path) or '<root>'} of updates "
+          f"has shape {tuple(np.shape(leaf))} for a parameter of shape "
+          f"{tuple(np.shape(param))}; stacked per-task gradients of shape "
+          f"{expected} were expected. Stack them with mo.value_and_task_grads "
+          "(an ordinary gradient whose first axis equals num_tasks is not "
+          "stacked).")
+
+
+def check_state_tasks(state: Any, num_tasks: int, method: str) -> None:
+  """Checks a state's ``weights`` field against K (a state built for another
+  number of tasks would otherwise fail with a broadcasting error)."""
+  weights = getattr(state, "weights", None)
+  if weights is not None and np.shape(weights) != (num_tasks,):
+    raise ValueError(
+        f"{method}: the state's weights have shape {tuple(np.shape(weights))}, "
+        f"expected ({num_tasks},): the state was built for another number of "
+        f"tasks; call tx.init with the transformation built for "
+        f"num_tasks={num_tasks}.")

@@ -116,6 +116,7 @@ def random_weighting(num_tasks: int, seed: int = 0
   """
   method = "random_weighting"
   num_tasks = validation.check_num_tasks(num_tasks, method)
+  validation.check_seed(seed, method)
 
   def init_fn(params):
     return RandomWeightingState(
@@ -198,8 +199,7 @@ def ema_weights(inner: optax.GradientTransformation, num_tasks: int,
                     f"mo.mgda(num_tasks)), got {type(inner).__name__}. Note "
                     "the argument order: ema_weights(inner, num_tasks).")
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  if validation.is_concrete(alpha) and not 0.0 <= float(alpha) <= 1.0:
-    raise ValueError(f"{method}: alpha must be in [0, 1], got {alpha!r}.")
+  validation.check_probability(alpha, "alpha", method)
 
   def inner_weights(inner_state):
     weights = optax.tree.get(inner_state, "weights")

@@ -1,0 +1,115 @@
+"""Shared trace-time checks: every stacked method refuses the same mistakes
+with the same clear message, and the construction-time validators."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mtl_optax as mo
+from mtl_optax._src import validation
+
+# One method per builder: the Gram-based builder and the generic one.
+STACKED = {
+    "mgda": lambda k: mo.mgda(k),
+    "graddrop": lambda k: mo.graddrop(k),
+    "sdmgrad": lambda k: mo.sdmgrad(k),
+    "trimmed_mean": lambda k: mo.trimmed_mean(k, trim_number=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STACKED))
+def test_unstacked_gradient_whose_first_axis_is_k_is_refused(name):
+  tx = STACKED[name](3)
+  params = {"w": jnp.zeros((3, 5)), "b": jnp.zeros(2)}
+  grads = {"w": jnp.ones((3, 5)), "b": jnp.ones((3, 2))}
+  with pytest.raises(ValueError,
+                     match=r"\['w'\].*\(3, 5\).*\(3, 5\).*\(3, 3, 5\)"):
+    tx.update(grads, tx.init(params), params)
+  # The stacked tree passes, and without params the leading axis suffices.
+  stacked = {"w": jnp.ones((3, 3, 5)), "b": jnp.ones((3, 2))}
+  update, _ = tx.update(stacked, tx.init(params), params)
+  assert update["w"].shape == (3, 5)
+  tx.update(grads, tx.init(params))
+
+
+def test_loss_weightings_still_accept_one_ordinary_gradient():
+  tx = mo.gls(3)
+  params = {"w": jnp.zeros((3, 5))}
+  grads = {"w": jnp.ones((3, 5))}
+  update, _ = tx.update(grads, tx.init(params), params,
+                        task_losses=jnp.array([1.0, 2.0, 4.0]))
+  np.testing.assert_array_equal(update["w"], grads["w"])
+
+
+@pytest.mark.parametrize("name", sorted(STACKED))
+def test_integer_gradients_are_refused_naming_leaf_and_dtype(name):
+  tx = STACKED[name](2)
+  grads = {"a": jnp.ones((2, 3)), "n": jnp.array([[1, 2], [2, 1]])}
+  with pytest.raises(TypeError, match=r"\['n'\].*int32.*floating"):
+    tx.update(grads, tx.init({"a": jnp.zeros(3), "n": jnp.zeros(2)}))
+
+
+@pytest.mark.parametrize("name", sorted(STACKED))
+def test_state_built_for_another_num_tasks_is_named(name):
+  tx = STACKED[name](3)
+  state = STACKED[name](4).init(jnp.zeros(2))
+  with pytest.raises(ValueError, match=r"state.*\(4,\).*\(3,\).*num_tasks=3"):
+    jax.jit(tx.update)(jnp.ones((3, 2)), state)
+
+
+def test_task_sum_errors_name_task_sum():
+  tx = mo.task_sum(2)
+  with pytest.raises(ValueError, match="^task_sum:"):
+    tx.update(jnp.ones((3, 2)), tx.init(jnp.zeros(2)))
+
+
+@pytest.mark.parametrize("build, error, match", [
+    (lambda: mo.cagrad(3, c=float("nan")), ValueError, "c must"),
+    (lambda: mo.cagrad(3, c=float("inf")), ValueError, "c must be finite"),
+    (lambda: mo.constant(3, weights=(1.0, float("nan"), 1.0)), ValueError,
+     "weights must be finite"),
+    (lambda: mo.mgda(3, max_iter=0), ValueError, "max_iter"),
+    (lambda: mo.mgda(3, max_iter=2.5), TypeError, "max_iter"),
+    (lambda: mo.mgda(3, tol=-1.0), ValueError, "tol must be > 0"),
+    (lambda: mo.moco(3, beta=2.0), ValueError, r"beta must be in \(0, 1\]"),
+    (lambda: mo.moco(3, beta=0.0), ValueError, "beta"),
+    (lambda: mo.random_weighting(3, seed=1.5), TypeError, "seed must be an int"),
+    (lambda: mo.pcgrad(3, seed=2.5), TypeError, "seed must be an int"),
+    (lambda: mo.cagrad(3, seed=jnp.array(1.0)), TypeError, "seed"),
+    (lambda: mo.graddrop(3, leak=float("nan")), ValueError, "leak"),
+    (lambda: mo.sdmgrad(3, momentum=1.0), ValueError, r"momentum.*\[0, 1\)"),
+    (lambda: mo.sdmgrad(3, lr=float("nan")), ValueError, "lr must be > 0"),
+    (lambda: mo.krum(5, n_byzantine=True), TypeError, "n_byzantine"),
+    (lambda: mo.trimmed_mean(5, trim_number=-1), ValueError, "trim_number"),
+    (lambda: mo.ema_weights(mo.mgda(2), 2, alpha=1.5), ValueError, "alpha"),
+    (lambda: mo.nash_mtl(2, optim_niter=2.5), TypeError, "optim_niter"),
+])
+def test_construction_errors(build, error, match):
+  with pytest.raises(error, match=match):
+    build()
+
+
+def test_validators_are_lenient_with_traced_values_only():
+  assert validation.static_int(np.int64(3), "n", "m", 1) == 3
+  assert validation.static_int(2.0, "n", "m") == 2
+  for bad in (True, "3", 1.5, np.ones(2)):
+    with pytest.raises(TypeError):
+      validation.static_int(bad, "n", "m")
+  with pytest.raises(ValueError, match=r"m: n must be >= 1, got 0"):
+    validation.static_int(0, "n", "m", 1)
+  validation.check_probability(np.array([0.0, 1.0]), "p", "m")
+  for bad in (-0.1, 1.1, float("nan")):
+    with pytest.raises(ValueError):
+      validation.check_probability(bad, "p", "m")
+  with pytest.raises(ValueError):
+    validation.check_probability(0.0, "p", "m", exclude_zero=True)
+
+  def traced(x):  # traced hyper-parameters pass every value check
+    validation.check_positive(x, "x", "m")
+    validation.check_finite(x, "x", "m")
+    validation.check_probability(x, "x", "m")
+    return x
+  jax.jit(traced)(-1.0)
