@@ -44,8 +44,8 @@ Targets (the issue): Gram-first peak at K = 64 at most 1.5x its own K = 2
 peak; Gram-first time at most 2.5x the stacked path's at K = 8.
 
 Run: ``python benchmarks/bench_gram_first.py`` (3 to 8 minutes on a
-shared 2-core CPU, by its load; writes ``benchmarks/results/gram_first.json`` and
-``gram_first.png``); ``--quick`` for a one-minute smoke run (K = 2, 8, mgda
+shared 2-core CPU, by its load; writes ``benchmarks/results/gram_first.json``
+and ``gram_first.png``); ``--quick`` for a one-minute smoke run (K = 2, 8, mgda
 only, a smaller trunk, one process; results go to the temporary
 directory's ``gram_first_quick.json``, not the committed files, unless
 ``--out STEM``). On a GPU or TPU: the same command (``--out`` to keep the
