@@ -120,19 +120,20 @@ def _prepare(fn, argnums, shared, what):
 def value_and_gram(
     fn: Callable[..., Any], argnums: int | Sequence[int] = 0,
     has_aux: bool = False, *, shared: Any = None,
-    chunk_size: int | None = None) -> Callable[..., tuple[Any, jax.Array]]:
+    chunk_size: int | None = 1) -> Callable[..., tuple[Any, jax.Array]]:
   """Task losses and the K x K Gram matrix of their gradients, chunk by chunk.
 
   ``wrapped(*args)`` returns ``(losses, gram)`` (``((losses, aux), gram)``
   with ``has_aux``): ``gram[i, j] = <grad L_i, grad L_j>`` over the
   differentiated parameters (the shared leaves only with ``shared=``, the
   mask of :func:`mtl_optax.value_and_task_grads`), in float32 or wider. It
-  never holds more than ``chunk_size`` per-task gradients (default: all K
-  at once): for each chunk, their gradients by reverse mode, then their
-  Gram columns ``J g_j`` for all K tasks by forward mode, both from one
-  ``jax.linearize`` (see the module docstring for the formulation, its
-  scale safety and symmetrisation). Equal to the stacked path's
-  ``tree_math.gram_matrix`` to float tolerance.
+  never holds more than ``chunk_size`` per-task gradients (default 1: the
+  memory of one gradient whatever K is; ``None``: all K at once, as much
+  memory as the stacked path): for each chunk, their gradients by reverse
+  mode, then their Gram columns ``J g_j`` for all K tasks by forward mode,
+  both from one ``jax.linearize`` (see the module docstring for the
+  formulation, its scale safety and symmetrisation). Equal to the stacked
+  path's ``tree_math.gram_matrix`` to float tolerance.
 
   Args:
     fn: function returning the ``(K,)`` task losses.
@@ -141,7 +142,9 @@ def value_and_gram(
     shared: optional mask of the shared leaves (Python bools, or
       ``params -> mask``).
     chunk_size: number of per-task gradients alive at once (any positive
-      int; need not divide K).
+      int, need not divide K; ``None`` for all K). The default 1 keeps the
+      step's memory flat in K (``benchmarks/bench_gram_first.py``); larger
+      chunks vmap that many passes, for parallelism on accelerators.
 
   Returns:
     The wrapped function.
@@ -172,7 +175,7 @@ def value_and_gram(
 def value_and_gram_weighted_grad(
     fn: Callable[..., Any], tx: Any, argnums: int | Sequence[int] = 0,
     has_aux: bool = False, *, shared: Any = None,
-    chunk_size: int | None = None) -> Callable[..., tuple[Any, Any]]:
+    chunk_size: int | None = 1) -> Callable[..., tuple[Any, Any]]:
   """The Gram-first training step: Gram matrix, coefficients, one backward.
 
   ``wrapped(opt_state, params, *args)`` returns ``((losses, gram), grads)``
