@@ -310,7 +310,7 @@ def nnx_value_and_weighted_grad(
 
 def nnx_value_and_gram_weighted_grad(
     fn: Callable[..., Any], tx: Any, wrt: Any = None, has_aux: bool = False,
-    *, shared: Any = None, chunk_size: int | None = None
+    *, shared: Any = None, chunk_size: int | None = 1
 ) -> Callable[..., tuple[Any, Any]]:
   """The Gram-first path for an ``nnx.Module``.
 
@@ -327,7 +327,8 @@ def nnx_value_and_gram_weighted_grad(
     has_aux: whether ``fn`` returns ``(losses, aux)``.
     shared: optional mask of the shared leaves (the Gram matrix is over
       them; the heads get the gradient of the summed loss).
-    chunk_size: per-task gradients alive at once.
+    chunk_size: per-task gradients alive at once (default 1: the memory of
+      one gradient; ``None``: all K at once).
 
   Returns:
     The wrapped function.
@@ -434,7 +435,8 @@ def nnx_train_step(
     shared: optional mask of the shared leaves.
     jit: wrap the step in ``nnx.jit``.
     chunk_size, unroll: batching of the K backward passes (stacked path;
-      ``chunk_size`` also bounds the Gram-first path's gradients).
+      ``chunk_size`` also bounds the Gram-first path's gradients, one at a
+      time by default).
     method, method_state: deprecated (the old single-backward form):
       ``method=`` means ``path="weighted"``; the method and its state are
       now found in the optimizer.
@@ -483,8 +485,8 @@ def nnx_train_step(
     else:
       (out, extra["gram"]), grads = nnx_value_and_gram_weighted_grad(
           fn, optimizer.tx, wrt=wrt, has_aux=has_aux, shared=shared,
-          chunk_size=chunk_size)(optimizer.opt_state, model, *args,
-                                 **kwargs)
+          chunk_size=1 if chunk_size is None else chunk_size)(
+              optimizer.opt_state, model, *args, **kwargs)
     losses = out[0] if has_aux else out
     extra["task_losses"] = losses
     if pass_loss_fn:
