@@ -5,8 +5,9 @@ Two processes on this machine are joined by ``jax.distributed.initialize``
 sharded across both processes (FSDP on the leading parameter axis), the batch
 is split between them (data parallel), and a few training steps run with a
 stacked Gram-based method (per-task gradients from
-``mo.value_and_task_grads``, then ``mo.mgda``) and, when the library has it,
-with the Gram-first path. Process 0 writes the final parameters of every run
+``mo.value_and_task_grads``, then ``mo.mgda``) and with the Gram-first path
+(``mo.value_and_gram_weighted_grad``: the K x K Gram matrix, then one
+backward pass of the weighted loss). Process 0 writes the final parameters of every run
 to ``<out>/multi.npz``. Run with ``--single`` (no ``jax.distributed``), the
 same program writes ``<out>/single.npz``: the test compares the two.
 
@@ -71,14 +72,14 @@ def _train_steps(mo, optax, jax):
     return optax.apply_updates(params, updates), opt_state
 
   steps = {"stacked_mgda": (tx, stacked)}
-  gram_first = getattr(mo, "value_and_gram_weighted_grad", None)
-  if gram_first is not None:
-    def gram_step(params, opt_state, batch):
-      losses, grads = gram_first(task_losses, tx)(opt_state, params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params,
-                                     task_losses=losses)
-      return optax.apply_updates(params, updates), opt_state
-    steps["gram_first_mgda"] = (tx, gram_step)
+  def gram_step(params, opt_state, batch):
+    (losses, gram), grads = mo.value_and_gram_weighted_grad(task_losses, tx)(
+        opt_state, params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   task_losses=losses, gram=gram)
+    return optax.apply_updates(params, updates), opt_state
+
+  steps["gram_first_mgda"] = (tx, gram_step)
   return {name: (t, jax.jit(fn)) for name, (t, fn) in steps.items()}
 
 

@@ -59,6 +59,7 @@ def test_two_processes_match_one(runs):
   single, multi = runs
   assert set(single.files) == set(multi.files)
   assert any(name.startswith("stacked_mgda") for name in single.files)
+  assert any(name.startswith("gram_first_mgda") for name in single.files)
   for name in single.files:
     np.testing.assert_allclose(multi[name], single[name], rtol=2e-5,
                                atol=1e-6, err_msg=name)
@@ -67,6 +68,9 @@ def test_two_processes_match_one(runs):
 @pytest.mark.slow
 def test_training_moved_the_parameters(runs):
   single, _ = runs
+  np.testing.assert_allclose(single["gram_first_mgda['heads']"],
+                             single["stacked_mgda['heads']"], rtol=1e-4,
+                             atol=1e-6)
   kernel = single["stacked_mgda['trunk']['kernel']"]
   rng = np.random.default_rng(0)
   initial = rng.normal(size=kernel.shape).astype(np.float32)
