@@ -36,8 +36,44 @@ _SLOW_TESTS = (
 )
 
 
+# Tests parametrised over every method (or a matrix of inputs): the default
+# run keeps the representative methods of tests/test_conformance.py and the
+# first parameter set; the rest runs under `slow`.
+_PER_METHOD_MATRICES = (
+    "tests/test_properties.py",
+    "tests/test_gram_weightings.py",
+    "tests/test_gram_first.py::test_gram_first_matches_stacked_path",
+    "tests/test_naming.py::test_every_public_method_prints_its_factory_name",
+    "tests/test_flax_utils.py::test_every_method_inside_nnx_optimizer",
+    "tests/test_two_task.py",
+    "tests/test_priority.py",
+    "tests/test_scalarization.py",
+)
+_REPRESENTATIVE = ("mgda", "upgrad", "nash_mtl", "famo")
+
+
+def _in_matrix(nodeid: str) -> bool:
+  path, _, name = nodeid.split("[")[0].partition("::")
+  return any(entry in (path, f"{path}::{name}")
+             for entry in _PER_METHOD_MATRICES)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
+  first_of = set()
   for item in items:
-    if item.nodeid.split("[")[0] in _SLOW_TESTS:
+    base = item.nodeid.split("[")[0]
+    if base in _SLOW_TESTS:
       item.add_marker(pytest.mark.slow)
+      continue
+    callspec = getattr(item, "callspec", None)
+    if callspec is None or not _in_matrix(item.nodeid):
+      continue
+    representative = any(
+        token == name or token.startswith(name + "-")
+        for token in (callspec.id, *callspec.id.split("-"))
+        for name in _REPRESENTATIVE)
+    if representative or base not in first_of:
+      first_of.add(base)
+      continue
+    item.add_marker(pytest.mark.slow)
