@@ -133,7 +133,7 @@ def cagrad(num_tasks: int, c: float = 0.4, rescale: int = 1,
       (an off-by-one we do not reproduce); its ``cagrad_fast{k+1}`` option
       corresponds to ``num_sampled_tasks=k``. The compute saving of the paper
       comes from back-propagating only the ``k + 1`` surrogate losses: build
-      them with :func:`sampled_task_matrix` and a ``task_losses`` of
+      them with ``sampled_task_matrix`` and a ``task_losses`` of
       ``k + 1`` entries if you need it; given all K gradients, this option
       only shrinks the dual.
     seed: PRNG seed for CAGrad-Fast's task sampling.

@@ -100,7 +100,7 @@ def imtl_g(num_tasks: int) -> optax.GradientTransformationExtraArgs:
   gradients (Quinton & Rey, "Jacobian Descent for Multi-Objective
   Optimization", 2024); with a full-rank ``A`` it is the paper's solution.
   Weights sum to one, so the output is on the scale of ``g0`` (identical
-  gradients give ``d = g``). See :func:`imtl_g_weights` for the degenerate case.
+  gradients give ``d = g``). See ``imtl_g_weights`` for the degenerate case.
 
   Args:
     num_tasks: number of tasks K.

@@ -38,7 +38,7 @@ class DualConeState(NamedTuple):
     weights: ``(K,)`` coefficients of the last update,
       ``d = sum_i weights[i] g_i``.
     residual: ``()`` largest relative residual of the last step's QPs (see
-      :class:`~mtl_optax._src.solvers.BoxQPSolution`).
+      ``solvers.BoxQPSolution``).
   """
   weights: jax.Array
   residual: jax.Array
@@ -110,7 +110,7 @@ def upgrad(num_tasks: int, pref_vector: base.PrefVector = None,
   task and equals ``sum_i p_i g_i`` when no two gradients conflict.
 
   The K QPs are solved at once on device (an interior-point loop with an
-  exact crossover, see :func:`~mtl_optax._src.solvers.lower_bounded_qp`);
+  exact crossover, see ``solvers.lower_bounded_qp``);
   the largest residual is kept in the state. As in TorchJD, the Gram matrix
   is divided by its trace and ``reg_eps`` is added to its diagonal (the
   default 1e-4 reproduces TorchJD's values; it makes each QP strictly convex
