@@ -187,10 +187,14 @@ def _warm_start(previous: jax.Array, warm_start: bool, dtype) -> jax.Array:
 def mgda(gram: Gram, state: Optional[aggregators.MGDAState] = None, *,
          max_iter: int = 500, tol: Optional[float] = None,
          warm_start: bool = True) -> GramWeights:
-  """MGDA's min-norm weights ``argmin_{w in simplex} w^T G w``.
+  r"""MGDA's min-norm weights ``argmin_{w in simplex} w^T G w``.
 
   As :func:`mtl_optax.mgda` (Sener & Koltun, NeurIPS 2018); scale-invariant.
   State: :class:`mtl_optax.MGDAState` (warm start, solver residual).
+
+  .. math::
+
+     w = \arg\min_{w \in \Delta} w^\top G w
 
   Example:
     >>> import jax.numpy as jnp, numpy as np
@@ -214,12 +218,18 @@ def cagrad(gram: Gram, state: Optional[_cagrad.CAGradState] = None, *,
            max_iter: int = 500, tol: Optional[float] = None,
            warm_start: bool = True, num_sampled_tasks: Optional[int] = None,
            seed: int = 0) -> GramWeights:
-  """CAGrad's coefficients ``(g0 + lambda g_w*) / rescale`` on the tasks.
+  r"""CAGrad's coefficients ``(g0 + lambda g_w*) / rescale`` on the tasks.
 
   As :func:`mtl_optax.cagrad` (Liu et al., NeurIPS 2021), including
   CAGrad-Fast (``num_sampled_tasks``, which draws from the state's key);
   scale-invariant. State: :class:`mtl_optax.CAGradState` (dual warm start,
   residual, key).
+
+  .. math::
+
+     w_i &= \frac{1 / K + \lambda w^\star_i}{s}, \qquad
+     \lambda = \frac{c \|g_0\|}{\|g_{w^\star}\|}, \\
+     \|g_v\|^2 &= v^\top G v, \qquad g_0 = g_{\mathbf{1}/K}
 
   Example (the CAGrad reference's test vector, c = 0.4):
     >>> import jax.numpy as jnp, numpy as np
@@ -282,11 +292,16 @@ def upgrad(gram: Gram, state: Optional[dual_cone.DualConeState] = None, *,
            pref_vector: Optional[Sequence[float] | jax.Array] = None,
            reg_eps: float | jax.Array = 1e-4, max_iter: int = 100,
            tol: Optional[float] = None) -> GramWeights:
-  """UPGrad's coefficients ``sum_i v^(i)``, ``v^(i) = argmin_{v >= p_i e_i}
+  r"""UPGrad's coefficients ``sum_i v^(i)``, ``v^(i) = argmin_{v >= p_i e_i}
   v^T (G / tr G + reg_eps I) v``.
 
   As :func:`mtl_optax.upgrad` (Quinton & Rey, 2024); scale-invariant,
   memoryless. State: :class:`mtl_optax.DualConeState` (the QP residual).
+
+  .. math::
+
+     w = \sum_i v^{(i)}, \qquad v^{(i)} = \arg\min_{v \ge p_i e_i}
+     v^\top \Big( \frac{G}{\operatorname{tr} G} + \epsilon I \Big) v
 
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
     >>> import jax.numpy as jnp, numpy as np
@@ -303,10 +318,15 @@ def dualproj(gram: Gram, state: Optional[dual_cone.DualConeState] = None, *,
              pref_vector: Optional[Sequence[float] | jax.Array] = None,
              reg_eps: float | jax.Array = 1e-4, max_iter: int = 100,
              tol: Optional[float] = None) -> GramWeights:
-  """DualProj's coefficients ``argmin_{v >= p} v^T (G / tr G + reg_eps I) v``.
+  r"""DualProj's coefficients ``argmin_{v >= p} v^T (G / tr G + reg_eps I) v``.
 
   As :func:`mtl_optax.dualproj` (Lopez-Paz & Ranzato, NeurIPS 2017);
   scale-invariant, memoryless. State: :class:`mtl_optax.DualConeState`.
+
+  .. math::
+
+     w = \arg\min_{v \ge p} v^\top \Big( \frac{G}{\operatorname{tr} G}
+     + \epsilon I \Big) v
 
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
     >>> import jax.numpy as jnp, numpy as np
@@ -333,10 +353,14 @@ def _memoryless(method, gram, state, state_type, weights_fn, initial=None):
 
 def imtl_g(gram: Gram, state: Optional[aggregators.WeightsState] = None
            ) -> GramWeights:
-  """IMTL-G's weights ``G^+ n / (1^T G^+ n)``, ``n_i = ||g_i||``.
+  r"""IMTL-G's weights ``G^+ n / (1^T G^+ n)``, ``n_i = ||g_i||``.
 
   As :func:`mtl_optax.imtl_g` (Liu et al., ICLR 2021); scale-invariant.
   State: :class:`mtl_optax.WeightsState`.
+
+  .. math::
+
+     w = \frac{G^+ n}{\mathbf{1}^\top G^+ n}, \qquad n_i = \sqrt{G_{ii}}
 
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
     >>> import jax.numpy as jnp, numpy as np
@@ -353,10 +377,15 @@ def aligned_mtl(gram: Gram, state: Optional[aggregators.WeightsState] = None,
                 *, scale_mode: str = "min",
                 pref_vector: Optional[Sequence[float] | jax.Array] = None
                 ) -> GramWeights:
-  """Aligned-MTL's weights ``B p``, ``B = sqrt(s) V L^(-1/2) V^T``.
+  r"""Aligned-MTL's weights ``B p``, ``B = sqrt(s) V L^(-1/2) V^T``.
 
   As :func:`mtl_optax.aligned_mtl` (Senushkin et al., CVPR 2023);
   scale-invariant. State: :class:`mtl_optax.WeightsState`.
+
+  .. math::
+
+     w = B p, \qquad B = \sqrt{s}\, V \Lambda^{-1/2} V^\top, \qquad
+     G = V \Lambda V^\top
 
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
     >>> import jax.numpy as jnp, numpy as np
@@ -405,11 +434,18 @@ def config(gram: Gram, state: Optional[aggregators.WeightsState] = None, *,
 
 def krum(gram: Gram, state: Optional[robust.KrumState] = None, *,
          n_byzantine: int = 0, n_selected: int = 1) -> GramWeights:
-  """(Multi-)Krum's weights: ``1 / n_selected`` on the most central tasks.
+  r"""(Multi-)Krum's weights: ``1 / n_selected`` on the most central tasks.
 
   As :func:`mtl_optax.krum` (Blanchard et al., NeurIPS 2017); needs
   ``K >= n_byzantine + 3``; scale-invariant. State:
   :class:`mtl_optax.KrumState`.
+
+  .. math::
+
+     w_i &= \frac{1}{m} [i \in S], \qquad
+     S = \text{the } m \text{ tasks of lowest } s(i), \\
+     s(i) &= \sum_{j \in N_i} (G_{ii} - 2 G_{ij} + G_{jj}), \qquad
+     |N_i| = K - f - 2
 
   Example (TorchJD's Krum test matrix: row 2 is the outlier):
     >>> import jax.numpy as jnp, numpy as np
@@ -439,13 +475,19 @@ def nash_mtl(gram: Gram, state: Optional[bargaining.NashMTLState] = None, *,
              update_weights_every: int = 1, max_iter: int = 20,
              max_norm: float | jax.Array = 1.0, tol: Optional[float] = None
              ) -> GramWeights:
-  """Nash-MTL's weights: ``alpha_i (G alpha)_i = 1``, then ``||d|| <= max_norm``.
+  r"""Nash-MTL's weights: ``alpha_i (G alpha)_i = 1``, then ``||d|| <= max_norm``.
 
   As :func:`mtl_optax.nash_mtl` (Navon et al., ICML 2022; ``max_iter`` is the
   factory's ``optim_niter``): solved on the raw scale (``alpha`` scales as
   ``s**-1/2`` for ``s G``), every ``update_weights_every`` calls (counted in
   the state), warm-started from the state's ``alpha``. State:
   :class:`mtl_optax.NashMTLState`.
+
+  .. math::
+
+     \alpha_i (G \alpha)_i &= 1 \;\; \forall i, \\
+     w &= \alpha \text{ scaled down so that } \sqrt{w^\top G w} \le
+     \text{max_norm} \;(\text{if } \text{max_norm} > 0)
 
   Example (TorchJD's test matrix; TorchJD's update is [0.0542, 0.7061,
   0.7061]):
@@ -482,11 +524,15 @@ def nash_mtl(gram: Gram, state: Optional[bargaining.NashMTLState] = None, *,
 def fairgrad(gram: Gram, state: Optional[bargaining.FairGradState] = None, *,
              alpha: float | jax.Array = 1.0, max_iter: int = 50,
              tol: Optional[float] = None) -> GramWeights:
-  """FairGrad's weights: ``G w = w^(-1/alpha)`` on the raw Gram matrix.
+  r"""FairGrad's weights: ``G w = w^(-1/alpha)`` on the raw Gram matrix.
 
   As :func:`mtl_optax.fairgrad` (Ban & Ji, ICML 2024): the weights scale as
   ``s**(-alpha / (1 + alpha))`` for ``s G``; ``alpha = 0`` gives ``1/K``.
   Memoryless. State: :class:`mtl_optax.FairGradState` (residual).
+
+  .. math::
+
+     G w = w^{-1/\alpha} \;\text{(element-wise)}
 
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
     >>> import jax.numpy as jnp, numpy as np

@@ -85,7 +85,7 @@ def nash_mtl(num_tasks: int, update_weights_every: int = 1,
              optim_niter: int = 100, max_norm: float = 1.0,
              tol: Optional[float] = None
              ) -> optax.GradientTransformationExtraArgs:
-  """Nash-MTL: the Nash bargaining solution between the tasks.
+  r"""Nash-MTL: the Nash bargaining solution between the tasks.
 
   Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, "Multi-Task
   Learning as a Bargaining Game", ICML 2022. ``d = sum_i alpha_i g_i`` with
@@ -96,6 +96,12 @@ def nash_mtl(num_tasks: int, update_weights_every: int = 1,
   ``1/2 alpha^T A alpha - sum_i log alpha_i`` by Newton's method with at most
   ``optim_niter`` steps, warm-started from the previous ``alpha`` (see
   ``solvers.alpha_fair_weights``).
+
+  .. math::
+
+     d &= \sum_i \alpha_i g_i, \\
+     \alpha_i (A \alpha)_i &= 1 \;\; \forall i
+     \quad \big(\text{i.e. } \langle g_i, d \rangle = 1 / \alpha_i\big)
 
   As in the official code, the weights are recomputed every
   ``update_weights_every`` steps (the others reuse ``alpha``), and ``alpha``
@@ -183,7 +189,7 @@ class FairGradState(NamedTuple):
 def fairgrad(num_tasks: int, alpha: float = 1.0, max_iter: int = 50,
              tol: Optional[float] = None
              ) -> optax.GradientTransformationExtraArgs:
-  """FairGrad: alpha-fair allocation of the update between tasks.
+  r"""FairGrad: alpha-fair allocation of the update between tasks.
 
   Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024,
   Eq. 4 and Algorithm 1. ``d = sum_i w_i g_i`` with ``A w = w^(-1/alpha)``
@@ -198,6 +204,10 @@ def fairgrad(num_tasks: int, alpha: float = 1.0, max_iter: int = 50,
   official trainer then multiplies the update by K and clips its norm to 1;
   chain ``optax.scale(num_tasks)`` and ``optax.clip_by_global_norm(1.0)``
   for that.
+
+  .. math::
+
+     d = \sum_i w_i g_i, \qquad A w = w^{-1/\alpha} \;\text{(element-wise)}
 
   Output scale: the paper's. The weights scale as ``|g|^(-2 alpha / (1 +
   alpha))`` and the update as ``|g|^((1 - alpha) / (1 + alpha))``: for

@@ -100,7 +100,7 @@ def upgrad(num_tasks: int, pref_vector: base.PrefVector = None,
            reg_eps: float = 1e-4, max_iter: int = 100,
            tol: Optional[float] = None
            ) -> optax.GradientTransformationExtraArgs:
-  """UPGrad: project each task gradient onto the dual cone, then combine.
+  r"""UPGrad: project each task gradient onto the dual cone, then combine.
 
   Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024
   (arXiv:2406.16232), TorchJD's recommended aggregator:
@@ -108,6 +108,12 @@ def upgrad(num_tasks: int, pref_vector: base.PrefVector = None,
   dual cone ``{x : <g_j, x> >= 0 for all j}``; ``pi(p_i g_i) = J^T v^(i)``
   with ``v^(i) = argmin_{v >= p_i e_i} v^T A v``. ``d`` conflicts with no
   task and equals ``sum_i p_i g_i`` when no two gradients conflict.
+
+  .. math::
+
+     d &= \sum_i p_i\, \pi(g_i) = J^\top \sum_i v^{(i)}, \qquad
+     v^{(i)} = \arg\min_{v \ge p_i e_i} v^\top A v, \\
+     \pi(x) &= \arg\min_{y :\, J y \ge 0} \|y - x\|
 
   The K QPs are solved at once on device (an interior-point loop with an
   exact crossover, see ``solvers.lower_bounded_qp``);
@@ -154,7 +160,7 @@ def dualproj(num_tasks: int, pref_vector: base.PrefVector = None,
              reg_eps: float = 1e-4, max_iter: int = 100,
              tol: Optional[float] = None
              ) -> optax.GradientTransformationExtraArgs:
-  """DualProj: project the preference-weighted gradient onto the dual cone.
+  r"""DualProj: project the preference-weighted gradient onto the dual cone.
 
   Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning",
   NeurIPS 2017, Eq. 11 (as TorchJD's DualProj): ``d = pi(sum_i p_i g_i)``,
@@ -162,6 +168,12 @@ def dualproj(num_tasks: int, pref_vector: base.PrefVector = None,
   j}``, i.e. ``d = J^T v`` with ``v = argmin_{v >= p} v^T A v``. ``d``
   conflicts with no task and equals ``J^T p`` when ``J^T p`` conflicts with
   none.
+
+  .. math::
+
+     d &= \pi\Big( \sum_i p_i g_i \Big) = J^\top v, \qquad
+     v = \arg\min_{v \ge p} v^\top A v, \\
+     \pi(x) &= \arg\min_{y :\, J y \ge 0} \|y - x\|
 
   One QP per step, solved on device (see :func:`upgrad` for the solver, the
   ``reg_eps`` regularisation shared with TorchJD and the residual in the

@@ -240,7 +240,7 @@ def pcd(num_tasks: int, tau: float | Sequence[float] | jax.Array = 0.02,
         beta: float = 0.999, eps: float = 1e-8,
         max_iter: Optional[int] = None
         ) -> optax.GradientTransformationExtraArgs:
-  """PCD: Priority-Constrained Descent, the first task as the primary one.
+  r"""PCD: Priority-Constrained Descent, the first task as the primary one.
 
   Varam et al., "Not All Objectives Are Born Equal: Priority-Constrained
   Descent for Hierarchical Multi-Objective Optimization", TMLR 2026
@@ -253,6 +253,13 @@ def pcd(num_tasks: int, tau: float | Sequence[float] | jax.Array = 0.02,
   up to rounding gives ``d = 0``. The QP is solved exactly on the Gram
   matrix by a dual active-set loop on device
   (``priority_qp_weights``), as TorchJD does on the host.
+
+  .. math::
+
+     d &= \|g_1\| \frac{\tilde d}{\|\tilde d\|}, \qquad
+     \tilde g_i = \frac{g_i}{\sqrt{v_i + \epsilon}}, \\
+     \tilde d &= \arg\min_d \tfrac{1}{2} \|d - \tilde g_1\|^2 \;\text{ s.t. }\;
+     \tilde g_j^\top d \ge \tau_j \|\tilde g_j\|^2 \;(j \ge 2)
 
   PCD is not symmetric in the tasks: the task at index 0 of the stacked
   gradients (the first loss) is the primary one. Because of the

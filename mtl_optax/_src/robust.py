@@ -67,7 +67,7 @@ def krum_weights(gram: jax.Array, n_byzantine: int, n_selected: int
 
 def krum(num_tasks: int, n_byzantine: int = 0, n_selected: int = 1
          ) -> optax.GradientTransformationExtraArgs:
-  """(Multi-)Krum: average the task gradients most central among their peers.
+  r"""(Multi-)Krum: average the task gradients most central among their peers.
 
   Blanchard, El Mhamdi, Guerraoui & Stainer, "Machine Learning with
   Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017 (Krum and
@@ -76,6 +76,13 @@ def krum(num_tasks: int, n_byzantine: int = 0, n_selected: int = 1
   other tasks; ``d`` is the mean of the ``n_selected`` lowest-scoring
   gradients (the scale of one gradient, comparable to ``g0``). Computed on the
   scale-free Gram matrix, so the choice does not depend on the loss scale.
+
+  .. math::
+
+     d &= \frac{1}{m} \sum_{i \in S} g_i, \qquad
+     S = \text{the } m \text{ tasks of lowest } s(i), \\
+     s(i) &= \sum_{j \in N_i} \|g_i - g_j\|^2, \qquad
+     N_i = \text{the } K - f - 2 \text{ nearest other tasks}
 
   The paper scores with squared distances; TorchJD sums plain distances,
   which can select differently. Krum's guarantee needs ``K > 2f + 2``; as
@@ -158,7 +165,7 @@ def _inside_trimmed_range(rows, trim_number):
 
 def trimmed_mean(num_tasks: int, trim_number: int = 1
                  ) -> optax.GradientTransformationExtraArgs:
-  """Coordinate-wise trimmed mean of the task gradients.
+  r"""Coordinate-wise trimmed mean of the task gradients.
 
   Yin, Chen, Kannan & Bartlett, "Byzantine-Robust Distributed Learning:
   Towards Optimal Statistical Rates", ICML 2018, as TorchJD's
@@ -168,6 +175,12 @@ def trimmed_mean(num_tasks: int, trim_number: int = 1
   is the mean; with K = 3 and ``trim_number = 1`` it is the coordinate-wise
   median). Non-finite input gives NaN at that coordinate even when the bad
   value would be trimmed, so ``optax.apply_if_finite`` sees it.
+
+  .. math::
+
+     d_k &= \frac{1}{K - 2t} \sum_{r = t + 1}^{K - t} g_{(r), k}, \\
+     & g_{(1), k} \le \dots \le g_{(K), k} \text{: the task values at
+     coordinate } k
 
   Args:
     num_tasks: number of tasks K.

@@ -66,7 +66,7 @@ def cosmos_weights(losses: jax.Array, pref: jax.Array,
 def cosmos(num_tasks: int, lambda_: float = 1.0,
            pref_vector: Optional[Sequence[float] | jax.Array] = None
            ) -> base.LossWeightingTransformation:
-  """COSMOS: a preference-weighted loss sum with a cosine-alignment reward.
+  r"""COSMOS: a preference-weighted loss sum with a cosine-alignment reward.
 
   Ruchte & Grabocka, "Scalable Pareto Front Approximation for Deep
   Multi-Objective Learning", ICDM 2021 (arXiv:2103.13392). The model descends
@@ -77,6 +77,12 @@ def cosmos(num_tasks: int, lambda_: float = 1.0,
   cosine's norms) as TorchJD 0.18's ``scalarization.COSMOS``; the paper's
   other half, conditioning the model on ``r`` (input concatenation), is a
   modelling choice left to the user.
+
+  .. math::
+
+     s(L) &= r^\top L - \lambda \cos(r, L), \\
+     c &= \nabla_L s = r - \lambda \frac{\hat r - (\hat r^\top u)\, u}{\|L\|},
+     \qquad d = \sum_i c_i g_i
 
   Output scale: ``r`` is used as given, as in the paper and TorchJD, so the
   update is TorchJD's exactly. With ``r`` on the simplex (the default
@@ -137,7 +143,7 @@ def pbi(num_tasks: int, theta: float = 5.0,
         pref_vector: Optional[Sequence[float] | jax.Array] = None,
         reference: Optional[Sequence[float] | jax.Array] = None
         ) -> base.LossWeightingTransformation:
-  """PBI: penalty-based boundary intersection along a preference ray.
+  r"""PBI: penalty-based boundary intersection along a preference ray.
 
   Zhang & Li, "MOEA/D: A Multiobjective Evolutionary Algorithm Based on
   Decomposition", IEEE TEVC 2007, as a differentiable scalarisation (TorchJD
@@ -146,6 +152,13 @@ def pbi(num_tasks: int, theta: float = 5.0,
   ``d2 = sqrt(||f - d1 w_hat||^2 + 1e-12)`` (distance to it), the model
   descends ``s = d1 + theta d2``: ``ds/dL = w_hat + theta p / d2``, ``p`` the
   perpendicular component, and ``c = (ds/dL) / sum_i w_hat_i``.
+
+  .. math::
+
+     s &= d_1 + \theta d_2, \qquad d_1 = f^\top \hat w, \qquad
+     d_2 = \|f - d_1 \hat w\|, \qquad f = L - z, \\
+     c &= \frac{\partial s / \partial L}{\sum_i \hat w_i}, \qquad
+     d = \sum_i c_i g_i
 
   Output scale: dividing by ``sum_i w_hat_i = ||w||_1 / ||w||_2`` puts the
   ray term ``w / sum(w)`` on the simplex, so losses on the ray (or

@@ -128,7 +128,7 @@ class ExcessMTLState(NamedTuple):
 
 def excess_mtl(num_tasks: int, robust_step_size: float = 1e-2,
                warmup_steps: int = 1) -> optax.GradientTransformationExtraArgs:
-  """ExcessMTL: up-weight the tasks furthest from their own optimum.
+  r"""ExcessMTL: up-weight the tasks furthest from their own optimum.
 
   He, Zhou, Zhao & Zhang, "Robust Multi-Task Learning with Excess Risks",
   ICML 2024. Each task's excess risk is estimated by a second-order
@@ -140,6 +140,13 @@ def excess_mtl(num_tasks: int, robust_step_size: float = 1e-2,
   ``w <- w * exp(eta e / b) / Z``, and ``d = sum_i w_i g_i``. Output scale:
   ``g0`` (weights on the simplex, as TorchJD); the official code and LibMTL
   keep weights summing to K, i.e. K times this update.
+
+  .. math::
+
+     d &= \sum_i w_i g_i, \qquad w \leftarrow \frac{w \odot \exp(\eta\, e / b)}{Z},
+     \\
+     e_i &= \sum_{\text{coords}} \frac{g_i^2}{\sqrt{S_i}}, \qquad
+     S_i = \sum_{t \le \text{now}} g_{t,i}^2
 
   Deviations, all scale-free choices: no ``1e-7`` inside the square root or
   after the baseline (a coordinate or task with no gradient contributes 0,
@@ -227,7 +234,7 @@ class SDMGradState(NamedTuple):
 def sdmgrad(num_tasks: int, lam: float = 0.3, lr: Optional[float] = None,
             momentum: float = 0.5, num_iters: int = 20
             ) -> optax.GradientTransformationExtraArgs:
-  """SDMGrad: stochastic direction-oriented multi-objective gradient.
+  r"""SDMGrad: stochastic direction-oriented multi-objective gradient.
 
   Xiao, Ban & Ji, "Direction-oriented Multi-objective Learning: Simple and
   Provable Stochastic Algorithms", NeurIPS 2023. The weights ``w`` minimise
@@ -242,6 +249,11 @@ def sdmgrad(num_tasks: int, lam: float = 0.3, lr: Optional[float] = None,
   ``d = sum_i (w_i + lam / K) / (1 + lam) g_i`` over ``updates``: the scale
   of ``g0`` (weights sum to 1). ``lam = 0`` gives stochastic MGDA; large
   ``lam`` gives ``g0``.
+
+  .. math::
+
+     d &= \sum_i \frac{w_i + \lambda / K}{1 + \lambda}\, g_i, \\
+     w &\approx \arg\min_{w \in \Delta} \tfrac{1}{2} \|g_w + \lambda g_0\|^2
 
   If every ``A_ii <= 0`` (possible for a cross-batch matrix) the official
   normaliser is 0 and its ``1e-8`` guard makes the step scale-dependent; here
@@ -339,7 +351,7 @@ class MoDoState(NamedTuple):
 
 def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.1
          ) -> optax.GradientTransformationExtraArgs:
-  """MoDo: multi-objective gradient with double sampling.
+  r"""MoDo: multi-objective gradient with double sampling.
 
   Chen, Fernando, Ying & Chen, "Three-Way Trade-Off in Multi-Objective
   Learning: Optimization, Generalization and Conflict-Avoidance", NeurIPS
@@ -353,6 +365,12 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.1
   takes the same simplex projection with ``rho = 0.1`` and agrees with this
   one). For gradients so large that ``gamma ||g||^2`` overflows the
   step is capped, which gives its limit.
+
+  .. math::
+
+     \lambda &\leftarrow \Pi_\Delta\big(\lambda - \gamma (J J'^\top \lambda
+     + \rho \lambda)\big), \\
+     d &= \sum_i \lambda_i g_i
 
   Args:
     num_tasks: number of tasks K.
@@ -418,7 +436,7 @@ class MoCoState(NamedTuple):
 def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
          gamma: float = 0.1, gamma_sigma: float = 0.5, rho: float = 0.0
          ) -> optax.GradientTransformationExtraArgs:
-  """MoCo: stochastic multi-objective gradient correction by tracking.
+  r"""MoCo: stochastic multi-objective gradient correction by tracking.
 
   Fernando, Shen, Liu, Chaudhury, Murugesan & Chen, "Mitigating Gradient
   Bias in Multi-objective Learning: A Provably Convergent Stochastic
@@ -429,6 +447,13 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
       y      <- y - beta_k (y - h)                    (tracked, in the state)
       lambda <- softmax(lambda - gamma_k (Y Y^T + rho I) lambda)
       d      =  sum_i lambda_i y_i
+
+  .. math::
+
+     y_i &\leftarrow y_i - \beta_k (y_i - h_i), \qquad
+     h_i = L_i \frac{g_i}{\|g_i\|}, \\
+     \lambda &\leftarrow \operatorname{softmax}\big(\lambda - \gamma_k
+     (Y Y^\top + \rho I) \lambda\big), \qquad d = \sum_i \lambda_i y_i
 
   Output scale: a convex combination of the tracked ``y_i``, whose norms
   approach the task losses ``L_i`` (not ``g0``'s scale). The paper's

@@ -227,12 +227,17 @@ def task_affinity(
     normalize_by_lr: bool = False,
     losses: Optional[jax.Array] = None,
 ) -> jax.Array:
-  """Look-ahead inter-task affinity (transference) at one point.
+  r"""Look-ahead inter-task affinity (transference) at one point.
 
   Fifty et al., "Measuring and Harnessing Transference in Multi-Task
   Learning", arXiv:2010.15413; "Efficiently Identifying Task Groupings for
   Multi-Task Learning" (TAG), NeurIPS 2021, arXiv:2109.04617, Eq. 1:
   ``Z[i, j] = 1 - L_j(theta_s - lr g_i, theta_j) / L_j(theta_s, theta_j)``.
+
+  .. math::
+
+     Z_{ij} = 1 - \frac{L_j(\theta_s - \eta\, g_i, \theta_j)}
+     {L_j(\theta_s, \theta_j)}
 
   Row ``i`` is the task whose gradient takes the step, column ``j`` the task
   whose loss is measured (TAG's dictionaries: ``D[a][b] = Z[b][a]``). Only the
@@ -363,12 +368,18 @@ def track_affinity(
     weight_decay: float | jax.Array = 0.0,
     normalize_by_lr: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """Tracks TAG's average inter-task affinity during training.
+  r"""Tracks TAG's average inter-task affinity during training.
 
   Fifty et al., TAG, NeurIPS 2021 (arXiv:2109.04617), building on
   Transference (arXiv:2010.15413): ``Z_hat = (1/T) sum_t Z^t`` with ``Z^t``
   from :func:`task_affinity` (plain SGD look-ahead of step ``lr``), computed
   every ``every`` steps (TAG's efficient default: 10) on the step's batch.
+
+  .. math::
+
+     \hat Z &= \frac{1}{T} \sum_t Z^t, \\
+     Z^t_{ij} &= 1 - \frac{L_j(\theta_s - \eta\, g_i, \theta_j)}
+     {L_j(\theta_s, \theta_j)}
 
   On steps where ``step % every != 0`` a ``lax.cond`` skips the look-ahead
   entirely (under ``jax.vmap`` a ``cond`` runs both branches). The look-ahead
@@ -542,7 +553,7 @@ def it_mtl(
     criterion: str = "transference",
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-  """IT-MTL: apply the candidate update with the best look-ahead.
+  r"""IT-MTL: apply the candidate update with the best look-ahead.
 
   Fifty et al., "Measuring and Harnessing Transference in Multi-Task
   Learning", arXiv:2010.15413 (increased-transfer MTL; the successor TAG
@@ -552,6 +563,13 @@ def it_mtl(
   ``c* = argmax_c sum_j (1 - L_j(theta_c') / L_j(theta))`` (total
   transference, ``criterion='transference'``) or
   ``c* = argmin_c sum_j L_j(theta_c')`` (``criterion='loss'``).
+
+  .. math::
+
+     d &= d_{c^\star}, \\
+     c^\star &= \arg\max_c \sum_j \Big( 1 -
+     \frac{L_j(\theta - \eta\, d_c)}{L_j(\theta)} \Big)
+     \quad (\texttt{criterion='transference'})
 
   All candidates' look-aheads (and, for transference, the current point) are
   evaluated by ONE vmapped call of the ``loss_fn`` extra argument; the
