@@ -187,14 +187,14 @@ def _warm_start(previous: jax.Array, warm_start: bool, dtype) -> jax.Array:
 def mgda(gram: Gram, state: Optional[aggregators.MGDAState] = None, *,
          max_iter: int = 500, tol: Optional[float] = None,
          warm_start: bool = True) -> GramWeights:
-  r"""MGDA's min-norm weights ``argmin_{w in simplex} w^T G w``.
+  """MGDA's min-norm weights ``argmin_{w in simplex} w^T G w``.
 
   As :func:`mtl_optax.mgda` (Sener & Koltun, NeurIPS 2018); scale-invariant.
   State: :class:`mtl_optax.MGDAState` (warm start, solver residual).
 
   .. math::
 
-     w = \arg\min_{w \in \Delta} w^\top G w
+     w = \\arg\\min_{w \\in \\Delta} w^\\top G w
 
   Example:
     >>> import jax.numpy as jnp, numpy as np
@@ -218,7 +218,7 @@ def cagrad(gram: Gram, state: Optional[_cagrad.CAGradState] = None, *,
            max_iter: int = 500, tol: Optional[float] = None,
            warm_start: bool = True, num_sampled_tasks: Optional[int] = None,
            seed: int = 0) -> GramWeights:
-  r"""CAGrad's coefficients ``(g0 + lambda g_w*) / rescale`` on the tasks.
+  """CAGrad's coefficients ``(g0 + lambda g_w*) / rescale`` on the tasks.
 
   As :func:`mtl_optax.cagrad` (Liu et al., NeurIPS 2021), including
   CAGrad-Fast (``num_sampled_tasks``, which draws from the state's key);
@@ -227,9 +227,9 @@ def cagrad(gram: Gram, state: Optional[_cagrad.CAGradState] = None, *,
 
   .. math::
 
-     w_i &= \frac{1 / K + \lambda w^\star_i}{s}, \qquad
-     \lambda = \frac{c \|g_0\|}{\|g_{w^\star}\|}, \\
-     \|g_v\|^2 &= v^\top G v, \qquad g_0 = g_{\mathbf{1}/K}
+     w_i &= \\frac{1 / K + \\lambda w^\\star_i}{s}, \\qquad
+     \\lambda = \\frac{c \\|g_0\\|}{\\|g_{w^\\star}\\|}, \\\\
+     \\|g_v\\|^2 &= v^\\top G v, \\qquad g_0 = g_{\\mathbf{1}/K}
 
   Example (the CAGrad reference's test vector, c = 0.4):
     >>> import jax.numpy as jnp, numpy as np
@@ -292,7 +292,7 @@ def upgrad(gram: Gram, state: Optional[dual_cone.DualConeState] = None, *,
            pref_vector: Optional[Sequence[float] | jax.Array] = None,
            reg_eps: float | jax.Array = 1e-4, max_iter: int = 100,
            tol: Optional[float] = None) -> GramWeights:
-  r"""UPGrad's coefficients ``sum_i v^(i)``, ``v^(i) = argmin_{v >= p_i e_i}
+  """UPGrad's coefficients ``sum_i v^(i)``, ``v^(i) = argmin_{v >= p_i e_i}
   v^T (G / tr G + reg_eps I) v``.
 
   As :func:`mtl_optax.upgrad` (Quinton & Rey, 2024); scale-invariant,
@@ -300,8 +300,8 @@ def upgrad(gram: Gram, state: Optional[dual_cone.DualConeState] = None, *,
 
   .. math::
 
-     w = \sum_i v^{(i)}, \qquad v^{(i)} = \arg\min_{v \ge p_i e_i}
-     v^\top \Big( \frac{G}{\operatorname{tr} G} + \epsilon I \Big) v
+     w = \\sum_i v^{(i)}, \\qquad v^{(i)} = \\arg\\min_{v \\ge p_i e_i}
+     v^\\top \\Big( \\frac{G}{\\operatorname{tr} G} + \\epsilon I \\Big) v
 
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
     >>> import jax.numpy as jnp, numpy as np
@@ -318,15 +318,15 @@ def dualproj(gram: Gram, state: Optional[dual_cone.DualConeState] = None, *,
              pref_vector: Optional[Sequence[float] | jax.Array] = None,
              reg_eps: float | jax.Array = 1e-4, max_iter: int = 100,
              tol: Optional[float] = None) -> GramWeights:
-  r"""DualProj's coefficients ``argmin_{v >= p} v^T (G / tr G + reg_eps I) v``.
+  """DualProj's coefficients ``argmin_{v >= p} v^T (G / tr G + reg_eps I) v``.
 
   As :func:`mtl_optax.dualproj` (Lopez-Paz & Ranzato, NeurIPS 2017);
   scale-invariant, memoryless. State: :class:`mtl_optax.DualConeState`.
 
   .. math::
 
-     w = \arg\min_{v \ge p} v^\top \Big( \frac{G}{\operatorname{tr} G}
-     + \epsilon I \Big) v
+     w = \\arg\\min_{v \\ge p} v^\\top \\Big( \\frac{G}{\\operatorname{tr} G}
+     + \\epsilon I \\Big) v
 
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
     >>> import jax.numpy as jnp, numpy as np
@@ -353,14 +353,14 @@ def _memoryless(method, gram, state, state_type, weights_fn, initial=None):
 
 def imtl_g(gram: Gram, state: Optional[aggregators.WeightsState] = None
            ) -> GramWeights:
-  r"""IMTL-G's weights ``G^+ n / (1^T G^+ n)``, ``n_i = ||g_i||``.
+  """IMTL-G's weights ``G^+ n / (1^T G^+ n)``, ``n_i = ||g_i||``.
 
   As :func:`mtl_optax.imtl_g` (Liu et al., ICLR 2021); scale-invariant.
   State: :class:`mtl_optax.WeightsState`.
 
   .. math::
 
-     w = \frac{G^+ n}{\mathbf{1}^\top G^+ n}, \qquad n_i = \sqrt{G_{ii}}
+     w = \\frac{G^+ n}{\\mathbf{1}^\\top G^+ n}, \\qquad n_i = \\sqrt{G_{ii}}
 
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
     >>> import jax.numpy as jnp, numpy as np
@@ -377,15 +377,15 @@ def aligned_mtl(gram: Gram, state: Optional[aggregators.WeightsState] = None,
                 *, scale_mode: str = "min",
                 pref_vector: Optional[Sequence[float] | jax.Array] = None
                 ) -> GramWeights:
-  r"""Aligned-MTL's weights ``B p``, ``B = sqrt(s) V L^(-1/2) V^T``.
+  """Aligned-MTL's weights ``B p``, ``B = sqrt(s) V L^(-1/2) V^T``.
 
   As :func:`mtl_optax.aligned_mtl` (Senushkin et al., CVPR 2023);
   scale-invariant. State: :class:`mtl_optax.WeightsState`.
 
   .. math::
 
-     w = B p, \qquad B = \sqrt{s}\, V \Lambda^{-1/2} V^\top, \qquad
-     G = V \Lambda V^\top
+     w = B p, \\qquad B = \\sqrt{s}\\, V \\Lambda^{-1/2} V^\\top, \\qquad
+     G = V \\Lambda V^\\top
 
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
     >>> import jax.numpy as jnp, numpy as np
@@ -434,7 +434,7 @@ def config(gram: Gram, state: Optional[aggregators.WeightsState] = None, *,
 
 def krum(gram: Gram, state: Optional[robust.KrumState] = None, *,
          n_byzantine: int = 0, n_selected: int = 1) -> GramWeights:
-  r"""(Multi-)Krum's weights: ``1 / n_selected`` on the most central tasks.
+  """(Multi-)Krum's weights: ``1 / n_selected`` on the most central tasks.
 
   As :func:`mtl_optax.krum` (Blanchard et al., NeurIPS 2017); needs
   ``K >= n_byzantine + 3``; scale-invariant. State:
@@ -442,9 +442,9 @@ def krum(gram: Gram, state: Optional[robust.KrumState] = None, *,
 
   .. math::
 
-     w_i &= \frac{1}{m} [i \in S], \qquad
-     S = \text{the } m \text{ tasks of lowest } s(i), \\
-     s(i) &= \sum_{j \in N_i} (G_{ii} - 2 G_{ij} + G_{jj}), \qquad
+     w_i &= \\frac{1}{m} [i \\in S], \\qquad
+     S = \\text{the } m \\text{ tasks of lowest } s(i), \\\\
+     s(i) &= \\sum_{j \\in N_i} (G_{ii} - 2 G_{ij} + G_{jj}), \\qquad
      |N_i| = K - f - 2
 
   Example (TorchJD's Krum test matrix: row 2 is the outlier):
@@ -475,7 +475,7 @@ def nash_mtl(gram: Gram, state: Optional[bargaining.NashMTLState] = None, *,
              update_weights_every: int = 1, max_iter: int = 20,
              max_norm: float | jax.Array = 1.0, tol: Optional[float] = None
              ) -> GramWeights:
-  r"""Nash-MTL's weights: ``alpha_i (G alpha)_i = 1``, then ``||d|| <= max_norm``.
+  """Nash-MTL's weights: ``alpha_i (G alpha)_i = 1``, then ``||d|| <= max_norm``.
 
   As :func:`mtl_optax.nash_mtl` (Navon et al., ICML 2022; ``max_iter`` is the
   factory's ``optim_niter``): solved on the raw scale (``alpha`` scales as
@@ -485,9 +485,9 @@ def nash_mtl(gram: Gram, state: Optional[bargaining.NashMTLState] = None, *,
 
   .. math::
 
-     \alpha_i (G \alpha)_i &= 1 \;\; \forall i, \\
-     w &= \alpha \text{ scaled down so that } \sqrt{w^\top G w} \le
-     \text{max_norm} \;(\text{if } \text{max_norm} > 0)
+     \\alpha_i (G \\alpha)_i &= 1 \\;\\; \\forall i, \\\\
+     w &= \\alpha \\text{ scaled down so that } \\sqrt{w^\\top G w} \\le
+     \\text{max_norm} \\;(\\text{if } \\text{max_norm} > 0)
 
   Example (TorchJD's test matrix; TorchJD's update is [0.0542, 0.7061,
   0.7061]):
@@ -524,7 +524,7 @@ def nash_mtl(gram: Gram, state: Optional[bargaining.NashMTLState] = None, *,
 def fairgrad(gram: Gram, state: Optional[bargaining.FairGradState] = None, *,
              alpha: float | jax.Array = 1.0, max_iter: int = 50,
              tol: Optional[float] = None) -> GramWeights:
-  r"""FairGrad's weights: ``G w = w^(-1/alpha)`` on the raw Gram matrix.
+  """FairGrad's weights: ``G w = w^(-1/alpha)`` on the raw Gram matrix.
 
   As :func:`mtl_optax.fairgrad` (Ban & Ji, ICML 2024): the weights scale as
   ``s**(-alpha / (1 + alpha))`` for ``s G``; ``alpha = 0`` gives ``1/K``.
@@ -532,7 +532,7 @@ def fairgrad(gram: Gram, state: Optional[bargaining.FairGradState] = None, *,
 
   .. math::
 
-     G w = w^{-1/\alpha} \;\text{(element-wise)}
+     G w = w^{-1/\\alpha} \\;\\text{(element-wise)}
 
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
     >>> import jax.numpy as jnp, numpy as np

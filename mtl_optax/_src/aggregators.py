@@ -33,14 +33,14 @@ class WeightsState(NamedTuple):
 def linear_scalarization(
     num_tasks: int, weights: Optional[Sequence[float] | jax.Array] = None
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Linear scalarization: a fixed weighted sum of the task gradients.
+  """Linear scalarization: a fixed weighted sum of the task gradients.
 
   ``d = sum_i w_i g_i`` with ``w = 1/K`` by default, i.e. the mean gradient
   ``g0`` (the gradient of the mean loss). Reads the gradients once.
 
   .. math::
 
-     d = \sum_i w_i g_i, \qquad w_i = \frac{1}{K} \text{ by default } (d = g_0)
+     d = \\sum_i w_i g_i, \\qquad w_i = \\frac{1}{K} \\text{ by default } (d = g_0)
 
   Args:
     num_tasks: number of tasks K.
@@ -87,11 +87,11 @@ def fixed_weighting(num_tasks: int, weights, method: str
 
 
 def task_sum(num_tasks: int) -> optax.GradientTransformationExtraArgs:
-  r"""Plain sum over the task axis: ``d = sum_i g_i``.
+  """Plain sum over the task axis: ``d = sum_i g_i``.
 
   .. math::
 
-     d = \sum_i g_i
+     d = \\sum_i g_i
 
   The rule for task-specific (head) parameters: each head only receives its
   own task's gradient, so the sum hands it through unchanged. Use it beside a
@@ -138,7 +138,7 @@ class MGDAState(NamedTuple):
 
 def mgda(num_tasks: int, max_iter: int = 500, tol: Optional[float] = None,
          warm_start: bool = True) -> optax.GradientTransformationExtraArgs:
-  r"""MGDA: the minimum-norm point of the convex hull of the task gradients.
+  """MGDA: the minimum-norm point of the convex hull of the task gradients.
 
   Desideri (2012); Sener & Koltun, "Multi-Task Learning as Multi-Objective
   Optimization", NeurIPS 2018. ``d = G w*``,
@@ -150,8 +150,8 @@ def mgda(num_tasks: int, max_iter: int = 500, tol: Optional[float] = None,
 
   .. math::
 
-     d &= \sum_i w^\star_i g_i, \\
-     w^\star &= \arg\min_{w \in \Delta} \Big\| \sum_i w_i g_i \Big\|^2
+     d &= \\sum_i w^\\star_i g_i, \\\\
+     w^\\star &= \\arg\\min_{w \\in \\Delta} \\Big\\| \\sum_i w_i g_i \\Big\\|^2
 
   Args:
     num_tasks: number of tasks K.
@@ -233,7 +233,7 @@ def pcgrad_coefficients(gram: jax.Array, key: jax.Array) -> jax.Array:
 
 
 def pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformationExtraArgs:
-  r"""PCGrad: project away conflicting components, then average.
+  """PCGrad: project away conflicting components, then average.
 
   Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020. For
   each task i, in a fresh random order of the other tasks j:
@@ -243,10 +243,10 @@ def pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformationExtraAr
 
   .. math::
 
-     g_i^{\mathrm{PC}} &\leftarrow g_i^{\mathrm{PC}}
-     - \frac{\min(\langle g_i^{\mathrm{PC}}, g_j \rangle, 0)}{\|g_j\|^2}\, g_j
-     \quad (j \ne i \text{, random order}), \\
-     d &= \frac{1}{K} \sum_i g_i^{\mathrm{PC}}
+     g_i^{\\mathrm{PC}} &\\leftarrow g_i^{\\mathrm{PC}}
+     - \\frac{\\min(\\langle g_i^{\\mathrm{PC}}, g_j \\rangle, 0)}{\\|g_j\\|^2}\\, g_j
+     \\quad (j \\ne i \\text{, random order}), \\\\
+     d &= \\frac{1}{K} \\sum_i g_i^{\\mathrm{PC}}
 
   Args:
     num_tasks: number of tasks K.

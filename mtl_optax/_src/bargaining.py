@@ -85,7 +85,7 @@ def nash_mtl(num_tasks: int, update_weights_every: int = 1,
              optim_niter: int = 100, max_norm: float = 1.0,
              tol: Optional[float] = None
              ) -> optax.GradientTransformationExtraArgs:
-  r"""Nash-MTL: the Nash bargaining solution between the tasks.
+  """Nash-MTL: the Nash bargaining solution between the tasks.
 
   Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, "Multi-Task
   Learning as a Bargaining Game", ICML 2022. ``d = sum_i alpha_i g_i`` with
@@ -99,9 +99,9 @@ def nash_mtl(num_tasks: int, update_weights_every: int = 1,
 
   .. math::
 
-     d &= \sum_i \alpha_i g_i, \\
-     \alpha_i (A \alpha)_i &= 1 \;\; \forall i
-     \quad \big(\text{i.e. } \langle g_i, d \rangle = 1 / \alpha_i\big)
+     d &= \\sum_i \\alpha_i g_i, \\\\
+     \\alpha_i (A \\alpha)_i &= 1 \\;\\; \\forall i
+     \\quad \\big(\\text{i.e. } \\langle g_i, d \\rangle = 1 / \\alpha_i\\big)
 
   As in the official code, the weights are recomputed every
   ``update_weights_every`` steps (the others reuse ``alpha``), and ``alpha``
@@ -189,7 +189,7 @@ class FairGradState(NamedTuple):
 def fairgrad(num_tasks: int, alpha: float = 1.0, max_iter: int = 50,
              tol: Optional[float] = None
              ) -> optax.GradientTransformationExtraArgs:
-  r"""FairGrad: alpha-fair allocation of the update between tasks.
+  """FairGrad: alpha-fair allocation of the update between tasks.
 
   Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024,
   Eq. 4 and Algorithm 1. ``d = sum_i w_i g_i`` with ``A w = w^(-1/alpha)``
@@ -207,7 +207,7 @@ def fairgrad(num_tasks: int, alpha: float = 1.0, max_iter: int = 50,
 
   .. math::
 
-     d = \sum_i w_i g_i, \qquad A w = w^{-1/\alpha} \;\text{(element-wise)}
+     d = \\sum_i w_i g_i, \\qquad A w = w^{-1/\\alpha} \\;\\text{(element-wise)}
 
   Output scale: the paper's. The weights scale as ``|g|^(-2 alpha / (1 +
   alpha))`` and the update as ``|g|^((1 - alpha) / (1 + alpha))``: for

@@ -94,7 +94,7 @@ def cagrad(num_tasks: int, c: float = 0.4, rescale: int = 1,
            max_iter: int = 500, tol: Optional[float] = None,
            warm_start: bool = True, num_sampled_tasks: Optional[int] = None,
            seed: int = 0) -> optax.GradientTransformationExtraArgs:
-  r"""CAGrad: Conflict-Averse Gradient descent.
+  """CAGrad: Conflict-Averse Gradient descent.
 
   Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for
   Multi-task Learning", NeurIPS 2021 (arXiv:2110.14048). The update maximises
@@ -105,10 +105,10 @@ def cagrad(num_tasks: int, c: float = 0.4, rescale: int = 1,
 
   .. math::
 
-     d &= \frac{1}{s} \Big( g_0 + \frac{c \|g_0\|}{\|g_{w^\star}\|}\, g_{w^\star}
-     \Big), \qquad s = 1 + c^2 \;(\texttt{rescale=1}), \\
-     w^\star &= \arg\min_{w \in \Delta}\, g_w^\top g_0 + c \|g_0\| \|g_w\|,
-     \qquad g_w = \sum_i w_i g_i
+     d &= \\frac{1}{s} \\Big( g_0 + \\frac{c \\|g_0\\|}{\\|g_{w^\\star}\\|}\\, g_{w^\\star}
+     \\Big), \\qquad s = 1 + c^2 \\;(\\texttt{rescale=1}), \\\\
+     w^\\star &= \\arg\\min_{w \\in \\Delta}\\, g_w^\\top g_0 + c \\|g_0\\| \\|g_w\\|,
+     \\qquad g_w = \\sum_i w_i g_i
 
   The dual is solved on the K x K Gram matrix by a jitted accelerated
   projected-gradient loop with a tolerance and an iteration cap (no scipy, no

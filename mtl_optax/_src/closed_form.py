@@ -90,7 +90,7 @@ def imtl_g_weights(gram: jax.Array) -> jax.Array:
 
 
 def imtl_g(num_tasks: int) -> optax.GradientTransformationExtraArgs:
-  r"""IMTL-G: the update with equal projections on every task gradient.
+  """IMTL-G: the update with equal projections on every task gradient.
 
   Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial
   Multi-task Learning", ICLR 2021. ``d = sum_i w_i g_i`` with ``sum_i w_i = 1``
@@ -104,8 +104,8 @@ def imtl_g(num_tasks: int) -> optax.GradientTransformationExtraArgs:
 
   .. math::
 
-     d = \sum_i w_i g_i, \qquad w = \frac{A^+ n}{\mathbf{1}^\top A^+ n}, \qquad
-     n_i = \|g_i\|
+     d = \\sum_i w_i g_i, \\qquad w = \\frac{A^+ n}{\\mathbf{1}^\\top A^+ n}, \\qquad
+     n_i = \\|g_i\\|
 
   Args:
     num_tasks: number of tasks K.
@@ -166,7 +166,7 @@ def aligned_mtl_weights(gram: jax.Array, pref: jax.Array,
 def aligned_mtl(num_tasks: int, scale_mode: str = "min",
                 pref_vector: base.PrefVector = None
                 ) -> optax.GradientTransformationExtraArgs:
-  r"""Aligned-MTL: align the principal components of the task gradients.
+  """Aligned-MTL: align the principal components of the task gradients.
 
   Senushkin, Patakin, Kuznetsov & Konushin, "Independent Component Alignment
   for Multi-Task Learning", CVPR 2023, Algorithm 1. With the Gram matrix
@@ -180,9 +180,9 @@ def aligned_mtl(num_tasks: int, scale_mode: str = "min",
 
   .. math::
 
-     d &= \sum_i (B p)_i\, g_i, \\
-     B &= \sqrt{s}\, V \Lambda^{-1/2} V^\top, \qquad
-     A = J J^\top = V \Lambda V^\top
+     d &= \\sum_i (B p)_i\\, g_i, \\\\
+     B &= \\sqrt{s}\\, V \\Lambda^{-1/2} V^\\top, \\qquad
+     A = J J^\\top = V \\Lambda V^\\top
 
   Output scale: with the default ``p = 1/K``, ``d`` is the aligned mean
   gradient, on the scale of ``g0`` times ``sqrt(s / lambda)`` factors (at
@@ -248,7 +248,7 @@ def config_weights(gram: jax.Array, pref: jax.Array) -> jax.Array:
 
 def config(num_tasks: int, pref_vector: base.PrefVector = None
            ) -> optax.GradientTransformationExtraArgs:
-  r"""ConFIG: the conflict-free direction with equal cosine to every task.
+  """ConFIG: the conflict-free direction with equal cosine to every task.
 
   Liu, Chu & Thuerey, "ConFIG: Towards Conflict-free Training of Physics
   Informed Neural Networks", ICLR 2025 (arXiv:2408.11104), Eq. 2:
@@ -261,9 +261,9 @@ def config(num_tasks: int, pref_vector: base.PrefVector = None
 
   .. math::
 
-     d &= \frac{1}{K} \sum_i \langle g_i, \hat d \rangle\, \hat d, \qquad
-     \hat d = \frac{U^+ p}{\|U^+ p\|}, \\
-     U &= \big[ g_1 / \|g_1\|, \dots, g_K / \|g_K\| \big]^\top
+     d &= \\frac{1}{K} \\sum_i \\langle g_i, \\hat d \\rangle\\, \\hat d, \\qquad
+     \\hat d = \\frac{U^+ p}{\\|U^+ p\\|}, \\\\
+     U &= \\big[ g_1 / \\|g_1\\|, \\dots, g_K / \\|g_K\\| \\big]^\\top
 
   Output scale: the paper (and TorchJD) use the sum of projections
   ``sum_i <g_i, d_hat>``; here it is divided by K, the scale of ``g0``

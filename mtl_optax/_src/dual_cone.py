@@ -100,7 +100,7 @@ def upgrad(num_tasks: int, pref_vector: base.PrefVector = None,
            reg_eps: float = 1e-4, max_iter: int = 100,
            tol: Optional[float] = None
            ) -> optax.GradientTransformationExtraArgs:
-  r"""UPGrad: project each task gradient onto the dual cone, then combine.
+  """UPGrad: project each task gradient onto the dual cone, then combine.
 
   Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024
   (arXiv:2406.16232), TorchJD's recommended aggregator:
@@ -111,9 +111,9 @@ def upgrad(num_tasks: int, pref_vector: base.PrefVector = None,
 
   .. math::
 
-     d &= \sum_i p_i\, \pi(g_i) = J^\top \sum_i v^{(i)}, \qquad
-     v^{(i)} = \arg\min_{v \ge p_i e_i} v^\top A v, \\
-     \pi(x) &= \arg\min_{y :\, J y \ge 0} \|y - x\|
+     d &= \\sum_i p_i\\, \\pi(g_i) = J^\\top \\sum_i v^{(i)}, \\qquad
+     v^{(i)} = \\arg\\min_{v \\ge p_i e_i} v^\\top A v, \\\\
+     \\pi(x) &= \\arg\\min_{y :\\, J y \\ge 0} \\|y - x\\|
 
   The K QPs are solved at once on device (an interior-point loop with an
   exact crossover, see ``solvers.lower_bounded_qp``);
@@ -160,7 +160,7 @@ def dualproj(num_tasks: int, pref_vector: base.PrefVector = None,
              reg_eps: float = 1e-4, max_iter: int = 100,
              tol: Optional[float] = None
              ) -> optax.GradientTransformationExtraArgs:
-  r"""DualProj: project the preference-weighted gradient onto the dual cone.
+  """DualProj: project the preference-weighted gradient onto the dual cone.
 
   Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning",
   NeurIPS 2017, Eq. 11 (as TorchJD's DualProj): ``d = pi(sum_i p_i g_i)``,
@@ -171,9 +171,9 @@ def dualproj(num_tasks: int, pref_vector: base.PrefVector = None,
 
   .. math::
 
-     d &= \pi\Big( \sum_i p_i g_i \Big) = J^\top v, \qquad
-     v = \arg\min_{v \ge p} v^\top A v, \\
-     \pi(x) &= \arg\min_{y :\, J y \ge 0} \|y - x\|
+     d &= \\pi\\Big( \\sum_i p_i g_i \\Big) = J^\\top v, \\qquad
+     v = \\arg\\min_{v \\ge p} v^\\top A v, \\\\
+     \\pi(x) &= \\arg\\min_{y :\\, J y \\ge 0} \\|y - x\\|
 
   One QP per step, solved on device (see :func:`upgrad` for the solver, the
   ``reg_eps`` regularisation shared with TorchJD and the residual in the

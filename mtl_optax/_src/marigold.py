@@ -503,7 +503,7 @@ def marigold(num_tasks: int, criterion: str = "mgda",
              residual_feedback: bool = False, difference: str = "forward",
              radius_tolerance: Optional[float] = 1e-2,
              seed: Optional[int] = None) -> base.LossWeightingTransformation:
-  r"""MARIGOLD: task weights by a zeroth-order single-loop bi-level method.
+  """MARIGOLD: task weights by a zeroth-order single-loop bi-level method.
 
   Chen et al., "Feed m Birds with One Scone", arXiv:2603.07389 (2026): the
   balancing problem ``min_{w in simplex} Phi(w; theta)`` (lower level) is
@@ -518,11 +518,11 @@ def marigold(num_tasks: int, criterion: str = "mgda",
 
   .. math::
 
-     w &\leftarrow P_\Delta\Big( w - \eta \frac{\nabla \Phi(w)}
-     {\operatorname{tr} \nabla^2 \Phi} \Big), \qquad
-     \nabla \Phi = G w \;\text{(MGDA)}, \\
-     G v &\approx \frac{\ell(\theta) - \ell(\theta - \mu J^\top v)}{\mu}, \qquad
-     d = J^\top c = \nabla_\theta \sum_i c_i L_i
+     w &\\leftarrow P_\\Delta\\Big( w - \\eta \\frac{\\nabla \\Phi(w)}
+     {\\operatorname{tr} \\nabla^2 \\Phi} \\Big), \\qquad
+     \\nabla \\Phi = G w \\;\\text{(MGDA)}, \\\\
+     G v &\\approx \\frac{\\ell(\\theta) - \\ell(\\theta - \\mu J^\\top v)}{\\mu}, \\qquad
+     d = J^\\top c = \\nabla_\\theta \\sum_i c_i L_i
 
   Use on the single-backward path: ``losses, grads =
   mo.value_and_weighted_grad(fn, tx)(state, params, ...)`` then

@@ -240,7 +240,7 @@ def pcd(num_tasks: int, tau: float | Sequence[float] | jax.Array = 0.02,
         beta: float = 0.999, eps: float = 1e-8,
         max_iter: Optional[int] = None
         ) -> optax.GradientTransformationExtraArgs:
-  r"""PCD: Priority-Constrained Descent, the first task as the primary one.
+  """PCD: Priority-Constrained Descent, the first task as the primary one.
 
   Varam et al., "Not All Objectives Are Born Equal: Priority-Constrained
   Descent for Hierarchical Multi-Objective Optimization", TMLR 2026
@@ -256,10 +256,10 @@ def pcd(num_tasks: int, tau: float | Sequence[float] | jax.Array = 0.02,
 
   .. math::
 
-     d &= \|g_1\| \frac{\tilde d}{\|\tilde d\|}, \qquad
-     \tilde g_i = \frac{g_i}{\sqrt{v_i + \epsilon}}, \\
-     \tilde d &= \arg\min_d \tfrac{1}{2} \|d - \tilde g_1\|^2 \;\text{ s.t. }\;
-     \tilde g_j^\top d \ge \tau_j \|\tilde g_j\|^2 \;(j \ge 2)
+     d &= \\|g_1\\| \\frac{\\tilde d}{\\|\\tilde d\\|}, \\qquad
+     \\tilde g_i = \\frac{g_i}{\\sqrt{v_i + \\epsilon}}, \\\\
+     \\tilde d &= \\arg\\min_d \\tfrac{1}{2} \\|d - \\tilde g_1\\|^2 \\;\\text{ s.t. }\\;
+     \\tilde g_j^\\top d \\ge \\tau_j \\|\\tilde g_j\\|^2 \\;(j \\ge 2)
 
   PCD is not symmetric in the tasks: the task at index 0 of the stacked
   gradients (the first loss) is the primary one. Because of the

@@ -67,7 +67,7 @@ def krum_weights(gram: jax.Array, n_byzantine: int, n_selected: int
 
 def krum(num_tasks: int, n_byzantine: int = 0, n_selected: int = 1
          ) -> optax.GradientTransformationExtraArgs:
-  r"""(Multi-)Krum: average the task gradients most central among their peers.
+  """(Multi-)Krum: average the task gradients most central among their peers.
 
   Blanchard, El Mhamdi, Guerraoui & Stainer, "Machine Learning with
   Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017 (Krum and
@@ -79,10 +79,10 @@ def krum(num_tasks: int, n_byzantine: int = 0, n_selected: int = 1
 
   .. math::
 
-     d &= \frac{1}{m} \sum_{i \in S} g_i, \qquad
-     S = \text{the } m \text{ tasks of lowest } s(i), \\
-     s(i) &= \sum_{j \in N_i} \|g_i - g_j\|^2, \qquad
-     N_i = \text{the } K - f - 2 \text{ nearest other tasks}
+     d &= \\frac{1}{m} \\sum_{i \\in S} g_i, \\qquad
+     S = \\text{the } m \\text{ tasks of lowest } s(i), \\\\
+     s(i) &= \\sum_{j \\in N_i} \\|g_i - g_j\\|^2, \\qquad
+     N_i = \\text{the } K - f - 2 \\text{ nearest other tasks}
 
   The paper scores with squared distances; TorchJD sums plain distances,
   which can select differently. Krum's guarantee needs ``K > 2f + 2``; as
@@ -165,7 +165,7 @@ def _inside_trimmed_range(rows, trim_number):
 
 def trimmed_mean(num_tasks: int, trim_number: int = 1
                  ) -> optax.GradientTransformationExtraArgs:
-  r"""Coordinate-wise trimmed mean of the task gradients.
+  """Coordinate-wise trimmed mean of the task gradients.
 
   Yin, Chen, Kannan & Bartlett, "Byzantine-Robust Distributed Learning:
   Towards Optimal Statistical Rates", ICML 2018, as TorchJD's
@@ -178,8 +178,8 @@ def trimmed_mean(num_tasks: int, trim_number: int = 1
 
   .. math::
 
-     d_k &= \frac{1}{K - 2t} \sum_{r = t + 1}^{K - t} g_{(r), k}, \\
-     & g_{(1), k} \le \dots \le g_{(K), k} \text{: the task values at
+     d_k &= \\frac{1}{K - 2t} \\sum_{r = t + 1}^{K - t} g_{(r), k}, \\\\
+     & g_{(1), k} \\le \\dots \\le g_{(K), k} \\text{: the task values at
      coordinate } k
 
   Args:

@@ -66,7 +66,7 @@ def cosmos_weights(losses: jax.Array, pref: jax.Array,
 def cosmos(num_tasks: int, lambda_: float = 1.0,
            pref_vector: Optional[Sequence[float] | jax.Array] = None
            ) -> base.LossWeightingTransformation:
-  r"""COSMOS: a preference-weighted loss sum with a cosine-alignment reward.
+  """COSMOS: a preference-weighted loss sum with a cosine-alignment reward.
 
   Ruchte & Grabocka, "Scalable Pareto Front Approximation for Deep
   Multi-Objective Learning", ICDM 2021 (arXiv:2103.13392). The model descends
@@ -80,9 +80,9 @@ def cosmos(num_tasks: int, lambda_: float = 1.0,
 
   .. math::
 
-     s(L) &= r^\top L - \lambda \cos(r, L), \\
-     c &= \nabla_L s = r - \lambda \frac{\hat r - (\hat r^\top u)\, u}{\|L\|},
-     \qquad d = \sum_i c_i g_i
+     s(L) &= r^\\top L - \\lambda \\cos(r, L), \\\\
+     c &= \\nabla_L s = r - \\lambda \\frac{\\hat r - (\\hat r^\\top u)\\, u}{\\|L\\|},
+     \\qquad d = \\sum_i c_i g_i
 
   Output scale: ``r`` is used as given, as in the paper and TorchJD, so the
   update is TorchJD's exactly. With ``r`` on the simplex (the default
@@ -143,7 +143,7 @@ def pbi(num_tasks: int, theta: float = 5.0,
         pref_vector: Optional[Sequence[float] | jax.Array] = None,
         reference: Optional[Sequence[float] | jax.Array] = None
         ) -> base.LossWeightingTransformation:
-  r"""PBI: penalty-based boundary intersection along a preference ray.
+  """PBI: penalty-based boundary intersection along a preference ray.
 
   Zhang & Li, "MOEA/D: A Multiobjective Evolutionary Algorithm Based on
   Decomposition", IEEE TEVC 2007, as a differentiable scalarisation (TorchJD
@@ -155,10 +155,10 @@ def pbi(num_tasks: int, theta: float = 5.0,
 
   .. math::
 
-     s &= d_1 + \theta d_2, \qquad d_1 = f^\top \hat w, \qquad
-     d_2 = \|f - d_1 \hat w\|, \qquad f = L - z, \\
-     c &= \frac{\partial s / \partial L}{\sum_i \hat w_i}, \qquad
-     d = \sum_i c_i g_i
+     s &= d_1 + \\theta d_2, \\qquad d_1 = f^\\top \\hat w, \\qquad
+     d_2 = \\|f - d_1 \\hat w\\|, \\qquad f = L - z, \\\\
+     c &= \\frac{\\partial s / \\partial L}{\\sum_i \\hat w_i}, \\qquad
+     d = \\sum_i c_i g_i
 
   Output scale: dividing by ``sum_i w_hat_i = ||w||_1 / ||w||_2`` puts the
   ray term ``w / sum(w)`` on the simplex, so losses on the ray (or

@@ -128,7 +128,7 @@ class ExcessMTLState(NamedTuple):
 
 def excess_mtl(num_tasks: int, robust_step_size: float = 1e-2,
                warmup_steps: int = 1) -> optax.GradientTransformationExtraArgs:
-  r"""ExcessMTL: up-weight the tasks furthest from their own optimum.
+  """ExcessMTL: up-weight the tasks furthest from their own optimum.
 
   He, Zhou, Zhao & Zhang, "Robust Multi-Task Learning with Excess Risks",
   ICML 2024. Each task's excess risk is estimated by a second-order
@@ -143,10 +143,10 @@ def excess_mtl(num_tasks: int, robust_step_size: float = 1e-2,
 
   .. math::
 
-     d &= \sum_i w_i g_i, \qquad w \leftarrow \frac{w \odot \exp(\eta\, e / b)}{Z},
-     \\
-     e_i &= \sum_{\text{coords}} \frac{g_i^2}{\sqrt{S_i}}, \qquad
-     S_i = \sum_{t \le \text{now}} g_{t,i}^2
+     d &= \\sum_i w_i g_i, \\qquad w \\leftarrow \\frac{w \\odot \\exp(\\eta\\, e / b)}{Z},
+     \\\\
+     e_i &= \\sum_{\\text{coords}} \\frac{g_i^2}{\\sqrt{S_i}}, \\qquad
+     S_i = \\sum_{t \\le \\text{now}} g_{t,i}^2
 
   Deviations, all scale-free choices: no ``1e-7`` inside the square root or
   after the baseline (a coordinate or task with no gradient contributes 0,
@@ -234,7 +234,7 @@ class SDMGradState(NamedTuple):
 def sdmgrad(num_tasks: int, lam: float = 0.3, lr: Optional[float] = None,
             momentum: float = 0.5, num_iters: int = 20
             ) -> optax.GradientTransformationExtraArgs:
-  r"""SDMGrad: stochastic direction-oriented multi-objective gradient.
+  """SDMGrad: stochastic direction-oriented multi-objective gradient.
 
   Xiao, Ban & Ji, "Direction-oriented Multi-objective Learning: Simple and
   Provable Stochastic Algorithms", NeurIPS 2023. The weights ``w`` minimise
@@ -252,8 +252,8 @@ def sdmgrad(num_tasks: int, lam: float = 0.3, lr: Optional[float] = None,
 
   .. math::
 
-     d &= \sum_i \frac{w_i + \lambda / K}{1 + \lambda}\, g_i, \\
-     w &\approx \arg\min_{w \in \Delta} \tfrac{1}{2} \|g_w + \lambda g_0\|^2
+     d &= \\sum_i \\frac{w_i + \\lambda / K}{1 + \\lambda}\\, g_i, \\\\
+     w &\\approx \\arg\\min_{w \\in \\Delta} \\tfrac{1}{2} \\|g_w + \\lambda g_0\\|^2
 
   If every ``A_ii <= 0`` (possible for a cross-batch matrix) the official
   normaliser is 0 and its ``1e-8`` guard makes the step scale-dependent; here
@@ -351,7 +351,7 @@ class MoDoState(NamedTuple):
 
 def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.1
          ) -> optax.GradientTransformationExtraArgs:
-  r"""MoDo: multi-objective gradient with double sampling.
+  """MoDo: multi-objective gradient with double sampling.
 
   Chen, Fernando, Ying & Chen, "Three-Way Trade-Off in Multi-Objective
   Learning: Optimization, Generalization and Conflict-Avoidance", NeurIPS
@@ -368,9 +368,9 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.1
 
   .. math::
 
-     \lambda &\leftarrow \Pi_\Delta\big(\lambda - \gamma (J J'^\top \lambda
-     + \rho \lambda)\big), \\
-     d &= \sum_i \lambda_i g_i
+     \\lambda &\\leftarrow \\Pi_\\Delta\\big(\\lambda - \\gamma (J J'^\\top \\lambda
+     + \\rho \\lambda)\\big), \\\\
+     d &= \\sum_i \\lambda_i g_i
 
   Args:
     num_tasks: number of tasks K.
@@ -436,7 +436,7 @@ class MoCoState(NamedTuple):
 def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
          gamma: float = 0.1, gamma_sigma: float = 0.5, rho: float = 0.0
          ) -> optax.GradientTransformationExtraArgs:
-  r"""MoCo: stochastic multi-objective gradient correction by tracking.
+  """MoCo: stochastic multi-objective gradient correction by tracking.
 
   Fernando, Shen, Liu, Chaudhury, Murugesan & Chen, "Mitigating Gradient
   Bias in Multi-objective Learning: A Provably Convergent Stochastic
@@ -450,10 +450,10 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
 
   .. math::
 
-     y_i &\leftarrow y_i - \beta_k (y_i - h_i), \qquad
-     h_i = L_i \frac{g_i}{\|g_i\|}, \\
-     \lambda &\leftarrow \operatorname{softmax}\big(\lambda - \gamma_k
-     (Y Y^\top + \rho I) \lambda\big), \qquad d = \sum_i \lambda_i y_i
+     y_i &\\leftarrow y_i - \\beta_k (y_i - h_i), \\qquad
+     h_i = L_i \\frac{g_i}{\\|g_i\\|}, \\\\
+     \\lambda &\\leftarrow \\operatorname{softmax}\\big(\\lambda - \\gamma_k
+     (Y Y^\\top + \\rho I) \\lambda\\big), \\qquad d = \\sum_i \\lambda_i y_i
 
   Output scale: a convex combination of the tracked ``y_i``, whose norms
   approach the task losses ``L_i`` (not ``g0``'s scale). The paper's

@@ -106,7 +106,7 @@ def gradvac_coefficients(gram: jax.Array, targets: jax.Array,
 
 def gradvac(num_tasks: int, beta: float = 0.5, seed: int = 0
             ) -> optax.GradientTransformationExtraArgs:
-  r"""GradVac: move pairwise gradient similarities towards adaptive targets.
+  """GradVac: move pairwise gradient similarities towards adaptive targets.
 
   Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine: Investigating and Improving
   Multi-task Optimization in Massively Multilingual Models", ICLR 2021. For
@@ -121,11 +121,11 @@ def gradvac(num_tasks: int, beta: float = 0.5, seed: int = 0
 
   .. math::
 
-     g_i^{\mathrm{PC}} &\leftarrow g_i^{\mathrm{PC}} + \frac{\|g_i^{\mathrm{PC}}\|
-     \big(t_{ij} \sqrt{1 - \phi_{ij}^2} - \phi_{ij} \sqrt{1 - t_{ij}^2}\big)}
-     {\|g_j\| \sqrt{1 - t_{ij}^2}}\, g_j \quad \text{if } \phi_{ij} < t_{ij}, \\
-     \phi_{ij} &= \cos(g_i^{\mathrm{PC}}, g_j), \qquad
-     d = \frac{1}{K} \sum_i g_i^{\mathrm{PC}}
+     g_i^{\\mathrm{PC}} &\\leftarrow g_i^{\\mathrm{PC}} + \\frac{\\|g_i^{\\mathrm{PC}}\\|
+     \\big(t_{ij} \\sqrt{1 - \\phi_{ij}^2} - \\phi_{ij} \\sqrt{1 - t_{ij}^2}\\big)}
+     {\\|g_j\\| \\sqrt{1 - t_{ij}^2}}\\, g_j \\quad \\text{if } \\phi_{ij} < t_{ij}, \\\\
+     \\phi_{ij} &= \\cos(g_i^{\\mathrm{PC}}, g_j), \\qquad
+     d = \\frac{1}{K} \\sum_i g_i^{\\mathrm{PC}}
 
   Everything runs on the K x K Gram matrix (as TorchJD's ``GradVacWeighting``)
   with a ``lax.scan`` over the K - 1 rounds: two reads of the gradients. This
@@ -189,7 +189,7 @@ class GradDropState(NamedTuple):
 
 def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
              ) -> optax.GradientTransformationExtraArgs:
-  r"""GradDrop: keep one sign per coordinate, chosen by sign purity.
+  """GradDrop: keep one sign per coordinate, chosen by sign purity.
 
   Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, "Just Pick a Sign:
   Optimizing Deep Multitask Models with Gradient Sign Dropout", NeurIPS 2020,
@@ -200,9 +200,9 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
 
   .. math::
 
-     d &= \frac{1}{K} \sum_i \big(l_i + (1 - l_i) M_i\big) \odot g_i, \\
-     M_i &= [P > U][g_i > 0] + [P < U][g_i < 0], \qquad
-     P = \frac{1}{2} \Big( 1 + \frac{\sum_i g_i}{\sum_i |g_i|} \Big)
+     d &= \\frac{1}{K} \\sum_i \\big(l_i + (1 - l_i) M_i\\big) \\odot g_i, \\\\
+     M_i &= [P > U][g_i > 0] + [P < U][g_i < 0], \\qquad
+     P = \\frac{1}{2} \\Big( 1 + \\frac{\\sum_i g_i}{\\sum_i |g_i|} \\Big)
 
   Output scale: ``(1/K)`` times the sum, the scale of ``g0`` (a coordinate
   where every task agrees in sign gives exactly ``g0`` there). The CAGrad

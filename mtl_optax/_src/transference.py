@@ -227,7 +227,7 @@ def task_affinity(
     normalize_by_lr: bool = False,
     losses: Optional[jax.Array] = None,
 ) -> jax.Array:
-  r"""Look-ahead inter-task affinity (transference) at one point.
+  """Look-ahead inter-task affinity (transference) at one point.
 
   Fifty et al., "Measuring and Harnessing Transference in Multi-Task
   Learning", arXiv:2010.15413; "Efficiently Identifying Task Groupings for
@@ -236,8 +236,8 @@ def task_affinity(
 
   .. math::
 
-     Z_{ij} = 1 - \frac{L_j(\theta_s - \eta\, g_i, \theta_j)}
-     {L_j(\theta_s, \theta_j)}
+     Z_{ij} = 1 - \\frac{L_j(\\theta_s - \\eta\\, g_i, \\theta_j)}
+     {L_j(\\theta_s, \\theta_j)}
 
   Row ``i`` is the task whose gradient takes the step, column ``j`` the task
   whose loss is measured (TAG's dictionaries: ``D[a][b] = Z[b][a]``). Only the
@@ -368,7 +368,7 @@ def track_affinity(
     weight_decay: float | jax.Array = 0.0,
     normalize_by_lr: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Tracks TAG's average inter-task affinity during training.
+  """Tracks TAG's average inter-task affinity during training.
 
   Fifty et al., TAG, NeurIPS 2021 (arXiv:2109.04617), building on
   Transference (arXiv:2010.15413): ``Z_hat = (1/T) sum_t Z^t`` with ``Z^t``
@@ -377,9 +377,9 @@ def track_affinity(
 
   .. math::
 
-     \hat Z &= \frac{1}{T} \sum_t Z^t, \\
-     Z^t_{ij} &= 1 - \frac{L_j(\theta_s - \eta\, g_i, \theta_j)}
-     {L_j(\theta_s, \theta_j)}
+     \\hat Z &= \\frac{1}{T} \\sum_t Z^t, \\\\
+     Z^t_{ij} &= 1 - \\frac{L_j(\\theta_s - \\eta\\, g_i, \\theta_j)}
+     {L_j(\\theta_s, \\theta_j)}
 
   On steps where ``step % every != 0`` a ``lax.cond`` skips the look-ahead
   entirely (under ``jax.vmap`` a ``cond`` runs both branches). The look-ahead
@@ -553,7 +553,7 @@ def it_mtl(
     criterion: str = "transference",
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""IT-MTL: apply the candidate update with the best look-ahead.
+  """IT-MTL: apply the candidate update with the best look-ahead.
 
   Fifty et al., "Measuring and Harnessing Transference in Multi-Task
   Learning", arXiv:2010.15413 (increased-transfer MTL; the successor TAG
@@ -566,10 +566,10 @@ def it_mtl(
 
   .. math::
 
-     d &= d_{c^\star}, \\
-     c^\star &= \arg\max_c \sum_j \Big( 1 -
-     \frac{L_j(\theta - \eta\, d_c)}{L_j(\theta)} \Big)
-     \quad (\texttt{criterion='transference'})
+     d &= d_{c^\\star}, \\\\
+     c^\\star &= \\arg\\max_c \\sum_j \\Big( 1 -
+     \\frac{L_j(\\theta - \\eta\\, d_c)}{L_j(\\theta)} \\Big)
+     \\quad (\\texttt{criterion='transference'})
 
   All candidates' look-aheads (and, for transference, the current point) are
   evaluated by ONE vmapped call of the ``loss_fn`` extra argument; the

@@ -45,6 +45,10 @@ def constant(num_tasks: int, weights: Sequence[float] | jax.Array
              ) -> optax.GradientTransformationExtraArgs:
   """A fixed, user-given combination of the task gradients.
 
+  .. math::
+
+     d = \\sum_i w_i g_i
+
   ``d = sum_i w_i g_i`` with ``w`` used exactly as given (not normalised,
   signs allowed), as TorchJD's ``Constant``. Output scale: whatever ``w``
   makes it; weights summing to 1 give the scale of ``g0``. The weights are
@@ -167,6 +171,11 @@ def ema_weights(inner: optax.GradientTransformation, num_tasks: int,
   Defaults follow TorchJD's ``CRMOGMWeighting`` (``alpha = 0.9``); the paper's
   Corollary 1 lets ``alpha`` grow towards 1 as the learning rate decays: use
   ``optax.inject_hyperparams`` for a schedule.
+
+  .. math::
+
+     w_k = \\alpha\\, w_{k-1} + (1 - \\alpha)\\, \\hat w_k, \\qquad
+     d = \\sum_i w_{k, i}\\, g_i
 
   The wrapped method must be a *weighting*: its state's ``weights`` field must
   be the coefficients of its update, ``update = sum_i weights[i] g_i`` (MGDA,
