@@ -67,11 +67,16 @@ nitpick_ignore_regex = [(r"py:.*", _EXTERNAL)]
 suppress_warnings = ["myst.header"]
 
 html_theme = "sphinx_book_theme"
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_title = "mtl_optax"
 html_theme_options = {
     "repository_url": "",
     "use_repository_button": False,
     "show_toc_level": 2,
+    # The two table pages need the width of the page-contents column.
+    "secondary_sidebar_items": {"**": ["page-toc"], "choosing": [],
+                                "from_pytorch": []},
 }
 
 
