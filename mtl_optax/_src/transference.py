@@ -375,17 +375,17 @@ def track_affinity(
   from :func:`task_affinity` (plain SGD look-ahead of step ``lr``), computed
   every ``every`` steps (TAG's efficient default: 10) on the step's batch.
 
-  .. math::
-
-     \\hat Z &= \\frac{1}{T} \\sum_t Z^t, \\\\
-     Z^t_{ij} &= 1 - \\frac{L_j(\\theta_s - \\eta\\, g_i, \\theta_j)}
-     {L_j(\\theta_s, \\theta_j)}
-
   On steps where ``step % every != 0`` a ``lax.cond`` skips the look-ahead
   entirely (under ``jax.vmap`` a ``cond`` runs both branches). The look-ahead
   needs the ``loss_fn`` extra argument (``params -> (K,)`` losses on the
   current batch) and ``params``; ``loss_fn`` is evaluated at ``K + 1`` points
   in one vmapped call (the current point and the K look-aheads).
+
+  .. math::
+
+     \\hat Z &= \\frac{1}{T} \\sum_t Z^t, \\\\
+     Z^t_{ij} &= 1 - \\frac{L_j(\\theta_s - \\eta\\, g_i, \\theta_j)}
+     {L_j(\\theta_s, \\theta_j)}
 
   Two ways to use it:
 

@@ -45,10 +45,6 @@ def constant(num_tasks: int, weights: Sequence[float] | jax.Array
              ) -> optax.GradientTransformationExtraArgs:
   """A fixed, user-given combination of the task gradients.
 
-  .. math::
-
-     d = \\sum_i w_i g_i
-
   ``d = sum_i w_i g_i`` with ``w`` used exactly as given (not normalised,
   signs allowed), as TorchJD's ``Constant``. Output scale: whatever ``w``
   makes it; weights summing to 1 give the scale of ``g0``. The weights are
