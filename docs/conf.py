@@ -7,8 +7,8 @@ guides partly from README sections (MyST ``include``). Build with
 ``python -m sphinx -W -b html docs docs/_build/html``.
 """
 
-import os
 import pathlib
+import re
 import shutil
 import sys
 
@@ -54,15 +54,29 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_custom_sections = [("Example", "example"), ("Examples", "example")]
 
-nitpicky = False
+# Broken references fail the build. The site links no other project's
+# inventory (nothing is downloaded at build time), so only names from
+# outside mtl_optax are exempt.
+nitpicky = True
+_EXTERNAL = (r"(jax|jaxlib|jnp|optax|flax|nnx|numpy|np|typing|collections"
+             r"|chex|functools)(\..*)?"
+             r"|Any|Callable|NamedTuple|Sequence|Mapping|Iterable|Optional"
+             r"|Union|Literal|ArrayLike|PyTree|int|float|bool|str|tuple"
+             r"|list|dict|None")
+nitpick_ignore_regex = [(r"py:.*", _EXTERNAL)]
 suppress_warnings = ["myst.header"]
 
 html_theme = "sphinx_book_theme"
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_title = "mtl_optax"
 html_theme_options = {
     "repository_url": "",
     "use_repository_button": False,
     "show_toc_level": 2,
+    # The two table pages need the width of the page-contents column.
+    "secondary_sidebar_items": {"**": ["page-toc"], "choosing": [],
+                                "from_pytorch": []},
 }
 
 
@@ -115,6 +129,41 @@ def _copy_notebooks(app, config):
     shutil.copy2(notebook, examples / notebook.name)
 
 
+_CAPTIONED_EXAMPLE = re.compile(r"^(\s*)Examples? \((.*)$")
+
+
+def _captioned_examples(app, what, name, obj, options, lines):
+  """``Example (caption):`` headers become napoleon ``Example`` sections.
+
+  The docstrings caption their example in the header, sometimes over two
+  lines, which plain reStructuredText reads as a broken definition list. The
+  caption becomes the first paragraph of the section instead. Runs before
+  napoleon (priority 400 < 500).
+  """
+  del app, what, name, obj, options
+  out, i = [], 0
+  while i < len(lines):
+    match = _CAPTIONED_EXAMPLE.match(lines[i])
+    if not match:
+      out.append(lines[i])
+      i += 1
+      continue
+    indent, caption = match.group(1), [match.group(2)]
+    while not caption[-1].rstrip().endswith("):") and i + 1 < len(lines):
+      i += 1
+      caption.append(lines[i].strip())
+    i += 1
+    caption[-1] = caption[-1].rstrip()[:-2] + "."
+    body = next((line for line in lines[i:] if line.strip()), indent + "  ")
+    body_indent = body[:len(body) - len(body.lstrip())]
+    out.append(indent + "Example:")
+    out += [body_indent + text[:1].upper() + text[1:] if k == 0
+            else body_indent + text for k, text in enumerate(caption)]
+    out.append("")
+  lines[:] = out
+
+
 def setup(app):
   app.connect("config-inited", _write_api_pages)
   app.connect("config-inited", _copy_notebooks)
+  app.connect("autodoc-process-docstring", _captioned_examples, priority=400)

@@ -192,6 +192,10 @@ def mgda(gram: Gram, state: Optional[aggregators.MGDAState] = None, *,
   As :func:`mtl_optax.mgda` (Sener & Koltun, NeurIPS 2018); scale-invariant.
   State: :class:`mtl_optax.MGDAState` (warm start, solver residual).
 
+  .. math::
+
+     w = \\arg\\min_{w \\in \\Delta} w^\\top G w
+
   Example:
     >>> import jax.numpy as jnp, numpy as np
     >>> from mtl_optax import gram_weightings as gw
@@ -220,6 +224,12 @@ def cagrad(gram: Gram, state: Optional[_cagrad.CAGradState] = None, *,
   CAGrad-Fast (``num_sampled_tasks``, which draws from the state's key);
   scale-invariant. State: :class:`mtl_optax.CAGradState` (dual warm start,
   residual, key).
+
+  .. math::
+
+     w_i &= \\frac{1 / K + \\lambda w^\\star_i}{s}, \\qquad
+     \\lambda = \\frac{c \\|g_0\\|}{\\|g_{w^\\star}\\|}, \\\\
+     \\|g_v\\|^2 &= v^\\top G v, \\qquad g_0 = g_{\\mathbf{1}/K}
 
   Example (the CAGrad reference's test vector, c = 0.4):
     >>> import jax.numpy as jnp, numpy as np
@@ -288,6 +298,11 @@ def upgrad(gram: Gram, state: Optional[dual_cone.DualConeState] = None, *,
   As :func:`mtl_optax.upgrad` (Quinton & Rey, 2024); scale-invariant,
   memoryless. State: :class:`mtl_optax.DualConeState` (the QP residual).
 
+  .. math::
+
+     w = \\sum_i v^{(i)}, \\qquad v^{(i)} = \\arg\\min_{v \\ge p_i e_i}
+     v^\\top \\Big( \\frac{G}{\\operatorname{tr} G} + \\epsilon I \\Big) v
+
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
     >>> import jax.numpy as jnp, numpy as np
     >>> from mtl_optax import gram_weightings as gw
@@ -307,6 +322,11 @@ def dualproj(gram: Gram, state: Optional[dual_cone.DualConeState] = None, *,
 
   As :func:`mtl_optax.dualproj` (Lopez-Paz & Ranzato, NeurIPS 2017);
   scale-invariant, memoryless. State: :class:`mtl_optax.DualConeState`.
+
+  .. math::
+
+     w = \\arg\\min_{v \\ge p} v^\\top \\Big( \\frac{G}{\\operatorname{tr} G}
+     + \\epsilon I \\Big) v
 
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
     >>> import jax.numpy as jnp, numpy as np
@@ -338,6 +358,10 @@ def imtl_g(gram: Gram, state: Optional[aggregators.WeightsState] = None
   As :func:`mtl_optax.imtl_g` (Liu et al., ICLR 2021); scale-invariant.
   State: :class:`mtl_optax.WeightsState`.
 
+  .. math::
+
+     w = \\frac{G^+ n}{\\mathbf{1}^\\top G^+ n}, \\qquad n_i = \\sqrt{G_{ii}}
+
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
     >>> import jax.numpy as jnp, numpy as np
     >>> from mtl_optax import gram_weightings as gw
@@ -357,6 +381,11 @@ def aligned_mtl(gram: Gram, state: Optional[aggregators.WeightsState] = None,
 
   As :func:`mtl_optax.aligned_mtl` (Senushkin et al., CVPR 2023);
   scale-invariant. State: :class:`mtl_optax.WeightsState`.
+
+  .. math::
+
+     w = B p, \\qquad B = \\sqrt{s}\\, V \\Lambda^{-1/2} V^\\top, \\qquad
+     G = V \\Lambda V^\\top
 
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
     >>> import jax.numpy as jnp, numpy as np
@@ -411,6 +440,13 @@ def krum(gram: Gram, state: Optional[robust.KrumState] = None, *,
   ``K >= n_byzantine + 3``; scale-invariant. State:
   :class:`mtl_optax.KrumState`.
 
+  .. math::
+
+     w_i &= \\frac{1}{m} [i \\in S], \\qquad
+     S = \\text{the } m \\text{ tasks of lowest } s(i), \\\\
+     s(i) &= \\sum_{j \\in N_i} (G_{ii} - 2 G_{ij} + G_{jj}), \\qquad
+     |N_i| = K - f - 2
+
   Example (TorchJD's Krum test matrix: row 2 is the outlier):
     >>> import jax.numpy as jnp, numpy as np
     >>> from mtl_optax import gram_weightings as gw
@@ -446,6 +482,12 @@ def nash_mtl(gram: Gram, state: Optional[bargaining.NashMTLState] = None, *,
   ``s**-1/2`` for ``s G``), every ``update_weights_every`` calls (counted in
   the state), warm-started from the state's ``alpha``. State:
   :class:`mtl_optax.NashMTLState`.
+
+  .. math::
+
+     \\alpha_i (G \\alpha)_i &= 1 \\;\\; \\forall i, \\\\
+     w &= \\alpha \\text{ scaled down so that } \\sqrt{w^\\top G w} \\le
+     \\text{max_norm} \\;(\\text{if } \\text{max_norm} > 0)
 
   Example (TorchJD's test matrix; TorchJD's update is [0.0542, 0.7061,
   0.7061]):
@@ -487,6 +529,10 @@ def fairgrad(gram: Gram, state: Optional[bargaining.FairGradState] = None, *,
   As :func:`mtl_optax.fairgrad` (Ban & Ji, ICML 2024): the weights scale as
   ``s**(-alpha / (1 + alpha))`` for ``s G``; ``alpha = 0`` gives ``1/K``.
   Memoryless. State: :class:`mtl_optax.FairGradState` (residual).
+
+  .. math::
+
+     G w = w^{-1/\\alpha} \\;\\text{(element-wise)}
 
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
     >>> import jax.numpy as jnp, numpy as np

@@ -52,3 +52,17 @@ def test_pages_reference_only_public_names():
   for page in DOCS.glob("*.md"):
     for name in re.findall(r"\{func\}`~?mtl_optax\.(\w+)`", page.read_text()):
       assert name in mtl_optax.__all__, f"{page.name}: mtl_optax.{name}"
+
+
+# Methods whose docstring does not display its update yet (constant: an
+# alias of linear_scalarization with given weights).
+_MATH_PENDING = {"random_weighting", "random_loss_weighting", "constant"}
+
+
+def test_every_method_displays_its_update():
+  """Each method's page renders its update (a ``.. math::`` directive)."""
+  missing = sorted(
+      name for name in _factories() - _MATH_PENDING
+      if not getattr(mtl_optax, name).__doc__.lstrip().startswith("Deprecated")
+      and ".. math::" not in getattr(mtl_optax, name).__doc__)
+  assert not missing, missing

@@ -38,6 +38,10 @@ def linear_scalarization(
   ``d = sum_i w_i g_i`` with ``w = 1/K`` by default, i.e. the mean gradient
   ``g0`` (the gradient of the mean loss). Reads the gradients once.
 
+  .. math::
+
+     d = \\sum_i w_i g_i, \\qquad w_i = \\frac{1}{K} \\text{ by default } (d = g_0)
+
   Args:
     num_tasks: number of tasks K.
     weights: optional ``(K,)`` task weights, used as given (not normalised).
@@ -84,6 +88,10 @@ def fixed_weighting(num_tasks: int, weights, method: str
 
 def task_sum(num_tasks: int) -> optax.GradientTransformationExtraArgs:
   """Plain sum over the task axis: ``d = sum_i g_i``.
+
+  .. math::
+
+     d = \\sum_i g_i
 
   The rule for task-specific (head) parameters: each head only receives its
   own task's gradient, so the sum hands it through unchanged. Use it beside a
@@ -139,6 +147,11 @@ def mgda(num_tasks: int, max_iter: int = 500, tol: Optional[float] = None,
   not a fixed small number of Frank-Wolfe steps. ``d`` is a convex combination
   of task gradients (the scale of ``g0``); it is zero at a Pareto-stationary
   point. The solve is warm-started from the previous weights.
+
+  .. math::
+
+     d &= \\sum_i w^\\star_i g_i, \\\\
+     w^\\star &= \\arg\\min_{w \\in \\Delta} \\Big\\| \\sum_i w_i g_i \\Big\\|^2
 
   Args:
     num_tasks: number of tasks K.
@@ -227,6 +240,13 @@ def pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformationExtraAr
   ``g_i <- g_i - min(<g_i, g_j>, 0) / ||g_j||^2 g_j`` (``g_j`` the original
   gradients); ``d = (1/K) sum_i g_i`` (the scale of ``g0``). Computed on the
   Gram matrix: two reads of the gradients whatever K is.
+
+  .. math::
+
+     g_i^{\\mathrm{PC}} &\\leftarrow g_i^{\\mathrm{PC}}
+     - \\frac{\\min(\\langle g_i^{\\mathrm{PC}}, g_j \\rangle, 0)}{\\|g_j\\|^2}\\, g_j
+     \\quad (j \\ne i \\text{, random order}), \\\\
+     d &= \\frac{1}{K} \\sum_i g_i^{\\mathrm{PC}}
 
   Args:
     num_tasks: number of tasks K.

@@ -95,7 +95,13 @@ def nash_mtl(num_tasks: int, update_weights_every: int = 1,
   cvxpy problems; here ``alpha`` minimises the convex potential
   ``1/2 alpha^T A alpha - sum_i log alpha_i`` by Newton's method with at most
   ``optim_niter`` steps, warm-started from the previous ``alpha`` (see
-  :func:`~mtl_optax._src.solvers.alpha_fair_weights`).
+  ``solvers.alpha_fair_weights``).
+
+  .. math::
+
+     d &= \\sum_i \\alpha_i g_i, \\\\
+     \\alpha_i (A \\alpha)_i &= 1 \\;\\; \\forall i
+     \\quad \\big(\\text{i.e. } \\langle g_i, d \\rangle = 1 / \\alpha_i\\big)
 
   As in the official code, the weights are recomputed every
   ``update_weights_every`` steps (the others reuse ``alpha``), and ``alpha``
@@ -193,11 +199,15 @@ def fairgrad(num_tasks: int, alpha: float = 1.0, max_iter: int = 50,
   fairness. ``alpha = 0`` gives the mean gradient (linear scalarization), as
   in TorchJD. Solved by Newton's method on the convex potential
   ``1/2 w^T A w - sum_i (w_i^p - 1) / p``, ``p = 1 - 1/alpha`` (see
-  :func:`~mtl_optax._src.solvers.alpha_fair_weights`), where the official
+  ``solvers.alpha_fair_weights``), where the official
   code and TorchJD call ``scipy.optimize.least_squares`` on the host. The
   official trainer then multiplies the update by K and clips its norm to 1;
   chain ``optax.scale(num_tasks)`` and ``optax.clip_by_global_norm(1.0)``
   for that.
+
+  .. math::
+
+     d = \\sum_i w_i g_i, \\qquad A w = w^{-1/\\alpha} \\;\\text{(element-wise)}
 
   Output scale: the paper's. The weights scale as ``|g|^(-2 alpha / (1 +
   alpha))`` and the update as ``|g|^((1 - alpha) / (1 + alpha))``: for

@@ -250,7 +250,7 @@ class LossWeightingTransformation(optax.GradientTransformationExtraArgs):
   the same update.
 
   The coefficients are read through ``update`` itself: called with the extra
-  argument ``weighting_probe=True`` (:data:`PROBE_ARG`), it returns its input
+  argument ``weighting_probe=True`` (``PROBE_ARG``), it returns its input
   unchanged and its state with ``weights`` set to the coefficients the real
   ``update`` on the same state and losses uses, without advancing anything
   else. So wrappers (``optax.chain``, ``optax.partition``,

@@ -103,6 +103,13 @@ def cagrad(num_tasks: int, c: float = 0.4, rescale: int = 1,
   dual ``w* = argmin_{w in simplex} g_w^T g0 + c ||g0|| ||g_w||`` and
   ``d* = g0 + c ||g0|| / ||g_w*|| * g_w*``.
 
+  .. math::
+
+     d &= \\frac{1}{s} \\Big( g_0 + \\frac{c \\|g_0\\|}{\\|g_{w^\\star}\\|}\\, g_{w^\\star}
+     \\Big), \\qquad s = 1 + c^2 \\;(\\texttt{rescale=1}), \\\\
+     w^\\star &= \\arg\\min_{w \\in \\Delta}\\, g_w^\\top g_0 + c \\|g_0\\| \\|g_w\\|,
+     \\qquad g_w = \\sum_i w_i g_i
+
   The dual is solved on the K x K Gram matrix by a jitted accelerated
   projected-gradient loop with a tolerance and an iteration cap (no scipy, no
   host round trip), warm-started from the previous step's ``w*``. The final
@@ -133,7 +140,7 @@ def cagrad(num_tasks: int, c: float = 0.4, rescale: int = 1,
       (an off-by-one we do not reproduce); its ``cagrad_fast{k+1}`` option
       corresponds to ``num_sampled_tasks=k``. The compute saving of the paper
       comes from back-propagating only the ``k + 1`` surrogate losses: build
-      them with :func:`sampled_task_matrix` and a ``task_losses`` of
+      them with ``sampled_task_matrix`` and a ``task_losses`` of
       ``k + 1`` entries if you need it; given all K gradients, this option
       only shrinks the dual.
     seed: PRNG seed for CAGrad-Fast's task sampling.

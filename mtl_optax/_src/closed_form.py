@@ -100,7 +100,12 @@ def imtl_g(num_tasks: int) -> optax.GradientTransformationExtraArgs:
   gradients (Quinton & Rey, "Jacobian Descent for Multi-Objective
   Optimization", 2024); with a full-rank ``A`` it is the paper's solution.
   Weights sum to one, so the output is on the scale of ``g0`` (identical
-  gradients give ``d = g``). See :func:`imtl_g_weights` for the degenerate case.
+  gradients give ``d = g``). See ``imtl_g_weights`` for the degenerate case.
+
+  .. math::
+
+     d = \\sum_i w_i g_i, \\qquad w = \\frac{A^+ n}{\\mathbf{1}^\\top A^+ n}, \\qquad
+     n_i = \\|g_i\\|
 
   Args:
     num_tasks: number of tasks K.
@@ -172,6 +177,12 @@ def aligned_mtl(num_tasks: int, scale_mode: str = "min",
   eigenvalue (``scale_mode='min'``, TorchJD's default), their lower median
   (``'median'``) or their mean (``'rmse'``, the original code). Eigenvalues
   below ``K eps lambda_max`` are dropped, as in TorchJD.
+
+  .. math::
+
+     d &= \\sum_i (B p)_i\\, g_i, \\\\
+     B &= \\sqrt{s}\\, V \\Lambda^{-1/2} V^\\top, \\qquad
+     A = J J^\\top = V \\Lambda V^\\top
 
   Output scale: with the default ``p = 1/K``, ``d`` is the aligned mean
   gradient, on the scale of ``g0`` times ``sqrt(s / lambda)`` factors (at
@@ -247,6 +258,12 @@ def config(num_tasks: int, pref_vector: base.PrefVector = None
   Computed from the Gram matrix (``U^+ p = U^T C^+ p`` with ``C = U U^T``),
   never by a pseudo-inverse of the ``K x P`` matrix ``U``; in float32 this
   resolves singular values of ``U`` down to ``sqrt(K eps)`` of the largest.
+
+  .. math::
+
+     d &= \\frac{1}{K} \\sum_i \\langle g_i, \\hat d \\rangle\\, \\hat d, \\qquad
+     \\hat d = \\frac{U^+ p}{\\|U^+ p\\|}, \\\\
+     U &= \\big[ g_1 / \\|g_1\\|, \\dots, g_K / \\|g_K\\| \\big]^\\top
 
   Output scale: the paper (and TorchJD) use the sum of projections
   ``sum_i <g_i, d_hat>``; here it is divided by K, the scale of ``g0``

@@ -38,7 +38,7 @@ class DualConeState(NamedTuple):
     weights: ``(K,)`` coefficients of the last update,
       ``d = sum_i weights[i] g_i``.
     residual: ``()`` largest relative residual of the last step's QPs (see
-      :class:`~mtl_optax._src.solvers.BoxQPSolution`).
+      ``solvers.BoxQPSolution``).
   """
   weights: jax.Array
   residual: jax.Array
@@ -109,8 +109,14 @@ def upgrad(num_tasks: int, pref_vector: base.PrefVector = None,
   with ``v^(i) = argmin_{v >= p_i e_i} v^T A v``. ``d`` conflicts with no
   task and equals ``sum_i p_i g_i`` when no two gradients conflict.
 
+  .. math::
+
+     d &= \\sum_i p_i\\, \\pi(g_i) = J^\\top \\sum_i v^{(i)}, \\qquad
+     v^{(i)} = \\arg\\min_{v \\ge p_i e_i} v^\\top A v, \\\\
+     \\pi(x) &= \\arg\\min_{y :\\, J y \\ge 0} \\|y - x\\|
+
   The K QPs are solved at once on device (an interior-point loop with an
-  exact crossover, see :func:`~mtl_optax._src.solvers.lower_bounded_qp`);
+  exact crossover, see ``solvers.lower_bounded_qp``);
   the largest residual is kept in the state. As in TorchJD, the Gram matrix
   is divided by its trace and ``reg_eps`` is added to its diagonal (the
   default 1e-4 reproduces TorchJD's values; it makes each QP strictly convex
@@ -162,6 +168,12 @@ def dualproj(num_tasks: int, pref_vector: base.PrefVector = None,
   j}``, i.e. ``d = J^T v`` with ``v = argmin_{v >= p} v^T A v``. ``d``
   conflicts with no task and equals ``J^T p`` when ``J^T p`` conflicts with
   none.
+
+  .. math::
+
+     d &= \\pi\\Big( \\sum_i p_i g_i \\Big) = J^\\top v, \\qquad
+     v = \\arg\\min_{v \\ge p} v^\\top A v, \\\\
+     \\pi(x) &= \\arg\\min_{y :\\, J y \\ge 0} \\|y - x\\|
 
   One QP per step, solved on device (see :func:`upgrad` for the solver, the
   ``reg_eps`` regularisation shared with TorchJD and the residual in the

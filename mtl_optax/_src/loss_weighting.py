@@ -351,6 +351,11 @@ def uncertainty_weighting(
   ``sum_i L_i / (2 exp(s_i)) + s_i / 2`` over the model and the log-variances
   ``s_i = log sigma_i^2`` (LibMTL's form), so ``c_i = 1 / (2 exp(s_i))``.
 
+  .. math::
+
+     \\min_{\\theta, s} \\sum_i \\frac{L_i}{2 e^{s_i}} + \\frac{s_i}{2}, \\qquad
+     d = \\sum_i c_i g_i, \\qquad c_i = \\frac{1}{2 K e^{s_i}}
+
   The log-variances live in the state, not among the model parameters: each
   ``update`` takes one step of their own optimizer (default
   ``optax.adam(learning_rate)``) on the closed-form derivative
@@ -420,6 +425,11 @@ def imtl_l(
   gradient is ``sum_i c_i g_i`` with ``c_i = exp(s_i)``; ``s`` (initially 0,
   as in the paper and LibMTL) takes one step of its own optimizer per update
   on ``d/ds_i = c_i L_i - 1``.
+
+  .. math::
+
+     \\min_{\\theta, s} \\sum_i e^{s_i} L_i - s_i, \\qquad
+     d = \\sum_i c_i g_i, \\qquad c_i = \\frac{e^{s_i}}{K}
 
   Guards: ``s`` is clipped to ``[-log_scale_bound, log_scale_bound]``
   (default 10): a zero or negative loss (no minimum in ``s``) caps that
@@ -498,6 +508,11 @@ def dwa(num_tasks: int, temperature: float = 2.0, period: int = 1
   of the last two steps. Weights change only when a period completes.
   ``Lbar`` is the plain mean of the period's step losses; LibMTL's epoch loss
   weights each batch by its size (they differ when the last batch is short).
+
+  .. math::
+
+     d = \\sum_i c_i g_i, \\qquad c = \\operatorname{softmax}(w / T), \\qquad
+     w_i = \\frac{\\bar L_i(p - 1)}{\\bar L_i(p - 2)}
 
   Guards: a task whose previous mean loss is ``<= 0`` gets ratio 1; ratios
   are clipped to the finite range, so ``softmax`` never sees ``inf``.
@@ -599,6 +614,14 @@ def gradnorm(
   ``L_grad = sum_i |G_i - Gbar r_i^alpha|`` (the target held constant), i.e.
   on ``d L_grad / d w_i = sign(G_i - Gbar r_i^alpha) n_i``, are clipped at 0
   and renormalised to sum to K.
+
+  .. math::
+
+     d &= \\sum_i \\frac{w_i}{K} g_i, \\qquad
+     L_{\\mathrm{grad}} = \\sum_i \\big| w_i n_i - \\bar G\\, r_i^\\alpha \\big|, \\\\
+     \\bar G &= \\frac{1}{K} \\sum_i w_i n_i, \\qquad
+     r_i = \\frac{\\tilde L_i}{\\operatorname{mean}(\\tilde L)}, \\qquad
+     \\tilde L_i = \\frac{L_i(t)}{L_i(0)}
 
   Per-task norms ``n_i`` (the extra input GradNorm needs):
 
@@ -747,6 +770,11 @@ def famo(num_tasks: int, w_lr: float = 0.025, gamma: float = 1e-3,
   ``delta_i = log D_i(before step) - log D_i(after step)``. One backward pass
   per step whatever K is (:func:`mtl_optax.value_and_weighted_grad`).
 
+  .. math::
+
+     d &= \\sum_i c_i g_i, \\qquad c_i = \\frac{z_i / D_i}{\\sum_j z_j / D_j}, \\\\
+     z &= \\operatorname{softmax}(\\xi), \\qquad D_i = L_i - L_i^{\\min} + \\epsilon
+
   Timing (no second forward pass): the official supervised trainers
   re-evaluate the batch after the optimizer step to get ``delta``. Here the
   update at step t receives ``L_t`` and keeps ``L_{t-1}`` in its state; the
@@ -879,6 +907,12 @@ def stch(num_tasks: int, mu: float = 1.0, warmup_steps: int = 0,
   ``c_i = K softmax(l / mu)_i / (L_i + eps N_i)``; a smooth maximum that
   favours the task furthest (relatively) from its nadir.
 
+  .. math::
+
+     d &= \\sum_i c_i g_i, \\qquad
+     c_i = \\frac{\\operatorname{softmax}(l / \\mu)_i}{L_i + \\epsilon N_i}, \\\\
+     l_i &= \\log(L_i / N_i + \\epsilon)
+
   Phases, by update count: the first ``warmup_steps + nadir_steps`` updates
   descend the log-loss sum ``sum_i log(L_i + eps)`` (``c_i = 1/(L_i+eps)``),
   and the last ``nadir_steps`` of them are averaged into ``N``; STCH then
@@ -965,6 +999,11 @@ def gls(num_tasks: int, eps: float = 1e-8) -> base.LossWeightingTransformation:
   as ``exp(mean(log L) - log L_i) / K`` (no overflow of the product for large
   K). It is the scale-invariant log-sum's gradient times ``G / K``.
 
+  .. math::
+
+     d = \\sum_i c_i g_i, \\qquad c_i = \\frac{G}{K L_i}, \\qquad
+     G = \\Big( \\prod_i L_i \\Big)^{1/K}
+
   Guard: ``L_i -> max(L_i, 0) + eps`` (the paper has no guard).
 
   Output scale: ``g0`` when all losses are equal (``c_i = 1/K``).
@@ -1003,6 +1042,10 @@ def scale_invariant(num_tasks: int, eps: float = 1e-8
   ICML 2022 (Nash-MTL's ``scaleinvls``): the model descends
   ``sum_i log L_i``, so ``c_i = 1 / L_i``, invariant to rescaling any task's
   loss.
+
+  .. math::
+
+     d = \\sum_i c_i g_i, \\qquad c_i = \\frac{1}{K L_i}
 
   Guard: ``L_i -> max(L_i, 0) + eps`` (the reference code has no guard).
 
@@ -1125,6 +1168,13 @@ def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0,
   ``beta_t = beta / t^beta_sigma`` (``ghat = 0`` at the start), then
   ``d = sum_i (max_j ||ghat_j|| / ||ghat_i||) ghat_i``: every task enters
   with the largest task's gradient norm.
+
+  .. math::
+
+     d &= \\frac{1}{K} \\sum_i \\frac{\\max_j \\|\\hat g_j\\|}{\\|\\hat g_i\\|}\\, \\hat g_i,
+     \\\\
+     \\hat g_i &\\leftarrow \\beta_t \\hat g_i + (1 - \\beta_t) h_i, \\qquad
+     h_i = \\frac{g_i}{L_i + \\epsilon}
 
   Unlike the other methods of this module it needs per-task gradient
   VECTORS (the EMA is kept per task, O(K x params) state), so it is a

@@ -516,6 +516,14 @@ def marigold(num_tasks: int, criterion: str = "mgda",
   Lbar(theta - alpha g_w)`` (look-ahead), with ``G v ~ [l(theta) - l(theta - mu
   J^T v)] / mu``. The update returned is ``g_c`` (scale of ``g0``).
 
+  .. math::
+
+     w &\\leftarrow P_\\Delta\\Big( w - \\eta \\frac{\\nabla \\Phi(w)}
+     {\\operatorname{tr} \\nabla^2 \\Phi} \\Big), \\qquad
+     \\nabla \\Phi = G w \\;\\text{(MGDA)}, \\\\
+     G v &\\approx \\frac{\\ell(\\theta) - \\ell(\\theta - \\mu J^\\top v)}{\\mu}, \\qquad
+     d = J^\\top c = \\nabla_\\theta \\sum_i c_i L_i
+
   Use on the single-backward path: ``losses, grads =
   mo.value_and_weighted_grad(fn, tx)(state, params, ...)`` then
   ``tx.update(grads, state, params, task_losses=losses, loss_fn=...)``.

@@ -105,6 +105,13 @@ def ldc_mtl(num_tasks: int, penalty: float = 0.05,
   point: the joint gradient step of the official code, where one Adam steps
   the model and the router on ``T``.
 
+  .. math::
+
+     T &= w^\\top \\tilde L + \\lambda \\sum_i
+     \\big| w_i \\tilde L_i - w_{i+1} \\tilde L_{i+1} \\big|, \\qquad
+     w = \\operatorname{softmax}(\\xi), \\\\
+     d &= \\sum_i c_i g_i, \\qquad c = \\frac{\\partial T}{\\partial L}
+
   Deviation: the official router is a layer of the network (a linear map of
   pooled decoder features, then softmax, clamped to [0.2, 0.8] for NYU-v2);
   here it is an input-independent logit vector in the state, so the method
@@ -243,6 +250,13 @@ def auto_lambda(num_tasks: int, virtual_lr: float = 0.1,
   own optimizer (official: Adam, lr 1e-4) on the one-step meta-gradient
   ``dV/dlambda_i = -alpha <g_i, grad V(theta')>``; the model update then uses
   the new weights.
+
+  .. math::
+
+     \\theta' &= \\theta - \\alpha \\sum_i \\lambda_i g_i, \\qquad
+     V = \\sum_{i \\in P} L_i^{\\mathrm{val}}(\\theta'), \\\\
+     \\frac{\\partial V}{\\partial \\lambda_i} &= -\\alpha
+     \\langle g_i, \\nabla V(\\theta') \\rangle
 
   The per-task derivatives ``<g_i, grad V(theta')>`` come from the stacked
   gradients when ``update`` gets them (exact), or on the single-backward path

@@ -122,6 +122,12 @@ def momentum_config(num_tasks: int, beta_1: float = 0.9,
   beta_1^{t_i})`` (``t_i`` the task's own count): one backward pass per step
   whatever K is. Until every task has been seen the update is zero.
 
+  .. math::
+
+     m_i &\\leftarrow \\beta_1 m_i + (1 - \\beta_1) g_i \\quad (i = n \\bmod K), \\\\
+     d &= \\mathrm{ConFIG}(\\hat m_1, \\dots, \\hat m_K), \\qquad
+     \\hat m_i = \\frac{m_i}{1 - \\beta_1^{t_i}}
+
   With ``normalize=True`` (the official operator) the direction is also
   divided, element-wise, by ``sqrt(s_hat) + eps``: ``s`` is an EMA
   (``beta_2``, bias-corrected over the ``t`` steps since all tasks were seen)
@@ -276,6 +282,12 @@ def psmgd(num_tasks: int, period: int = 4, max_iter: int = 500,
   in between: ``d_t = sum_i w_{R floor(t/R)} g_i``. Between solves the update
   is the gradient of one weighted loss ``sum_i w_i L_i``, so the backward
   cost per step is ``(K + R - 1) / R`` passes on average instead of K.
+
+  .. math::
+
+     d_t &= \\sum_i w_{R \\lfloor t / R \\rfloor, i}\\, g_i, \\\\
+     w &= \\arg\\min_{w \\in \\Delta} \\Big\\| \\sum_i w_i g_i \\Big\\|^2
+     \\text{ (re-solved every } R \\text{ steps)}
 
   Input, per step:
 

@@ -4,7 +4,7 @@ PCD follows the gradient of the first task as closely as possible while
 every other task keeps a fraction of the progress that its own normalised
 gradient would give. The direction is the solution of a small quadratic
 program on the K x K Gram matrix, solved on device by an exact dual
-active-set loop (:func:`priority_qp_weights`).
+active-set loop (``priority_qp_weights``).
 """
 
 from __future__ import annotations
@@ -252,7 +252,14 @@ def pcd(num_tasks: int, tau: float | Sequence[float] | jax.Array = 0.02,
   secondary gradients) are dropped (``d = g_1``); ``g_1 = 0`` or ``d~ = 0``
   up to rounding gives ``d = 0``. The QP is solved exactly on the Gram
   matrix by a dual active-set loop on device
-  (:func:`priority_qp_weights`), as TorchJD does on the host.
+  (``priority_qp_weights``), as TorchJD does on the host.
+
+  .. math::
+
+     d &= \\|g_1\\| \\frac{\\tilde d}{\\|\\tilde d\\|}, \\qquad
+     \\tilde g_i = \\frac{g_i}{\\sqrt{v_i + \\epsilon}}, \\\\
+     \\tilde d &= \\arg\\min_d \\tfrac{1}{2} \\|d - \\tilde g_1\\|^2 \\;\\text{ s.t. }\\;
+     \\tilde g_j^\\top d \\ge \\tau_j \\|\\tilde g_j\\|^2 \\;(j \\ge 2)
 
   PCD is not symmetric in the tasks: the task at index 0 of the stacked
   gradients (the first loss) is the primary one. Because of the

@@ -77,6 +77,13 @@ def krum(num_tasks: int, n_byzantine: int = 0, n_selected: int = 1
   gradients (the scale of one gradient, comparable to ``g0``). Computed on the
   scale-free Gram matrix, so the choice does not depend on the loss scale.
 
+  .. math::
+
+     d &= \\frac{1}{m} \\sum_{i \\in S} g_i, \\qquad
+     S = \\text{the } m \\text{ tasks of lowest } s(i), \\\\
+     s(i) &= \\sum_{j \\in N_i} \\|g_i - g_j\\|^2, \\qquad
+     N_i = \\text{the } K - f - 2 \\text{ nearest other tasks}
+
   The paper scores with squared distances; TorchJD sums plain distances,
   which can select differently. Krum's guarantee needs ``K > 2f + 2``; as
   TorchJD, only ``K >= f + 3`` (one neighbour at least) is enforced.
@@ -168,6 +175,12 @@ def trimmed_mean(num_tasks: int, trim_number: int = 1
   is the mean; with K = 3 and ``trim_number = 1`` it is the coordinate-wise
   median). Non-finite input gives NaN at that coordinate even when the bad
   value would be trimmed, so ``optax.apply_if_finite`` sees it.
+
+  .. math::
+
+     d_k &= \\frac{1}{K - 2t} \\sum_{r = t + 1}^{K - t} g_{(r), k}, \\\\
+     & g_{(1), k} \\le \\dots \\le g_{(K), k} \\text{: the task values at
+     coordinate } k
 
   Args:
     num_tasks: number of tasks K.

@@ -78,6 +78,12 @@ def cosmos(num_tasks: int, lambda_: float = 1.0,
   other half, conditioning the model on ``r`` (input concatenation), is a
   modelling choice left to the user.
 
+  .. math::
+
+     s(L) &= r^\\top L - \\lambda \\cos(r, L), \\\\
+     c &= \\nabla_L s = r - \\lambda \\frac{\\hat r - (\\hat r^\\top u)\\, u}{\\|L\\|},
+     \\qquad d = \\sum_i c_i g_i
+
   Output scale: ``r`` is used as given, as in the paper and TorchJD, so the
   update is TorchJD's exactly. With ``r`` on the simplex (the default
   ``1/K``, or the paper's Dirichlet samples) it is the ``g0`` scale: at
@@ -146,6 +152,13 @@ def pbi(num_tasks: int, theta: float = 5.0,
   ``d2 = sqrt(||f - d1 w_hat||^2 + 1e-12)`` (distance to it), the model
   descends ``s = d1 + theta d2``: ``ds/dL = w_hat + theta p / d2``, ``p`` the
   perpendicular component, and ``c = (ds/dL) / sum_i w_hat_i``.
+
+  .. math::
+
+     s &= d_1 + \\theta d_2, \\qquad d_1 = f^\\top \\hat w, \\qquad
+     d_2 = \\|f - d_1 \\hat w\\|, \\qquad f = L - z, \\\\
+     c &= \\frac{\\partial s / \\partial L}{\\sum_i \\hat w_i}, \\qquad
+     d = \\sum_i c_i g_i
 
   Output scale: dividing by ``sum_i w_hat_i = ||w||_1 / ||w||_2`` puts the
   ray term ``w / sum(w)`` on the simplex, so losses on the ray (or

@@ -141,6 +141,13 @@ def excess_mtl(num_tasks: int, robust_step_size: float = 1e-2,
   ``g0`` (weights on the simplex, as TorchJD); the official code and LibMTL
   keep weights summing to K, i.e. K times this update.
 
+  .. math::
+
+     d &= \\sum_i w_i g_i, \\qquad w \\leftarrow \\frac{w \\odot \\exp(\\eta\\, e / b)}{Z},
+     \\\\
+     e_i &= \\sum_{\\text{coords}} \\frac{g_i^2}{\\sqrt{S_i}}, \\qquad
+     S_i = \\sum_{t \\le \\text{now}} g_{t,i}^2
+
   Deviations, all scale-free choices: no ``1e-7`` inside the square root or
   after the baseline (a coordinate or task with no gradient contributes 0,
   and a task whose warm-up baseline is 0 gets no step); the exponentiated
@@ -242,6 +249,11 @@ def sdmgrad(num_tasks: int, lam: float = 0.3, lr: Optional[float] = None,
   ``d = sum_i (w_i + lam / K) / (1 + lam) g_i`` over ``updates``: the scale
   of ``g0`` (weights sum to 1). ``lam = 0`` gives stochastic MGDA; large
   ``lam`` gives ``g0``.
+
+  .. math::
+
+     d &= \\sum_i \\frac{w_i + \\lambda / K}{1 + \\lambda}\\, g_i, \\\\
+     w &\\approx \\arg\\min_{w \\in \\Delta} \\tfrac{1}{2} \\|g_w + \\lambda g_0\\|^2
 
   If every ``A_ii <= 0`` (possible for a cross-batch matrix) the official
   normaliser is 0 and its ``1e-8`` guard makes the step scale-dependent; here
@@ -354,6 +366,12 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.1
   one). For gradients so large that ``gamma ||g||^2`` overflows the
   step is capped, which gives its limit.
 
+  .. math::
+
+     \\lambda &\\leftarrow \\Pi_\\Delta\\big(\\lambda - \\gamma (J J'^\\top \\lambda
+     + \\rho \\lambda)\\big), \\\\
+     d &= \\sum_i \\lambda_i g_i
+
   Args:
     num_tasks: number of tasks K.
     gamma: step size of the weights (LibMTL: 1e-3). Injectable.
@@ -429,6 +447,13 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
       y      <- y - beta_k (y - h)                    (tracked, in the state)
       lambda <- softmax(lambda - gamma_k (Y Y^T + rho I) lambda)
       d      =  sum_i lambda_i y_i
+
+  .. math::
+
+     y_i &\\leftarrow y_i - \\beta_k (y_i - h_i), \\qquad
+     h_i = L_i \\frac{g_i}{\\|g_i\\|}, \\\\
+     \\lambda &\\leftarrow \\operatorname{softmax}\\big(\\lambda - \\gamma_k
+     (Y Y^\\top + \\rho I) \\lambda\\big), \\qquad d = \\sum_i \\lambda_i y_i
 
   Output scale: a convex combination of the tracked ``y_i``, whose norms
   approach the task losses ``L_i`` (not ``g0``'s scale). The paper's

@@ -119,6 +119,14 @@ def gradvac(num_tasks: int, beta: float = 0.5, seed: int = 0
   initial zero targets the correction is PCGrad's projection, so the first
   step equals ``mo.pcgrad(num_tasks, seed)`` exactly.
 
+  .. math::
+
+     g_i^{\\mathrm{PC}} &\\leftarrow g_i^{\\mathrm{PC}} + \\frac{\\|g_i^{\\mathrm{PC}}\\|
+     \\big(t_{ij} \\sqrt{1 - \\phi_{ij}^2} - \\phi_{ij} \\sqrt{1 - t_{ij}^2}\\big)}
+     {\\|g_j\\| \\sqrt{1 - t_{ij}^2}}\\, g_j \\quad \\text{if } \\phi_{ij} < t_{ij}, \\\\
+     \\phi_{ij} &= \\cos(g_i^{\\mathrm{PC}}, g_j), \\qquad
+     d = \\frac{1}{K} \\sum_i g_i^{\\mathrm{PC}}
+
   Everything runs on the K x K Gram matrix (as TorchJD's ``GradVacWeighting``)
   with a ``lax.scan`` over the K - 1 rounds: two reads of the gradients. This
   is GradVac's "whole model" granularity; for its per-layer variants give
@@ -189,6 +197,12 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
   repository's baseline and TorchJD: ``P = (1 + sum_i g_i / sum_i |g_i|) / 2``,
   ``U ~ Unif[0, 1)`` per coordinate, mask ``M_i = [P > U][g_i > 0] +
   [P < U][g_i < 0]``, and ``d = (1/K) sum_i (l_i + (1 - l_i) M_i) * g_i``.
+
+  .. math::
+
+     d &= \\frac{1}{K} \\sum_i \\big(l_i + (1 - l_i) M_i\\big) \\odot g_i, \\\\
+     M_i &= [P > U][g_i > 0] + [P < U][g_i < 0], \\qquad
+     P = \\frac{1}{2} \\Big( 1 + \\frac{\\sum_i g_i}{\\sum_i |g_i|} \\Big)
 
   Output scale: ``(1/K)`` times the sum, the scale of ``g0`` (a coordinate
   where every task agrees in sign gives exactly ``g0`` there). The CAGrad

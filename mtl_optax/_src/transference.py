@@ -234,6 +234,11 @@ def task_affinity(
   Multi-Task Learning" (TAG), NeurIPS 2021, arXiv:2109.04617, Eq. 1:
   ``Z[i, j] = 1 - L_j(theta_s - lr g_i, theta_j) / L_j(theta_s, theta_j)``.
 
+  .. math::
+
+     Z_{ij} = 1 - \\frac{L_j(\\theta_s - \\eta\\, g_i, \\theta_j)}
+     {L_j(\\theta_s, \\theta_j)}
+
   Row ``i`` is the task whose gradient takes the step, column ``j`` the task
   whose loss is measured (TAG's dictionaries: ``D[a][b] = Z[b][a]``). Only the
   shared leaves move; all K look-ahead points (and, without ``losses``, the
@@ -375,6 +380,12 @@ def track_affinity(
   needs the ``loss_fn`` extra argument (``params -> (K,)`` losses on the
   current batch) and ``params``; ``loss_fn`` is evaluated at ``K + 1`` points
   in one vmapped call (the current point and the K look-aheads).
+
+  .. math::
+
+     \\hat Z &= \\frac{1}{T} \\sum_t Z^t, \\\\
+     Z^t_{ij} &= 1 - \\frac{L_j(\\theta_s - \\eta\\, g_i, \\theta_j)}
+     {L_j(\\theta_s, \\theta_j)}
 
   Two ways to use it:
 
@@ -552,6 +563,13 @@ def it_mtl(
   ``c* = argmax_c sum_j (1 - L_j(theta_c') / L_j(theta))`` (total
   transference, ``criterion='transference'``) or
   ``c* = argmin_c sum_j L_j(theta_c')`` (``criterion='loss'``).
+
+  .. math::
+
+     d &= d_{c^\\star}, \\\\
+     c^\\star &= \\arg\\max_c \\sum_j \\Big( 1 -
+     \\frac{L_j(\\theta - \\eta\\, d_c)}{L_j(\\theta)} \\Big)
+     \\quad (\\texttt{criterion='transference'})
 
   All candidates' look-aheads (and, for transference, the current point) are
   evaluated by ONE vmapped call of the ``loss_fn`` extra argument; the

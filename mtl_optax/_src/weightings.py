@@ -168,6 +168,11 @@ def ema_weights(inner: optax.GradientTransformation, num_tasks: int,
   Corollary 1 lets ``alpha`` grow towards 1 as the learning rate decays: use
   ``optax.inject_hyperparams`` for a schedule.
 
+  .. math::
+
+     w_k = \\alpha\\, w_{k-1} + (1 - \\alpha)\\, \\hat w_k, \\qquad
+     d = \\sum_i w_{k, i}\\, g_i
+
   The wrapped method must be a *weighting*: its state's ``weights`` field must
   be the coefficients of its update, ``update = sum_i weights[i] g_i`` (MGDA,
   CAGrad, PCGrad, GradVac, IMTL-G, MoDo, SDMGrad, ...). Methods whose
