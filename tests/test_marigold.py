@@ -601,17 +601,17 @@ def test_each_configuration_carries_only_its_own_state(
 
 
 def test_cagrad_criterion_multiplier_is_zero_when_g_w_vanishes():
-  """As in mo.cagrad: a vanishing g_w (here two opposite tasks, so g_w = 0
-  at the equal weights) has no direction, and lambda is 0 instead of c
-  ||g0|| / sqrt(eps) ||g0||."""
+  """As in mo.cagrad: a vanishing g_w (here g_2 = -2 g_1, so g_w = 0 at w =
+  (2/3, 1/3) while g0 = -g_1 / 2 is not) has no direction, and lambda is 0
+  instead of c ||g0|| / (sqrt(eps) ||g0||)."""
   with jax.enable_x64(True):
-    jac = jnp.array([[1.0, 2.0], [-1.0, -2.0]])
+    jac = jnp.array([[1.0, 2.0], [-2.0, -4.0]])
     loss_fn = lambda p: jac @ p + jnp.array([1.0, 3.0])
     theta = jnp.zeros(2)
     for estimator in ("gram_vector", "jvp"):
       tx = mo.marigold(2, "cagrad", estimator)
       state = tx.init(theta)._replace(
-          simplex_weights=jnp.array([0.5, 0.5]))
+          simplex_weights=jnp.array([2.0, 1.0]) / 3)
       _, grads = mo.value_and_task_grads(loss_fn)(theta)
       losses = loss_fn(theta)
       _, state = tx.update(grads, state, theta, task_losses=losses,
