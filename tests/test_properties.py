@@ -136,6 +136,7 @@ KNOWN_DEFECTS: dict[tuple[str, str], str] = {
     ("cagrad_fast", "zero_size_leaf"): _ZERO_SIZE,
     ("marigold_mgda", "zero_size_leaf"): _ZERO_SIZE,
     ("marigold_cagrad", "zero_size_leaf"): _ZERO_SIZE,
+    ("marigold_jvp_cagrad", "zero_size_leaf"): _ZERO_SIZE,
     ("marigold_lookahead_central", "zero_size_leaf"): _ZERO_SIZE,
     ("marigold_random_directions_cagrad", "zero_size_leaf"): _ZERO_SIZE,
     ("marigold_residual_feedback", "zero_size_leaf"): _ZERO_SIZE,
