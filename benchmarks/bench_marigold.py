@@ -16,12 +16,14 @@ K in 2 ... 64 and per method:
   final parameters.
 
 Methods: MARIGOLD (single backward pass of a weighted loss via
-``mo.value_and_weighted_grad``; criteria MGDA and CAGrad), exact MGDA and
+``mo.value_and_weighted_grad``; criteria MGDA and CAGrad with the default
+zeroth-order estimator, and MGDA with ``estimator='jvp'``, exact Gram-vector
+products by one forward-mode pass), exact MGDA and
 exact CAGrad on per-task gradients (``mo.value_and_task_grads``: K vmapped
 backward passes), and the plain mean (one backward, reference). One process.
 Writes ``benchmarks/results/marigold.json`` and ``marigold.png``.
 
-    python benchmarks/bench_marigold.py [--quick]
+    python benchmarks/bench_marigold.py [--quick] [--methods marigold,marigold_jvp]
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ WIDTHS = (64, 256, 256)
 BATCH = 128
 NUM_SAMPLES = 4096
 LEARNING_RATE = 1e-3
+METHODS = ("marigold", "marigold_jvp", "marigold_cagrad", "mgda", "cagrad",
+           "mean")
 
 
 def make_data(num_tasks, seed=0):
@@ -96,7 +100,8 @@ def make_step(name, num_tasks):
     return tx, step
   if name.startswith("marigold"):
     criterion = "cagrad" if name == "marigold_cagrad" else "mgda"
-    method = mo.marigold(num_tasks, criterion)
+    estimator = "jvp" if name == "marigold_jvp" else "gram_vector"
+    method = mo.marigold(num_tasks, criterion, estimator)
     tx = optax.chain(method, optax.adam(LEARNING_RATE))
 
     def step(params, opt_state, x, y):
@@ -204,6 +209,8 @@ def main():
   parser.add_argument("--quick", action="store_true",
                       help="fewer K, repeats, seeds and steps (smoke run)")
   parser.add_argument("--steps", type=int, default=None)
+  parser.add_argument("--methods", default=",".join(METHODS),
+                      help="comma-separated subset of " + ",".join(METHODS))
   parser.add_argument("--out", default=os.path.join(
       os.path.dirname(__file__), "results", "marigold.json"))
   args = parser.parse_args()
@@ -212,7 +219,7 @@ def main():
   seeds = (0,) if args.quick else (0, 1, 2)
   repeats = 5 if args.quick else 30
   num_steps = args.steps or (100 if args.quick else 200)
-  methods = ("marigold", "marigold_cagrad", "mgda", "cagrad", "mean")
+  methods = tuple(args.methods.split(","))
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} "
         f"({platform.processor() or platform.machine()}, {os.cpu_count()} "
         f"cores); MLP {WIDTHS} + K heads, batch {BATCH}, Adam "
@@ -253,20 +260,33 @@ def main():
   ratio = lambda a, b, k: [loss_of[(a, k, s)] / loss_of[(b, k, s)]
                            for s in seeds]
   k_lo, k_hi = sizes[0], sizes[-1]
-  summary = dict(
-      marigold_time_Kmax_over_Kmin=time_of[("marigold", k_hi)] /
-      time_of[("marigold", k_lo)],
-      marigold_cagrad_time_Kmax_over_Kmin=time_of[("marigold_cagrad", k_hi)]
-      / time_of[("marigold_cagrad", k_lo)],
-      mgda_over_marigold_time_at_Kmax=time_of[("mgda", k_hi)] /
-      time_of[("marigold", k_hi)],
-      cagrad_over_marigold_cagrad_time_at_Kmax=time_of[("cagrad", k_hi)] /
-      time_of[("marigold_cagrad", k_hi)],
-      marigold_over_mgda_final_loss_per_seed={
-          str(k): ratio("marigold", "mgda", k) for k in training_sizes},
-      marigold_cagrad_over_cagrad_final_loss_per_seed={
-          str(k): ratio("marigold_cagrad", "cagrad", k)
-          for k in training_sizes},
+  ratios = {  # time and loss ratios of the methods that were run
+      "marigold_time_Kmax_over_Kmin": ("time_k", "marigold"),
+      "marigold_cagrad_time_Kmax_over_Kmin": ("time_k", "marigold_cagrad"),
+      "mgda_over_marigold_time_at_Kmax": ("time", "mgda", "marigold"),
+      "cagrad_over_marigold_cagrad_time_at_Kmax": ("time", "cagrad",
+                                                   "marigold_cagrad"),
+      "marigold_over_mgda_final_loss_per_seed": ("loss", "marigold", "mgda"),
+      "marigold_cagrad_over_cagrad_final_loss_per_seed": (
+          "loss", "marigold_cagrad", "cagrad"),
+      "marigold_jvp_over_marigold_time_per_K": ("time_per_k", "marigold_jvp",
+                                                "marigold"),
+      "marigold_jvp_over_marigold_final_loss_per_seed": (
+          "loss", "marigold_jvp", "marigold")}
+  summary = {}
+  for key, (kind, *names) in ratios.items():
+    if not set(names) <= set(methods):
+      continue
+    if kind == "time_k":
+      summary[key] = time_of[(names[0], k_hi)] / time_of[(names[0], k_lo)]
+    elif kind == "time":
+      summary[key] = time_of[(names[0], k_hi)] / time_of[(names[1], k_hi)]
+    elif kind == "time_per_k":
+      summary[key] = {str(k): [time_of[(names[0], k)] / time_of[(names[1], k)]]
+                      for k in sizes}
+    else:
+      summary[key] = {str(k): ratio(*names, k) for k in training_sizes}
+  summary.update(
       wall_s=time.perf_counter() - t_start)
   print("summary:")
   for key, value in summary.items():

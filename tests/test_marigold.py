@@ -98,7 +98,7 @@ def test_frozen_weights_converge_to_exact_mgda_and_cagrad_weights():
     @jax.jit
     @jax.vmap
     def run(radius):
-      fixed = dict(radius=radius, radius_tolerance=None, step_size=1.0)
+      fixed = dict(radius=radius, radius_tolerance=None, learning_rate=1.0)
       mgda, _ = _frozen(lambda: mo.marigold(4, **fixed), loss_fn, theta, 150)
       cag, _ = _frozen(lambda: mo.marigold(4, "cagrad", c=0.4, **fixed),
                        loss_fn, theta, 150)
@@ -110,6 +110,64 @@ def test_frozen_weights_converge_to_exact_mgda_and_cagrad_weights():
     _assert_first_order(err(cag.weights, coef), 3e-4)
     _assert_first_order(err(cag.simplex_weights, dual.weights), 1e-3)
     assert np.all(np.asarray(mgda.residual) < 1e-6)  # a fixed point
+
+
+def test_jvp_estimator_converges_to_the_exact_weights_without_bias():
+  """estimator='jvp': the Gram-vector products are exact (forward mode), so
+  with theta frozen the weights reach those of the exact methods on the true
+  Gram matrix (the Gram-weighting layer's mgda and cagrad) to 1e-4, on a
+  curved problem where finite differences are biased."""
+  with jax.enable_x64(True):
+    loss_fn = _quadratic_problem()
+    theta = jnp.zeros(8)
+    jac = jax.jacrev(loss_fn)(theta)
+    gram = jac @ jac.T
+    w_mgda = mo.gram_weightings.mgda(gram, tol=1e-12, max_iter=5000).weights
+    cag_exact = mo.gram_weightings.cagrad(gram, c=0.4, tol=1e-12,
+                                          max_iter=5000)
+    run = jax.jit(lambda criterion: _frozen(lambda: mo.marigold(
+        4, criterion, "jvp", c=0.4, learning_rate=1.0), loss_fn, theta,
+                                            200)[0], static_argnums=0)
+    mgda, cag = run("mgda"), run("cagrad")
+    np.testing.assert_allclose(mgda.simplex_weights, w_mgda, atol=1e-4)
+    np.testing.assert_allclose(cag.weights, cag_exact.weights, atol=1e-4)
+    np.testing.assert_allclose(cag.simplex_weights,
+                               cag_exact.state.dual_weights, atol=1e-4)
+    # Tighter than the finite-difference estimator's O(radius) bias at its
+    # default radius: that one is off by more than 1e-4 here.
+    fd = jax.jit(lambda: _frozen(lambda: mo.marigold(
+        4, radius_tolerance=None, learning_rate=1.0), loss_fn, theta,
+                                 200)[0])()
+    assert np.max(np.abs(np.asarray(mgda.simplex_weights - w_mgda))) < 1e-8
+    assert np.max(np.abs(np.asarray(fd.simplex_weights - w_mgda))) > 1e-6
+
+
+def test_jvp_estimator_in_float32_and_for_the_lookahead_criterion():
+  """float32 parameters: still 1e-4 from exact MGDA; the look-ahead
+  criterion reaches its exact minimiser (oracle as in the test below)."""
+  loss_fn = _quadratic_problem()
+  theta = jnp.zeros(8, jnp.float32)
+  f32 = lambda p: loss_fn(p.astype(jnp.float64)).astype(jnp.float32)
+  with jax.enable_x64(True):
+    jac = np.asarray(jax.jacrev(loss_fn)(jnp.zeros(8)))
+    w_mgda = mo.gram_weightings.mgda(jnp.asarray(jac @ jac.T), tol=1e-12,
+                                     max_iter=5000).weights
+    state = jax.jit(lambda: _frozen(lambda: mo.marigold(4, estimator="jvp"),
+                                    f32, theta, 200)[0])()
+    assert state.simplex_weights.dtype == jnp.float32
+    np.testing.assert_allclose(state.simplex_weights, w_mgda, atol=1e-4)
+
+    alpha = 0.2
+    theta64 = jnp.zeros(8)
+    phi = lambda w: jnp.mean(loss_fn(theta64 - alpha * (jac.T @ w)))
+    hessian = jax.hessian(phi)(jnp.full(4, 0.25))
+    oracle = solvers.minimize_on_simplex(
+        jax.value_and_grad(phi), jnp.full(4, 0.25),
+        jnp.linalg.eigvalsh(hessian)[-1], max_iter=5000, tol=1e-12).weights
+    ahead = jax.jit(lambda: _frozen(lambda: mo.marigold(
+        4, "lookahead", "jvp", lookahead_lr=alpha, learning_rate=1.0),
+                                    loss_fn, theta64, 300)[0])()
+    np.testing.assert_allclose(ahead.simplex_weights, oracle, atol=1e-6)
 
 
 def test_lookahead_criterion_converges_to_its_exact_minimiser():
@@ -128,7 +186,7 @@ def test_lookahead_criterion_converges_to_its_exact_minimiser():
     def run(radius):
       return _frozen(lambda: mo.marigold(
           4, "lookahead", lookahead_lr=alpha, radius=radius,
-          radius_tolerance=None, step_size=1.0),
+          radius_tolerance=None, learning_rate=1.0),
                      loss_fn, theta, 300)[0].simplex_weights
     errors = np.max(np.abs(np.asarray(run(jnp.asarray(RADII / 10))) -
                            np.asarray(oracle)), axis=1)
@@ -150,7 +208,7 @@ def test_random_directions_exact_for_mgda_and_tightens_with_q_for_cagrad():
     assert np.min(np.asarray(dual.weights)) < 1e-9  # on a face
 
     mgda = jax.jit(lambda: _frozen(lambda: mo.marigold(
-        4, estimator="random_directions", num_directions=1, step_size=1.0),
+        4, estimator="random_directions", num_directions=1, learning_rate=1.0),
                                    loss_fn, theta, 300)[0])()
     np.testing.assert_allclose(mgda.simplex_weights, w_mgda, atol=1e-6)
 
@@ -183,14 +241,14 @@ def test_residual_feedback_needs_no_loss_fn_and_reaches_mgda_neighbourhood():
                                       max_iter=5000).weights
     state, trajectory = jax.jit(lambda: _frozen(lambda: mo.marigold(
         4, estimator="random_directions", residual_feedback=True,
-        step_size=0.01, radius=0.02), loss_fn, theta, 2000,
+        learning_rate=0.01, radius=0.02), loss_fn, theta, 2000,
         use_loss_fn=False))()
     error = np.mean(np.max(np.abs(np.asarray(trajectory[-200:]) -
                                   np.asarray(w_mgda)), axis=1))
     assert error < 0.03, error
     # The caller trains on the perturbed weights w + radius u.
     np.testing.assert_allclose(
-        state.next_weights, state.simplex_weights + 0.02 * state.direction)
+        state.next_weights, state.simplex_weights + 0.02 * state.estimator_state.direction)
 
 
 def test_ema_keeps_the_fixed_point():
@@ -200,7 +258,7 @@ def test_ema_keeps_the_fixed_point():
     w_mgda = solvers.min_norm_weights(_unit_gram(loss_fn, theta), tol=1e-12,
                                       max_iter=5000).weights
     state = jax.jit(lambda: _frozen(lambda: mo.marigold(
-        4, radius=1e-4, radius_tolerance=None, step_size=1.0, ema=0.5),
+        4, radius=1e-4, radius_tolerance=None, learning_rate=1.0, decay=0.5),
                                     loss_fn, theta, 200)[0])()
     np.testing.assert_allclose(state.simplex_weights, w_mgda, atol=5e-5)
 
@@ -215,9 +273,9 @@ def test_radius_control_shrinks_a_biased_radius():
     w_mgda = solvers.min_norm_weights(_unit_gram(loss_fn, theta), tol=1e-12,
                                       max_iter=5000).weights
     state = jax.jit(lambda: _frozen(lambda: mo.marigold(
-        4, radius=1.0, radius_tolerance=1e-3, step_size=1.0), loss_fn, theta,
+        4, radius=1.0, radius_tolerance=1e-3, learning_rate=1.0), loss_fn, theta,
                                     150)[0])()
-    assert float(state.radius_scale) <= 2.0 ** -8
+    assert float(state.estimator_state.radius_scale) <= 2.0 ** -8
     np.testing.assert_allclose(state.simplex_weights, w_mgda, atol=1e-3)
 
 
@@ -320,8 +378,11 @@ def _backward_passes(num_tasks, kwargs=None) -> int:
     ({"criterion": "lookahead"}, 2),
     ({"estimator": "random_directions", "num_directions": 3}, 4),
     ({"estimator": "random_directions", "residual_feedback": True}, 1),
+    ({"estimator": "jvp"}, 1),
+    ({"estimator": "jvp", "criterion": "cagrad"}, 2),
+    ({"estimator": "jvp", "criterion": "lookahead"}, 2),
 ], ids=["mgda", "cagrad", "lookahead", "random_directions_q3",
-        "residual_feedback"])
+        "residual_feedback", "jvp_mgda", "jvp_cagrad", "jvp_lookahead"])
 def test_backward_passes_per_step_do_not_grow_with_num_tasks(kwargs,
                                                              expected):
   assert _backward_passes(2, kwargs) == _backward_passes(32, kwargs) == (
@@ -345,11 +406,12 @@ def _nonlinear_problem():
   return loss_fn, {"w": jnp.asarray(rng.normal(size=5)), "b": jnp.zeros(4)}
 
 
-@pytest.mark.parametrize("criterion", ["mgda", "cagrad"])
-def test_stacked_path_matches_single_backward_path(criterion):
+@pytest.mark.parametrize("criterion, estimator", [
+    ("mgda", "gram_vector"), ("cagrad", "gram_vector"), ("cagrad", "jvp")])
+def test_stacked_path_matches_single_backward_path(criterion, estimator):
   with jax.enable_x64(True):
     loss_fn, params = _nonlinear_problem()
-    tx = mo.marigold(3, criterion, radius=1e-3)
+    tx = mo.marigold(3, criterion, estimator, radius=1e-3)
 
     def trajectory(stacked):
       def step(state, _):
@@ -399,10 +461,10 @@ def test_partition_on_the_single_backward_path():
               loss_fn=task_losses)
 
 
-def test_period_and_inject_hyperparams():
+def test_update_every_and_inject_hyperparams():
   loss_fn, params = _nonlinear_problem()
   injected = optax.inject_hyperparams(mo.marigold, static_args=(
-      "num_tasks", "period"))(num_tasks=3, period=3, step_size=0.5)
+      "num_tasks", "update_every"))(num_tasks=3, update_every=3, learning_rate=0.5)
 
   def step(state, _):
     losses, grad = mo.value_and_weighted_grad(loss_fn, injected)(state,
@@ -418,11 +480,16 @@ def test_period_and_inject_hyperparams():
                                           True])
 
 
-def test_non_finite_look_ahead_keeps_the_state_and_passes_the_gradient():
+@pytest.mark.parametrize("estimator", ["gram_vector", "jvp"])
+def test_non_finite_look_ahead_keeps_the_state_and_passes_the_gradient(
+    estimator):
   loss_fn, params = _nonlinear_problem()
-  nan_away = lambda p: jnp.where(
-      jnp.all(p["b"] == 0), loss_fn(p), jnp.nan * loss_fn(p))
-  tx = mo.marigold(3)
+  if estimator == "jvp":   # finite values, non-finite derivatives
+    nan_away = lambda p: loss_fn(p) + 0.0 * jnp.sqrt(p["b"][0] - p["b"][0])
+  else:
+    nan_away = lambda p: jnp.where(
+        jnp.all(p["b"] == 0), loss_fn(p), jnp.nan * loss_fn(p))
+  tx = mo.marigold(3, estimator=estimator)
   state = tx.init(params)
   losses, grad = mo.value_and_weighted_grad(loss_fn, tx)(state, params)
   update, new_state = tx.update(grad, state, params, task_losses=losses,
@@ -482,3 +549,71 @@ def test_loss_fn_of_the_wrong_shape_is_a_trace_time_error(bad):
                      rf"{expected}, expected \(3,\)"):
     jax.jit(lambda g, s: tx.update(g, s, params, task_losses=losses,
                                    loss_fn=wrong))(grad, state)
+
+
+def test_old_argument_and_state_field_names_warn_and_still_work():
+  """step_size -> learning_rate, ema -> decay (already a decay: same
+  value), period -> update_every; the moved state fields read the
+  sub-states."""
+  loss_fn, params = _nonlinear_problem()
+  with pytest.warns(DeprecationWarning, match="learning_rate"):
+    old = mo.marigold(3, "cagrad", step_size=0.3, ema=0.2, period=2)
+  new = mo.marigold(3, "cagrad", learning_rate=0.3, decay=0.2,
+                    update_every=2)
+
+  def run(tx):
+    state = tx.init(params)
+    for _ in range(3):
+      losses, grad = mo.value_and_weighted_grad(loss_fn, tx)(state, params)
+      _, state = tx.update(grad, state, params, task_losses=losses,
+                           loss_fn=loss_fn)
+    return state
+  a, b = run(old), run(new)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  for field, where in (("multiplier", "criterion_state"),
+                       ("radius_scale", "estimator_state"),
+                       ("spread_shape", "estimator_state")):
+    with pytest.warns(DeprecationWarning, match=f"{where}.{field}"):
+      np.testing.assert_array_equal(getattr(b, field),
+                                    getattr(getattr(b, where), field))
+  assert float(b.criterion_state.multiplier) > 0
+  with pytest.raises(TypeError, match="learning_rate"):
+    mo.marigold(3, step_size=0.3, learning_rate=0.3)
+
+
+@pytest.mark.parametrize("estimator, residual_feedback, fields", [
+    ("gram_vector", False, ("spread_shape", "radius_scale")),
+    ("jvp", False, ("spread_shape",)),
+    ("random_directions", False, ()),
+    ("random_directions", True, ("direction", "previous")),
+])
+def test_each_configuration_carries_only_its_own_state(
+    estimator, residual_feedback, fields):
+  for criterion in ("mgda", "cagrad"):
+    if residual_feedback and criterion == "cagrad":
+      continue
+    state = mo.marigold(3, criterion, estimator,
+                        residual_feedback=residual_feedback).init(jnp.zeros(2))
+    assert tuple(getattr(state.estimator_state, "_fields", ())) == fields
+    assert tuple(getattr(state.criterion_state, "_fields", ())) == (
+        ("multiplier",) if criterion == "cagrad" else ())
+
+
+def test_cagrad_criterion_multiplier_is_zero_when_g_w_vanishes():
+  """As in mo.cagrad: a vanishing g_w (here g_2 = -2 g_1, so g_w = 0 at w =
+  (2/3, 1/3) while g0 = -g_1 / 2 is not) has no direction, and lambda is 0
+  instead of c ||g0|| / (sqrt(eps) ||g0||)."""
+  with jax.enable_x64(True):
+    jac = jnp.array([[1.0, 2.0], [-2.0, -4.0]])
+    loss_fn = lambda p: jac @ p + jnp.array([1.0, 3.0])
+    theta = jnp.zeros(2)
+    for estimator in ("gram_vector", "jvp"):
+      tx = mo.marigold(2, "cagrad", estimator)
+      state = tx.init(theta)._replace(
+          simplex_weights=jnp.array([2.0, 1.0]) / 3)
+      _, grads = mo.value_and_task_grads(loss_fn)(theta)
+      losses = loss_fn(theta)
+      _, state = tx.update(grads, state, theta, task_losses=losses,
+                           loss_fn=loss_fn)
+      assert float(state.criterion_state.multiplier) == 0.0, estimator

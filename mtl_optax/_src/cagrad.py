@@ -66,14 +66,26 @@ def cagrad_coefficients(gram: jax.Array, c: jax.Array | float,
   # of c ||g0|| / floor on the vanished direction.
   floor = jnp.sqrt(jnp.finfo(dtype).eps) * (
       jnp.trace(gram) / num_tasks) + jnp.finfo(dtype).tiny
-  resolved = dual_norm > floor
-  lam = jnp.where(resolved, c * mean_norm / jnp.where(resolved, dual_norm,
-                                                      1.0), 0.0)
-  rescale = jnp.asarray(rescale)
-  divisor = jnp.where(rescale == 1, 1.0 + c * c,
-                      jnp.where(rescale == 2, 1.0 + c, 1.0))
-  coefficients = (anchor + lam * w) / divisor
+  lam = cagrad_multiplier(c, mean_norm, dual_norm, floor)
+  coefficients = (anchor + lam * w) / rescale_divisor(c, rescale)
   return coefficients, sol
+
+
+def cagrad_multiplier(c: jax.Array, mean_norm: jax.Array,
+                      dual_norm: jax.Array, floor: jax.Array) -> jax.Array:
+  """CAGrad's ``lambda = c ||g0|| / ||g_w||``, and 0 where ``||g_w|| <=
+  floor`` (a vanished ``g_w`` has no direction to correct along)."""
+  resolved = dual_norm > floor
+  return jnp.where(resolved, c * mean_norm / jnp.where(resolved, dual_norm,
+                                                       1.0), 0.0)
+
+
+def rescale_divisor(c: jax.Array, rescale: int | jax.Array) -> jax.Array:
+  """CAGrad's output divisor ``s``: 1, ``1 + c**2``, ``1 + c`` for
+  ``rescale`` = 0, 1, 2."""
+  rescale = jnp.asarray(rescale)
+  return jnp.where(rescale == 1, 1.0 + c * c,
+                   jnp.where(rescale == 2, 1.0 + c, 1.0))
 
 
 def sampled_task_matrix(key: jax.Array, num_tasks: int,

@@ -18,13 +18,14 @@ algorithm box and code were not. What follows the abstract:
 * the bi-level problem is solved with a zeroth-order method;
 * one framework covers several balancing methods.
 
-Everything else is our design: the criteria's exact forms, both estimators, the step-size rule,
+Everything else is our design: the criteria's exact forms, the estimators, the step-size rule,
 the finite-difference radius, the EMA, the update period and every default.
 Re-check them against the paper when its text becomes available.
 
 **The method (our reading).** ``w`` lives on the simplex and is advanced by
 one projected step per training step (single loop, warm started):
-``w <- P_simplex(w - beta * grad_Phi(w) / curvature)``. The model step is
+``w <- P_simplex(w - beta * grad_Phi(w) / curvature)`` (``beta =
+learning_rate``). The model step is
 ``g_c = J^T c``, the gradient of ONE weighted loss ``sum_i c_i L_i`` with
 ``c = state.next_weights`` (``c = w`` for MGDA and the look-ahead criterion,
 ``c = (1/K + lambda w) / s`` for CAGrad), from one backward pass of the
@@ -49,6 +50,13 @@ from function values only:
   pass at all: the caller trains on the perturbed weights ``w + mu u_t``,
   ``Phi_t = ||J^T (w_t + mu u_t)||**2 / 2`` is read off the gradient it
   already has, and ``grad_Phi ~ (Phi_t - Phi_{t-1}) / mu u_t``.
+* ``estimator='jvp'`` (not in the paper: exact forward mode): the same
+  criteria as ``gram_vector``, with every ``J d`` computed exactly by one
+  batched ``jax.jvp`` of ``loss_fn`` (the probe's tangent included), e.g.
+  ``G c = J (J^T c) = jvp(loss_fn, (theta,), (g_c,))[1]``: no finite
+  difference, no radius, no bias, so with ``theta`` frozen the weights
+  converge to the exact method's. One forward-mode pass (about the cost of
+  two to three forwards) replaces the look-ahead and probe forwards.
 
 Criteria (``criterion=``), with what each costs per step on top of the
 caller's forward + backward (gram_vector; "probe" below is one forward):
@@ -61,8 +69,8 @@ caller's forward + backward (gram_vector; "probe" below is one forward):
   from one more backward (the caller's gradient then gives ``g0 = s g_c -
   lambda g_w`` exactly), and two look-ahead forwards + the probe. Total: 2
   backward passes. (The alternative, an EMA of ``G b`` refreshed every few
-  steps, is not implemented: ``period`` already spaces out all the extra
-  work.) Note ``grad F(w) = G c`` with ``c`` the effective coefficients.
+  steps, is not implemented: ``update_every`` already spaces out all the
+  extra work.) Note ``grad F(w) = G c`` with ``c`` the effective coefficients.
 * ``'lookahead'``: ``Phi(w) = mean_i L_i(theta - alpha g_w)`` with ``alpha =
   lookahead_lr``: the continuous version of IT-MTL's choice between candidate
   directions by their look-ahead loss (Fifty et al., arXiv:2010.15413; the
@@ -75,11 +83,11 @@ Backward passes per step never grow with K: 1, 2, 2 above; ``1 + q`` (``2 +
 q`` for CAGrad) for random directions; 1 for residual feedback. Exact MGDA or
 CAGrad take K (:func:`mtl_optax.value_and_task_grads`).
 
-**Step size (our design).** ``beta = step_size`` is dimensionless: the
+**Step size (our design).** ``beta = learning_rate`` is dimensionless: the
 estimated gradient is divided by an estimate of the largest curvature of the
 criterion on the simplex's tangent space, which makes projected gradient
 stable for ``beta < 2`` and invariant to the scale of the losses. For
-gram_vector that curvature is the top eigenvalue of ``P G P`` (``P`` the
+gram_vector (and jvp) that curvature is the top eigenvalue of ``P G P`` (``P`` the
 centring projection) from a Hutchinson-style "probe": one forward at ``theta
 + radius v`` with a Rademacher ``v`` gives ``u = P J v``, and ``E[u u^T] = P G
 P`` (so ``E ||u||**2 = tr P G P = sum_i ||g_i - g0||**2``, the spread of the
@@ -183,7 +191,9 @@ from the per-task gradients only to compare)::
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -192,21 +202,76 @@ import numpy as np
 import optax
 
 from mtl_optax._src import base
+from mtl_optax._src import cagrad as _cagrad
+from mtl_optax._src import deprecation
 from mtl_optax._src import solvers
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 
-__all__ = ("marigold", "MarigoldState", "gram_vector_product",
-           "CRITERIA", "ESTIMATORS")
+__all__ = ("marigold", "MarigoldState", "GramVectorState", "JvpState",
+           "ResidualFeedbackState", "CAGradCriterionState",
+           "gram_vector_product", "CRITERIA", "ESTIMATORS")
 
 CRITERIA = ("mgda", "cagrad", "lookahead")
-ESTIMATORS = ("gram_vector", "random_directions")
+ESTIMATORS = ("gram_vector", "random_directions", "jvp")
 DIFFERENCES = ("forward", "central")
 
 # Decay of the running curvature-trace estimate (the probe is a single
 # Rademacher direction; 0.9 averages about 19 of them).
 _CURVATURE_DECAY = 0.9
 _METHOD = "marigold"
+
+
+# --------------------------------------------------------------------------
+# State: a core every configuration uses, and the parts only some carry.
+
+
+class GramVectorState(NamedTuple):
+  """Estimator state of ``estimator='gram_vector'``.
+
+  Attributes:
+    spread_shape: ``(K, K)`` the running estimate of ``P G P`` divided by its
+      trace (from the probe); its top eigenvalue times ``scale**2`` is the
+      curvature the weight step is divided by.
+    radius_scale: ``()`` factor on ``radius`` set by the finite-difference
+      error control (``radius_tolerance``; 1 without it).
+  """
+  spread_shape: jax.Array
+  radius_scale: jax.Array
+
+
+class JvpState(NamedTuple):
+  """Estimator state of ``estimator='jvp'``: ``spread_shape`` as in
+  :class:`GramVectorState` (exact products need no radius)."""
+  spread_shape: jax.Array
+
+
+class ResidualFeedbackState(NamedTuple):
+  """Estimator state of one-point residual feedback.
+
+  Attributes:
+    direction: ``(K,)`` the current weight perturbation ``u``.
+    previous: ``()`` the previous ``||g_c||``.
+  """
+  direction: jax.Array
+  previous: jax.Array
+
+
+class CAGradCriterionState(NamedTuple):
+  """Criterion state of ``criterion='cagrad'``.
+
+  Attributes:
+    multiplier: ``()`` CAGrad's ``lambda`` in the coefficients.
+  """
+  multiplier: jax.Array
+
+
+# Fields of the former flat state, now in a sub-state: the sub-state's name.
+_MOVED_FIELDS = {"spread_shape": "estimator_state",
+                 "radius_scale": "estimator_state",
+                 "direction": "estimator_state",
+                 "previous": "estimator_state",
+                 "multiplier": "criterion_state"}
 
 
 class MarigoldState(NamedTuple):
@@ -218,43 +283,80 @@ class MarigoldState(NamedTuple):
       and look-ahead criteria, ``(1/K + lambda w) / s`` for CAGrad, ``w + mu
       u`` with residual feedback.
     next_weights: ``(K,)`` the coefficients of the caller's next weighted
-      loss (what ``mo.value_and_weighted_grad`` uses): ``weights`` after this step's
-      advance of ``w``.
+      loss (what ``mo.value_and_weighted_grad`` uses): ``weights`` after this
+      step's advance of ``w``.
     simplex_weights: ``(K,)`` the balancing variable ``w`` on the simplex.
-    gradient_ema: ``(K,)`` EMA (decay ``ema``) of the normalised step
-      direction ``grad_Phi / curvature``.
+    gradient_ema: ``(K,)`` EMA (``decay``) of the normalised step direction
+      ``grad_Phi / curvature``.
     scale: ``()`` square root of the running estimate of the curvature trace
-      (gram_vector: of ``tr P G P``); residual feedback: RMS of the
+      (gram_vector, jvp: of ``tr P G P``); residual feedback: RMS of the
       normalised differences.
-    spread_shape: ``(K, K)`` gram_vector: the running estimate of ``P G P``
-      divided by its trace (from the probe); its top eigenvalue times
-      ``scale**2`` is the curvature the weight step is divided by.
-    multiplier: ``()`` CAGrad's ``lambda`` in ``weights`` (0 otherwise).
-    radius_scale: ``()`` factor on ``radius`` set by the finite-difference
-      error control (``radius_tolerance``; 1 without it).
     residual: ``()`` length of the last weight step divided by
-      ``step_size`` (0 at the estimated optimum).
-    direction: ``(K,)`` residual feedback's current perturbation ``u``.
-    previous: ``()`` residual feedback's previous ``||g_c||``.
+      ``learning_rate`` (0 at the estimated optimum).
     count: ``()`` number of ``update`` calls.
     key: PRNG key (probe and random directions).
+    estimator_state: :class:`GramVectorState`, :class:`JvpState`,
+      :class:`ResidualFeedbackState`, or ``optax.EmptyState()`` (two-point
+      random directions).
+    criterion_state: :class:`CAGradCriterionState` (CAGrad) or
+      ``optax.EmptyState()``.
+
+  The former flat fields ``spread_shape``, ``radius_scale``, ``direction``,
+  ``previous`` and ``multiplier`` are deprecated read-only properties that
+  read the sub-states.
   """
   weights: jax.Array
   next_weights: jax.Array
   simplex_weights: jax.Array
   gradient_ema: jax.Array
   scale: jax.Array
-  spread_shape: jax.Array
-  multiplier: jax.Array
-  radius_scale: jax.Array
   residual: jax.Array
-  direction: jax.Array
-  previous: jax.Array
   count: jax.Array
   key: jax.Array
+  estimator_state: Any
+  criterion_state: Any
+
+  def _moved(self, name):
+    where = _MOVED_FIELDS[name]
+    warnings.warn(f"MarigoldState.{name} is deprecated: read "
+                  f"state.{where}.{name}.", DeprecationWarning, stacklevel=3)
+    return getattr(getattr(self, where), name)
+
+  spread_shape = property(lambda self: self._moved("spread_shape"))
+  radius_scale = property(lambda self: self._moved("radius_scale"))
+  direction = property(lambda self: self._moved("direction"))
+  previous = property(lambda self: self._moved("previous"))
+  multiplier = property(lambda self: self._moved("multiplier"))
 
 
 base.register_loss_weighting_state(MarigoldState)
+
+
+class _Config(NamedTuple):
+  """The hyper-parameters, as the parts of the method read them."""
+  num_tasks: int
+  criterion: str
+  learning_rate: Any
+  radius: Any
+  c: Any
+  rescale: Any
+  lookahead_lr: Any
+  decay: Any
+  num_directions: int
+  residual_feedback: bool
+  central: bool
+  radius_tolerance: Any
+
+
+class _Context(NamedTuple):
+  """What one ``update`` call gives the estimators."""
+  params: Any
+  loss_fn: Callable[[Any], jax.Array]
+  base_losses: jax.Array
+  direction: Any          # the caller's gradient g_c = J^T c
+  vjp: Callable[[jax.Array], Any]
+  vjp_many: Callable[[jax.Array], Any]
+  num_params: int
 
 
 # --------------------------------------------------------------------------
@@ -301,7 +403,7 @@ def _gram(vectors) -> tuple[jax.Array, jax.Array]:
   stacked = _stack(vectors)
   leaves = jax.tree.leaves(stacked)
   dtype = tree_math.accumulation_dtype(stacked)
-  peak = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype)
+  peak = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype)
                             for x in leaves]))
   safe = jnp.where(peak > 0, peak, 1.0)
   scaled = jax.tree.map(lambda x: x.astype(dtype) / safe, stacked)
@@ -333,8 +435,44 @@ def _scale_tree(a, x):
       jnp.float32, xi.dtype)) * xi).astype(xi.dtype), x)
 
 
+def _unit_direction(params, direction, norm, dtype):
+  """``direction / norm`` in the dtypes of ``params`` (zeros if norm is 0)."""
+  safe = jnp.where(norm != 0, norm, 1.0)
+
+  def f(p, x):
+    acc = jnp.result_type(jnp.float32, p.dtype, x.dtype, dtype)
+    return (x.astype(acc) / safe.astype(acc)).astype(p.dtype)
+  return jax.tree.map(f, params, direction)
+
+
+def _unit(scale, fallback):
+  """The unit the products are measured in: the curvature scale, else the
+  criterion's own vector scale (a zero probe), else 1."""
+  return jnp.where(scale > 0, scale, jnp.where(fallback > 0, fallback, 1.0))
+
+
+def _cagrad_divisor(cfg, dtype):
+  return _cagrad.rescale_divisor(jnp.asarray(cfg.c, dtype), cfg.rescale)
+
+
+def _cagrad_multiplier(cfg, norm_0, norm_w):
+  """CAGrad's ``lambda = c ||g0|| / ||g_w||`` (0 where ``g_w`` vanished:
+  below ``sqrt(eps)`` of the larger norm), as :func:`mtl_optax.cagrad`."""
+  dtype = norm_0.dtype
+  floor = jnp.sqrt(jnp.finfo(dtype).eps) * jnp.maximum(norm_0, norm_w)
+  return _cagrad.cagrad_multiplier(jnp.asarray(cfg.c, dtype), norm_0, norm_w,
+                                   floor)
+
+
+def _cagrad_mean_gradient(cfg, state, ctx, g_w, acc):
+  """``g0 = s g_c - lambda g_w``: the mean gradient, exactly, from the
+  caller's ``g_c = (g0 + lambda g_w) / s`` and one more gradient ``g_w``."""
+  return _axpy(-state.criterion_state.multiplier.astype(acc), g_w,
+               _scale_tree(_cagrad_divisor(cfg, acc), ctx.direction))
+
+
 # --------------------------------------------------------------------------
-# Zeroth-order primitives.
+# Zeroth-order and forward-mode primitives.
 
 
 def _directional_derivatives(loss_fn, params, base_losses, direction, norm,
@@ -400,6 +538,14 @@ def _probe(loss_fn, params, base_losses, key, radius, num_params, dtype):
   return root_n * _centre(jv)
 
 
+def _jvp_many(loss_fn, params, tangents, dtype):
+  """``(m, K)`` rows ``J t`` for ``m`` tangents, exactly: one forward-mode
+  pass (``jax.jvp`` vmapped over the tangents; the primal is computed once)."""
+  stacked = _stack(tangents)
+  rows = jax.vmap(lambda t: jax.jvp(loss_fn, (params,), (t,))[1])(stacked)
+  return jnp.asarray(rows).astype(dtype)
+
+
 def gram_vector_product(loss_fn: Callable[[Any], jax.Array], params: Any,
                         vector: jax.Array, radius: float = 1e-3,
                         difference: str = "forward",
@@ -411,7 +557,8 @@ def gram_vector_product(loss_fn: Callable[[Any], jax.Array], params: Any,
   mu d)] / mu`` the K directional derivatives from the losses at one
   look-ahead point, ``||mu d|| = radius * sqrt(n)``. Error ``O(radius)``
   (``difference='central'``: ``O(radius**2)``, one more forward). For tests
-  and diagnostics; :func:`marigold` uses the same estimate inside ``update``.
+  and diagnostics; :func:`marigold` uses the same estimate inside ``update``
+  (``estimator='jvp'`` computes ``J d`` exactly instead).
 
   Args:
     loss_fn: ``params -> (K,)`` task losses.
@@ -448,6 +595,386 @@ def gram_vector_product(loss_fn: Callable[[Any], jax.Array], params: Any,
       jnp.asarray(radius, dtype) * math.sqrt(n), difference == "central",
       dtype)
   return norm.astype(dtype) * deriv
+
+
+# --------------------------------------------------------------------------
+# The weight step, shared by every estimator.
+
+
+def _coefficients(cfg, w, lam, direction):
+  """The caller's next coefficients ``c`` for simplex weights ``w``."""
+  if cfg.criterion == "cagrad":
+    return (1.0 / cfg.num_tasks + lam * w) / _cagrad_divisor(cfg, w.dtype)
+  if cfg.residual_feedback:
+    return w + jnp.asarray(cfg.radius, w.dtype) * direction
+  return w
+
+
+def _take_step(cfg, state, grad, curvature):
+  """``w <- P(w - beta * EMA(grad / curvature))``, steps capped at beta."""
+  dtype = state.simplex_weights.dtype
+  grad = _centre(grad.astype(dtype))
+  curvature = curvature.astype(dtype)
+  denom = jnp.maximum(curvature, _vector_norm(grad))
+  normalised = _safe_div(grad, denom)
+  decay = jnp.asarray(cfg.decay, dtype)
+  momentum = decay * state.gradient_ema + (1 - decay) * normalised
+  w = state.simplex_weights
+  beta = jnp.asarray(cfg.learning_rate, dtype)
+  new_w = solvers.project_to_simplex(w - beta * momentum)
+  residual = _safe_div(_vector_norm(new_w - w), beta)
+  return new_w, momentum, residual
+
+
+def _stepped(cfg, state, grad, curvature, lam, scale, key, dtype,
+             direction=None):
+  """The state after one weight step (the sub-states are the caller's)."""
+  new_w, momentum, residual = _take_step(cfg, state, grad, curvature)
+  criterion_state = state.criterion_state
+  if cfg.criterion == "cagrad":
+    criterion_state = CAGradCriterionState(lam.astype(dtype))
+  return state._replace(
+      next_weights=_coefficients(cfg, new_w, lam, direction).astype(dtype),
+      simplex_weights=new_w.astype(dtype), gradient_ema=momentum,
+      scale=scale.astype(dtype), residual=residual.astype(dtype), key=key,
+      criterion_state=criterion_state)
+
+
+# --------------------------------------------------------------------------
+# Criteria driven by Gram-vector products (gram_vector, jvp). Each is a
+# request (the parameter-space vectors x whose J x / ||x|| it needs) and a
+# combination of those products into grad_Phi and its curvature factor.
+
+
+class _Request(NamedTuple):
+  vectors: tuple    # parameter-space vectors x_k
+  norms: tuple      # ||x_k||
+  checked: int      # index of the x whose c . J x = <g_c, x> is known ...
+  exact: Any        # ... <g_c, x / ||x||> ...
+  check_scale: Any  # ... and the scale its error is relative to
+  fallback: Any     # the criterion's vector scale (for _unit)
+  aux: Any
+
+
+class _Gradient(NamedTuple):
+  grad: jax.Array     # grad_Phi / unit**2
+  factor: jax.Array   # curvature = factor * top * (scale / unit)**2
+  multiplier: jax.Array
+
+
+def _mgda_request(cfg, state, ctx, acc):
+  """``Phi = ||g_w||**2 / 2``: ``grad = G w = J g_w``, with ``g_w = g_c``."""
+  del cfg, state, acc
+  norm_d = _norm(ctx.direction)
+  return _Request((ctx.direction,), (norm_d,), 0, norm_d, norm_d, norm_d, None)
+
+
+def _mgda_gradient(cfg, request, derivs, unit):
+  del cfg
+  (norm_d,), (jd,) = request.norms, derivs
+  return _Gradient((norm_d / unit) * (jd / unit), jnp.ones_like(unit),
+                   jnp.zeros_like(unit))
+
+
+def _cagrad_request(cfg, state, ctx, acc):
+  """CAGrad's dual: ``grad = G b + lambda G w = J g0 + lambda J g_w``, with
+  ``g_w`` from one more backward pass and ``g0`` from ``g_c``."""
+  w = state.simplex_weights.astype(acc)
+  g_w = ctx.vjp(w)
+  g0 = _cagrad_mean_gradient(cfg, state, ctx, g_w, acc)
+  gram, r = _gram([g0, g_w])
+  norm_0 = r * jnp.sqrt(jnp.maximum(gram[0, 0], 0.0))
+  norm_w = r * jnp.sqrt(jnp.maximum(gram[1, 1], 0.0))
+  # g_c = (g0 + lam_t g_w) / s: its norm and <g_c, g_w / ||g_w||>.
+  lam_t = state.criterion_state.multiplier.astype(acc)
+  coef = jnp.stack([1.0, lam_t]) / _cagrad_divisor(cfg, acc)
+  norm_c = r * jnp.sqrt(jnp.maximum(coef @ gram @ coef, 0.0))
+  dot_cw = r * _safe_div(coef @ gram[:, 1], jnp.sqrt(gram[1, 1]))
+  return _Request((g0, g_w), (norm_0, norm_w), 1, dot_cw, norm_c, r, None)
+
+
+def _cagrad_gradient(cfg, request, derivs, unit):
+  (norm_0, norm_w), (d0, dw) = request.norms, derivs
+  gb = (norm_0 / unit) * (d0 / unit)                    # G b / unit**2
+  gw = (norm_w / unit) * (dw / unit)                    # G w / unit**2
+  lam = _cagrad_multiplier(cfg, norm_0, norm_w)
+  return _Gradient(gb + lam * gw, lam, lam)
+
+
+def _lookahead_request(cfg, state, ctx, acc):
+  """``Phi = mean_i L_i(theta - alpha g_w)``: ``grad = -alpha J grad
+  Lbar(theta')``, with the gradient at the look-ahead point from one
+  backward pass."""
+  del state
+  alpha = jnp.asarray(cfg.lookahead_lr, acc)
+  ahead = _axpy(-alpha, ctx.direction, ctx.params)       # theta - alpha g_w
+  ahead_losses, vjp_ahead = jax.vjp(ctx.loss_fn, ahead)
+  (g_ahead,) = vjp_ahead(jnp.full((cfg.num_tasks,), 1.0 / cfg.num_tasks,
+                                  jnp.asarray(ahead_losses).dtype))
+  gram, r = _gram([ctx.direction, g_ahead])
+  norm_d = r * jnp.sqrt(jnp.maximum(gram[0, 0], 0.0))
+  norm_a = r * jnp.sqrt(jnp.maximum(gram[1, 1], 0.0))
+  dot_da = r * _safe_div(gram[0, 1], jnp.sqrt(gram[1, 1]))
+  # alpha * kappa, kappa = g_w^T H g_w / ||g_w||^2 of the mean loss, from
+  # Lbar(theta) - Lbar(theta') = alpha g0.g_w - alpha^2/2 g_w^T H g_w and
+  # g_w . grad Lbar(theta') = g0.g_w - alpha g_w^T H g_w.
+  drop = jnp.mean(ctx.base_losses) - jnp.mean(
+      jnp.asarray(ahead_losses).astype(acc))
+  cross = _safe_div(gram[0, 1], gram[0, 0])             # <d, g'>/||d||^2
+  alpha_kappa = 2 * (_safe_div(_safe_div(drop, alpha), norm_d * norm_d)
+                     - cross)
+  return _Request((g_ahead,), (norm_a,), 0, dot_da, norm_d, r, alpha_kappa)
+
+
+def _lookahead_gradient(cfg, request, derivs, unit):
+  del cfg
+  (norm_a,), (da,) = request.norms, derivs
+  return _Gradient(-(norm_a / unit) * (da / unit),
+                   jnp.maximum(request.aux, 1.0), jnp.zeros_like(unit))
+
+
+_PRODUCT_CRITERIA = {"mgda": (_mgda_request, _mgda_gradient),
+                     "cagrad": (_cagrad_request, _cagrad_gradient),
+                     "lookahead": (_lookahead_request, _lookahead_gradient)}
+
+
+# --------------------------------------------------------------------------
+# Estimators of the products J x: finite differences (gram_vector, §2.4) and
+# exact forward mode (jvp). Each returns the products, the probe P J v and
+# its own next sub-state (spread_shape is filled in by the caller).
+
+
+def _finite_difference_products(cfg, state, ctx, request, probe_key, acc):
+  sub = state.estimator_state
+  rad = jnp.asarray(cfg.radius, acc) * sub.radius_scale.astype(acc)
+  displacement = rad * math.sqrt(ctx.num_params)
+  probe = _probe(ctx.loss_fn, ctx.params, ctx.base_losses, probe_key, rad,
+                 ctx.num_params, acc)
+  derivs, noises = zip(*[_directional_derivatives(
+      ctx.loss_fn, ctx.params, ctx.base_losses, x, norm, displacement,
+      cfg.central, acc) for x, norm in zip(request.vectors, request.norms)])
+  if cfg.radius_tolerance is None:
+    return derivs, probe, sub
+  # The combination c . J x of the checked estimate is known exactly (an
+  # inner product with the caller's gradient): its error sets the radius.
+  c_now = state.next_weights.astype(acc)
+  k = request.checked
+  error = _safe_div(jnp.abs(c_now @ derivs[k] - request.exact),
+                    request.check_scale)
+  rounding = _safe_div(jnp.abs(c_now) @ noises[k], request.check_scale)
+  tol = jnp.asarray(cfg.radius_tolerance, acc)
+  factor = jnp.where(rounding > tol / 2, 2.0,
+                     jnp.where(error > tol, 0.5, 1.0))
+  radius_scale = jnp.clip(sub.radius_scale.astype(acc) * factor,
+                          2.0 ** -30, 2.0 ** 10)
+  return derivs, probe, sub._replace(
+      radius_scale=radius_scale.astype(sub.radius_scale.dtype))
+
+
+def _jvp_products(cfg, state, ctx, request, probe_key, acc):
+  """``J (x / ||x||)`` and the probe ``P J v`` exactly, in one batched
+  forward-mode pass."""
+  del cfg
+  tangents = [_unit_direction(ctx.params, x, norm, acc)
+              for x, norm in zip(request.vectors, request.norms)]
+  tangents.append(jax.tree.map(lambda p, v: v.astype(p.dtype), ctx.params,
+                               _rademacher_tree(probe_key, ctx.params, acc)))
+  rows = _jvp_many(ctx.loss_fn, ctx.params, tangents, acc)
+  return tuple(rows[:-1]), _centre(rows[-1]), state.estimator_state
+
+
+def _spread(state, probe, acc):
+  """Curvature: an EMA of the probe's outer products estimates ``P G P``,
+  kept as its trace (``scale**2``, in raw units, as a norm for range) and
+  its trace-one shape; returns those and the shape's top eigenvalue."""
+  spread = _vector_norm(probe)
+  old_scale = state.scale.astype(acc)
+  scale = _ema_norm(old_scale, spread, _CURVATURE_DECAY)
+  keep = jnp.where(old_scale == 0, 0.0, _CURVATURE_DECAY * _safe_div(
+      old_scale, scale) ** 2)
+  add = jnp.where(old_scale == 0, 1.0, (1 - _CURVATURE_DECAY) * _safe_div(
+      spread, scale) ** 2)
+  direction = _safe_div(probe, spread)
+  shape = (keep * state.estimator_state.spread_shape.astype(acc) +
+           add * jnp.outer(direction, direction))
+  return scale, shape, solvers.largest_eigenvalue(shape)  # top in (0, 1]
+
+
+def _advance_by_products(products, cfg, state, ctx):
+  """One weight step of a product-driven estimator (gram_vector, jvp)."""
+  dtype = state.simplex_weights.dtype
+  acc = jnp.promote_types(dtype, jnp.float32)
+  request_fn, gradient_fn = _PRODUCT_CRITERIA[cfg.criterion]
+  key, probe_key = jax.random.split(state.key)
+  request = request_fn(cfg, state, ctx, acc)
+  derivs, probe, sub = products(cfg, state, ctx, request, probe_key, acc)
+  scale, shape, top = _spread(state, probe, acc)
+  unit = _unit(scale, request.fallback)
+  out = gradient_fn(cfg, request, derivs, unit)
+  curvature = out.factor * top * (scale / unit) ** 2
+  state = state._replace(
+      estimator_state=sub._replace(spread_shape=shape.astype(dtype)))
+  return _stepped(cfg, state, out.grad, curvature, out.multiplier, scale, key,
+                  dtype)
+
+
+# --------------------------------------------------------------------------
+# Random directions, two point (§2.3): criterion values at w +- mu u_k.
+
+
+def _mgda_values(cfg, state, ctx, dirs, mu, acc):
+  """``Phi(w + t u) = ||g_w + t J^T u||**2 / 2`` from one Gram matrix."""
+  del cfg, state
+  ju = ctx.vjp_many(dirs)
+  gram, r = _gram([ctx.direction] + _unstack(ju, len(dirs)))
+  base_w, dd, cross = gram[0, 0], jnp.diagonal(gram)[1:], gram[0, 1:]
+  phi0 = 0.5 * base_w
+  plus = 0.5 * (base_w + 2 * mu * cross + mu * mu * dd)
+  minus = 0.5 * (base_w - 2 * mu * cross + mu * mu * dd)
+  return phi0, plus, minus, r, jnp.zeros((), acc)   # values in r**2 units
+
+
+def _cagrad_values(cfg, state, ctx, dirs, mu, acc):
+  """CAGrad's dual ``F(w + t u) = g_w'^T g0 + c ||g0|| ||g_w'||``."""
+  w = state.simplex_weights.astype(acc)
+  ju = _unstack(ctx.vjp_many(jnp.concatenate([w[None], dirs])),
+                len(dirs) + 1)
+  g0 = _cagrad_mean_gradient(cfg, state, ctx, ju[0], acc)
+  gram, r = _gram([g0, ju[0]] + ju[1:])           # [g0, g_w, J^T u_k]
+  cc = jnp.asarray(cfg.c, acc)
+  n0 = jnp.sqrt(jnp.maximum(gram[0, 0], 0.0))
+
+  def f(t):
+    linear = gram[0, 1] + t * gram[0, 2:]
+    sq = gram[1, 1] + 2 * t * gram[1, 2:] + t * t * jnp.diagonal(gram)[2:]
+    return linear + cc * n0 * jnp.sqrt(jnp.maximum(sq, 0.0))
+  norm_w = jnp.sqrt(jnp.maximum(gram[1, 1], 0.0))
+  phi0 = gram[0, 1] + cc * n0 * norm_w
+  return phi0, f(mu), f(-mu), r, _cagrad_multiplier(cfg, n0, norm_w)
+
+
+def _lookahead_values(cfg, state, ctx, dirs, mu, acc):
+  """``Phi(w + t u) = mean_i L_i(theta - alpha (g_w + t J^T u))``."""
+  del state
+  ju = _unstack(ctx.vjp_many(dirs), len(dirs))
+  alpha = jnp.asarray(cfg.lookahead_lr, acc)
+
+  def phi(t, k):
+    g = ctx.direction if k is None else _axpy(t, ju[k], ctx.direction)
+    return jnp.mean(jnp.asarray(ctx.loss_fn(_axpy(
+        -alpha, g, ctx.params))).astype(acc))
+  plus = jnp.stack([phi(mu, k) for k in range(len(dirs))])
+  minus = jnp.stack([phi(-mu, k) for k in range(len(dirs))])
+  return phi(0.0, None), plus, minus, jnp.ones((), acc), jnp.zeros((), acc)
+
+
+_VALUE_CRITERIA = {"mgda": _mgda_values, "cagrad": _cagrad_values,
+                   "lookahead": _lookahead_values}
+
+
+def _unstack(vectors, num):
+  return [jax.tree.map(lambda x, i=i: x[i], vectors) for i in range(num)]
+
+
+def _advance_two_point(cfg, state, ctx):
+  dtype = state.simplex_weights.dtype
+  acc = jnp.promote_types(dtype, jnp.float32)
+  mu = jnp.asarray(cfg.radius, acc)
+  key, sub = jax.random.split(state.key)
+  q = cfg.num_directions
+  dirs = _random_tangent(sub, cfg.num_tasks, q, acc)    # (q, K)
+  phi0, plus, minus, units, lam = _VALUE_CRITERIA[cfg.criterion](
+      cfg, state, ctx, dirs, mu, acc)
+  factor = (cfg.num_tasks - 1) / q
+  slopes = (plus - minus) / (2 * mu)
+  grad_n = factor * slopes @ dirs                   # in units**2
+  trace_n = jnp.maximum(factor * jnp.sum(plus - 2 * phi0 + minus) /
+                        (mu * mu), 0.0)
+  # Running trace, kept as a norm in raw units: sqrt(trace) * units.
+  scale = _ema_norm(state.scale.astype(acc), jnp.sqrt(trace_n) * units,
+                    _CURVATURE_DECAY)
+  unit = jnp.where(scale > 0, scale, 1.0)
+  return _stepped(cfg, state, grad_n * (units / unit) ** 2,
+                  (scale / unit) ** 2, lam, scale, key, dtype)
+
+
+# --------------------------------------------------------------------------
+# Random directions, one-point residual feedback (MGDA).
+
+
+def _advance_residual_feedback(cfg, state, ctx):
+  dtype = state.simplex_weights.dtype
+  acc = jnp.promote_types(dtype, jnp.float32)
+  mu = jnp.asarray(cfg.radius, acc)
+  sub = state.estimator_state
+  now = _norm(ctx.direction)                       # ||J^T (w + mu u)||
+  before = sub.previous.astype(acc)
+  peak = jnp.maximum(now, before)
+  safe = jnp.where(peak > 0, peak, 1.0)
+  a2, b2 = (now / safe) ** 2, (before / safe) ** 2
+  # (Phi_t - Phi_{t-1}) / mu relative to (Phi_t + Phi_{t-1}): scale-free.
+  delta = _safe_div(a2 - b2, a2 + b2) / mu
+  first = state.count == 0
+  delta = jnp.where(first, 0.0, delta)
+  scale = jnp.where(first, state.scale.astype(acc), _ema_norm(
+      state.scale.astype(acc), jnp.abs(delta), _CURVATURE_DECAY))
+  grad = delta * sub.direction.astype(acc)
+  key, subkey = jax.random.split(state.key)
+  direction = _random_tangent(subkey, cfg.num_tasks, 1, acc)[0]
+  state = state._replace(estimator_state=ResidualFeedbackState(
+      direction.astype(dtype), now.astype(dtype)))
+  return _stepped(cfg, state, grad, jnp.maximum(scale, jnp.abs(delta)),
+                  jnp.zeros((), acc), scale, key, dtype, direction)
+
+
+# --------------------------------------------------------------------------
+# Composition: an estimator is its sub-state, its advance and its needs.
+
+
+class _Estimator(NamedTuple):
+  # (num_tasks, dtype, key) -> (sub-state, key)
+  init: Callable[[int, Any, jax.Array], tuple[Any, jax.Array]]
+  advance: Callable[[_Config, MarigoldState, _Context], MarigoldState]
+  needs_loss_fn: Callable[[_Config, bool], bool]
+  base_losses: bool   # whether l(theta) is computed when not given
+
+
+def _gram_vector_init(num_tasks, dtype, key):
+  return GramVectorState(jnp.zeros((num_tasks, num_tasks), dtype),
+                         jnp.ones((), dtype)), key
+
+
+def _jvp_init(num_tasks, dtype, key):
+  return JvpState(jnp.zeros((num_tasks, num_tasks), dtype)), key
+
+
+def _residual_feedback_init(num_tasks, dtype, key):
+  key, sub = jax.random.split(key)
+  direction = _random_tangent(sub, num_tasks, 1, dtype)[0]
+  return ResidualFeedbackState(direction, jnp.zeros((), dtype)), key
+
+
+_GRAM_VECTOR = _Estimator(
+    _gram_vector_init,
+    functools.partial(_advance_by_products, _finite_difference_products),
+    lambda cfg, stacked: True, True)
+_JVP = _Estimator(
+    _jvp_init,
+    functools.partial(_advance_by_products, _jvp_products),
+    lambda cfg, stacked: True, True)
+_TWO_POINT = _Estimator(
+    lambda num_tasks, dtype, key: (optax.EmptyState(), key),
+    _advance_two_point,
+    lambda cfg, stacked: cfg.criterion == "lookahead" or not stacked, False)
+_RESIDUAL_FEEDBACK = _Estimator(
+    _residual_feedback_init, _advance_residual_feedback,
+    lambda cfg, stacked: False, False)
+
+
+def _estimator(estimator: str, residual_feedback: bool) -> _Estimator:
+  if estimator == "random_directions":
+    return _RESIDUAL_FEEDBACK if residual_feedback else _TWO_POINT
+  return {"gram_vector": _GRAM_VECTOR, "jvp": _JVP}[estimator]
 
 
 # --------------------------------------------------------------------------
@@ -494,11 +1021,149 @@ def _random_tangent(key, num_tasks, num, dtype):
   return jnp.where(norms > 0, z / jnp.where(norms > 0, norms, 1.0), 0.0)
 
 
+def _init(cfg, estimator, seed, params):
+  dtype = base.state_dtype(params)
+  num_tasks = cfg.num_tasks
+  w = base.uniform_weights(num_tasks, dtype)
+  zero = jnp.zeros((), dtype)
+  sub, key = estimator.init(num_tasks, dtype, jax.random.PRNGKey(seed))
+  criterion_state = (CAGradCriterionState(zero) if cfg.criterion == "cagrad"
+                     else optax.EmptyState())
+  first = _coefficients(cfg, w, zero, getattr(sub, "direction", None))
+  return MarigoldState(first, first, w, jnp.zeros((num_tasks,), dtype), zero,
+                       zero, jnp.zeros((), jnp.int32), key, sub,
+                       criterion_state)
+
+
+def _context(cfg, estimator, updates, direction, params, task_losses,
+             loss_fn, stacked, acc):
+  """The caller's gradient ``g_c``, ``l(theta)`` and the VJPs the estimators
+  may take (stacked: weighted sums of the given gradients)."""
+  def vjp_many(cotangents):
+    if stacked:
+      return jax.vmap(lambda v: tree_math.weighted_task_sum(v, updates))(
+          cotangents)
+    losses, vjp_fn = jax.vjp(loss_fn, params)
+    return jax.vmap(lambda v: vjp_fn(v.astype(
+        jnp.asarray(losses).dtype))[0])(cotangents)
+
+  def vjp(v):
+    return jax.tree.map(lambda x: x[0], vjp_many(v[None]))
+
+  # l(theta): the base of forward differences (the probe's always) and of
+  # the look-ahead drop.
+  if task_losses is not None:
+    base_losses = jnp.asarray(task_losses).astype(acc)
+  elif estimator.base_losses:
+    base_losses = jnp.asarray(loss_fn(params)).astype(acc)
+  else:
+    base_losses = jnp.zeros((cfg.num_tasks,), acc)
+  return _Context(params, loss_fn, base_losses, direction, vjp, vjp_many,
+                  _num_params(params))
+
+
+def _compute(cfg, estimator, update_every, updates, state, params,
+             task_losses, loss_fn, stacked):
+  acc = jnp.promote_types(state.simplex_weights.dtype, jnp.float32)
+  direction = (tree_math.weighted_task_sum(state.next_weights, updates)
+               if stacked else updates)
+  ctx = _context(cfg, estimator, updates, direction, params, task_losses,
+                 loss_fn, stacked, acc)
+
+  def advanced(s):
+    return estimator.advance(cfg, s, ctx)
+
+  if update_every > 1:
+    new_state = jax.lax.cond(state.count % update_every == 0, advanced,
+                             lambda s: s, state)
+  else:
+    new_state = advanced(state)
+  # weights: the coefficients of the update returned now (the caller's
+  # gradient was taken with them); next_weights: those of the next step.
+  new_state = new_state._replace(weights=state.next_weights,
+                                 count=optax.safe_increment(state.count))
+  losses_ok = jnp.all(jnp.isfinite(ctx.base_losses))
+  finite = losses_ok & base.all_finite(direction)
+  for leaf in jax.tree.leaves(new_state):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      finite &= jnp.all(jnp.isfinite(leaf))
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                           new_state, state)
+  out = direction
+  if task_losses is not None:
+    out = jax.tree.map(lambda u: jnp.where(losses_ok, u, jnp.nan).astype(
+        u.dtype), out)
+  return out, new_state
+
+
+def _update(cfg, estimator, update_every, updates, state, params=None,
+            **extra_args):
+  task_losses = extra_args.get("task_losses")
+  validation.check_task_losses(task_losses, cfg.num_tasks, _METHOD)
+  if extra_args.get(base.PROBE_ARG):
+    # The probe reads ``weights``: the coefficients of this step's loss.
+    return updates, state._replace(weights=state.next_weights)
+  stacked = _stacked(updates, params, cfg.num_tasks)
+  if not jax.tree.leaves(updates):
+    return updates, state
+  loss_fn = extra_args.get("loss_fn")
+  if estimator.needs_loss_fn(cfg, stacked):
+    validation.check_loss_fn(loss_fn, _METHOD)
+    loss_fn = _checked_shape(base.guard_loss_fn(loss_fn, params, _METHOD),
+                             cfg.num_tasks)
+  else:
+    loss_fn = None
+  return _compute(cfg, estimator, update_every, updates, state, params,
+                  task_losses, loss_fn, stacked)
+
+
+def _checked_arguments(criterion, estimator, difference, update_every,
+                       num_directions, seed, residual_feedback,
+                       hyper_parameters, rescale, radius, radius_tolerance):
+  """Trace-time checks of :func:`marigold`'s arguments; the static ints."""
+  for name, value, allowed in (("criterion", criterion, CRITERIA),
+                               ("estimator", estimator, ESTIMATORS),
+                               ("difference", difference, DIFFERENCES)):
+    if value not in allowed:
+      raise ValueError(f"{_METHOD}: {name} must be one of {allowed}, got "
+                       f"{value!r}.")
+  # None defaults keep these static under optax.inject_hyperparams.
+  statics = []
+  for name, value, default in (("update_every", update_every, 1),
+                               ("num_directions", num_directions, 4),
+                               ("seed", seed, 0)):
+    value = default if value is None else value
+    if isinstance(value, (jax.Array, jax.core.Tracer)):
+      raise TypeError(f"{_METHOD}: {name} must be a static Python int; with "
+                      f"optax.inject_hyperparams pass static_args=('{name}',"
+                      " ...).")
+    statics.append(int(value))
+  if statics[0] < 1 or statics[1] < 1:
+    raise ValueError(f"{_METHOD}: update_every and num_directions must be "
+                     ">= 1.")
+  if residual_feedback and (estimator != "random_directions" or
+                            criterion != "mgda"):
+    raise ValueError(
+        f"{_METHOD}: residual_feedback is the one-point variant of "
+        "estimator='random_directions' for criterion='mgda' (the only "
+        "criterion whose value the caller's gradient gives for free).")
+  for name, value in hyper_parameters.items():
+    validation.check_nonnegative(value, name, _METHOD)
+  if validation.is_concrete(rescale) and int(rescale) not in (0, 1, 2):
+    raise ValueError(f"{_METHOD}: rescale must be 0, 1 or 2, got {rescale!r}.")
+  validation.check_nonnegative(radius, "radius", _METHOD)
+  if radius_tolerance is not None:
+    validation.check_nonnegative(radius_tolerance, "radius_tolerance", _METHOD)
+  return statics
+
+
+@deprecation.renamed_arguments(step_size="learning_rate", ema="decay",
+                               period="update_every")
 def marigold(num_tasks: int, criterion: str = "mgda",
-             estimator: str = "gram_vector", step_size: float = 0.5,
+             estimator: str = "gram_vector", learning_rate: float = 0.5,
              radius: Optional[float] = None, c: float = 0.4,
-             rescale: int = 1, lookahead_lr: float = 0.1, ema: float = 0.0,
-             period: Optional[int] = None,
+             rescale: int = 1, lookahead_lr: float = 0.1, decay: float = 0.0,
+             update_every: Optional[int] = None,
              num_directions: Optional[int] = None,
              residual_feedback: bool = False, difference: str = "forward",
              radius_tolerance: Optional[float] = 1e-2,
@@ -511,10 +1176,11 @@ def marigold(num_tasks: int, criterion: str = "mgda",
   from function values only, and the model (upper level) steps along ``g_c =
   J^T c`` from ONE backward pass of ``sum_i c_i L_i``. Only the abstract is
   public; the criteria, estimators and step rule are our reading (module
-  docstring): ``w <- P(w - step_size * grad_Phi / tr_Hessian)``,
+  docstring): ``w <- P(w - learning_rate * grad_Phi / curvature)``,
   ``grad_Phi = G w`` (MGDA), ``G b + lambda G w`` (CAGrad) or ``-alpha J grad
   Lbar(theta - alpha g_w)`` (look-ahead), with ``G v ~ [l(theta) - l(theta - mu
-  J^T v)] / mu``. The update returned is ``g_c`` (scale of ``g0``).
+  J^T v)] / mu`` (``estimator='jvp'``: ``G v = jvp(loss_fn, (theta,), (J^T
+  v,))``, exactly). The update returned is ``g_c`` (scale of ``g0``).
 
   .. math::
 
@@ -530,28 +1196,32 @@ def marigold(num_tasks: int, criterion: str = "mgda",
   Stacked per-task gradients are accepted too and combined as ``sum_i c_i
   g_i``. The static ints default to None so that ``optax.inject_hyperparams``
   leaves them static when not given; pass ``static_args=('num_tasks',
-  'period', ...)`` for those you set.
+  'update_every', ...)`` for those you set.
 
   Args:
     num_tasks: number of tasks K (static).
     criterion: ``'mgda'``, ``'cagrad'`` or ``'lookahead'``.
-    estimator: ``'gram_vector'`` (§2.4: Gram-vector products from look-ahead
-      losses) or ``'random_directions'`` (§2.3: zeroth order in weight space).
-    step_size: dimensionless weight step ``beta`` (stable below 2).
-      Injectable.
+    estimator: ``'gram_vector'`` (default; §2.4: Gram-vector products from
+      look-ahead losses), ``'random_directions'`` (§2.3: zeroth order in
+      weight space) or ``'jvp'`` (the Gram-vector products exactly, by one
+      forward-mode pass of ``loss_fn``; no radius).
+    learning_rate: dimensionless weight step ``beta`` (stable below 2;
+      formerly ``step_size``). Injectable.
     radius: finite-difference radius: RMS displacement per parameter of the
       look-ahead points (gram_vector, default 1e-3; the starting value when
       ``radius_tolerance`` is set), or the weight perturbation
-      (random_directions, default 1e-2). Injectable.
+      (random_directions, default 1e-2); unused by jvp. Injectable.
     c: CAGrad's ball radius (criterion ``'cagrad'``). Injectable.
     rescale: CAGrad's output scaling, 0, 1 or 2 as in
       :func:`mtl_optax.cagrad`.
     lookahead_lr: ``alpha``, the virtual SGD step of the look-ahead criterion.
       Injectable.
-    ema: decay of the EMA of the normalised weight-gradient estimates (0: no
-      averaging). Injectable.
-    period: advance the weights every ``period`` steps (``lax.cond``); the
-      look-ahead passes run only then (static int; default 1).
+    decay: optax-style decay of the EMA of the normalised weight-gradient
+      estimates, ``new = decay * old + (1 - decay) * estimate`` (0: no
+      averaging; formerly ``ema``, same meaning). Injectable.
+    update_every: advance the weights every ``update_every`` steps
+      (``lax.cond``); the look-ahead passes run only then (static int;
+      default 1; formerly ``period``).
     num_directions: ``q``, random directions per step (random_directions;
       static int; default 4).
     residual_feedback: one-point residual feedback instead of two-point
@@ -570,7 +1240,8 @@ def marigold(num_tasks: int, criterion: str = "mgda",
     the update just returned).
 
   Example (linear task losses, ``theta`` frozen: the weights converge to
-  MGDA's, here 0.6 and 0.4 for TorchJD's matrix J = [[-4, 1, 1], [6, 1, 1]]):
+  MGDA's, here 0.6 and 0.4 for TorchJD's matrix J = [[-4, 1, 1], [6, 1, 1]];
+  ``estimator='jvp'`` gives the same):
     >>> import jax, jax.numpy as jnp, numpy as np, mtl_optax as mo
     >>> jac = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
     >>> loss_fn = lambda theta: jac @ theta
@@ -585,402 +1256,17 @@ def marigold(num_tasks: int, criterion: str = "mgda",
     [0.6 0.4]
   """
   num_tasks = validation.check_num_tasks(num_tasks, _METHOD)
-  if criterion not in CRITERIA:
-    raise ValueError(f"{_METHOD}: criterion must be one of {CRITERIA}, got "
-                     f"{criterion!r}.")
-  if estimator not in ESTIMATORS:
-    raise ValueError(f"{_METHOD}: estimator must be one of {ESTIMATORS}, got "
-                     f"{estimator!r}.")
-  if difference not in DIFFERENCES:
-    raise ValueError(f"{_METHOD}: difference must be one of {DIFFERENCES}, "
-                     f"got {difference!r}.")
-  # None defaults keep these static under optax.inject_hyperparams.
-  period = 1 if period is None else period
-  num_directions = 4 if num_directions is None else num_directions
-  seed = 0 if seed is None else seed
-  for name, value in (("period", period), ("num_directions", num_directions),
-                      ("seed", seed)):
-    if isinstance(value, (jax.Array, jax.core.Tracer)):
-      raise TypeError(f"{_METHOD}: {name} must be a static Python int; with "
-                      f"optax.inject_hyperparams pass static_args=('{name}',"
-                      " ...).")
-  period, num_directions, seed = int(period), int(num_directions), int(seed)
-  if period < 1 or num_directions < 1:
-    raise ValueError(f"{_METHOD}: period and num_directions must be >= 1.")
-  residual_feedback = bool(residual_feedback)
-  if residual_feedback and (estimator != "random_directions" or
-                            criterion != "mgda"):
-    raise ValueError(
-        f"{_METHOD}: residual_feedback is the one-point variant of "
-        "estimator='random_directions' for criterion='mgda' (the only "
-        "criterion whose value the caller's gradient gives for free).")
-  for name, value in (("step_size", step_size), ("c", c), ("ema", ema),
-                      ("lookahead_lr", lookahead_lr)):
-    validation.check_nonnegative(value, name, _METHOD)
-  if validation.is_concrete(rescale) and int(rescale) not in (0, 1, 2):
-    raise ValueError(f"{_METHOD}: rescale must be 0, 1 or 2, got {rescale!r}.")
+  update_every, num_directions, seed = _checked_arguments(
+      criterion, estimator, difference, update_every, num_directions, seed,
+      bool(residual_feedback), {"learning_rate": learning_rate, "c": c,
+                                "decay": decay, "lookahead_lr": lookahead_lr},
+      rescale, 1.0 if radius is None else radius, radius_tolerance)
   if radius is None:
-    radius = 1e-3 if estimator == "gram_vector" else 1e-2
-  validation.check_nonnegative(radius, "radius", _METHOD)
-  if radius_tolerance is not None:
-    validation.check_nonnegative(radius_tolerance, "radius_tolerance", _METHOD)
-  central = difference == "central"
-  gram_vector = estimator == "gram_vector"
-
-  def divisor(dtype):
-    c_ = jnp.asarray(c, dtype)
-    r = jnp.asarray(rescale)
-    return jnp.where(r == 1, 1.0 + c_ * c_, jnp.where(r == 2, 1.0 + c_, 1.0))
-
-  def coefficients(w, lam, direction):
-    if criterion == "cagrad":
-      return (1.0 / num_tasks + lam * w) / divisor(w.dtype)
-    if residual_feedback:
-      return w + jnp.asarray(radius, w.dtype) * direction
-    return w
-
-  def init_fn(params):
-    dtype = base.state_dtype(params)
-    w = base.uniform_weights(num_tasks, dtype)
-    zero = jnp.zeros((), dtype)
-    key = jax.random.PRNGKey(seed)
-    direction = jnp.zeros((num_tasks,), dtype)
-    if residual_feedback:
-      key, sub = jax.random.split(key)
-      direction = _random_tangent(sub, num_tasks, 1, dtype)[0]
-    first = coefficients(w, zero, direction)
-    return MarigoldState(first, first, w,
-                         jnp.zeros((num_tasks,), dtype), zero,
-                         jnp.zeros((num_tasks, num_tasks), dtype), zero,
-                         jnp.ones((), dtype), zero, direction, zero,
-                         jnp.zeros((), jnp.int32), key)
-
-  # ---- the weight step, shared by every estimator -------------------------
-
-  def take_step(state, grad, curvature):
-    """``w <- P(w - beta * EMA(grad / curvature))``, steps capped at beta."""
-    dtype = state.simplex_weights.dtype
-    grad = _centre(grad.astype(dtype))
-    curvature = curvature.astype(dtype)
-    denom = jnp.maximum(curvature, _vector_norm(grad))
-    normalised = _safe_div(grad, denom)
-    decay = jnp.asarray(ema, dtype)
-    momentum = decay * state.gradient_ema + (1 - decay) * normalised
-    w = state.simplex_weights
-    beta = jnp.asarray(step_size, dtype)
-    new_w = solvers.project_to_simplex(w - beta * momentum)
-    residual = _safe_div(_vector_norm(new_w - w), beta)
-    return new_w, momentum, residual
-
-  # ---- gram_vector (§2.4) -------------------------------------------------
-
-  def advance_gram_vector(state, ctx):
-    dtype = state.simplex_weights.dtype
-    acc = jnp.promote_types(dtype, jnp.float32)
-    w = state.simplex_weights.astype(acc)
-    rad = jnp.asarray(radius, acc) * state.radius_scale.astype(acc)
-    root_n = math.sqrt(ctx.num_params)
-    displacement = rad * root_n
-    key, probe_key = jax.random.split(state.key)
-    c_now = state.next_weights.astype(acc)
-    checks = []
-
-    def deriv(direction, norm, exact=None, scale_d=None):
-      """J x / ||x||; with ``exact = <g_c, x / ||x||>`` (known exactly, as
-      ``c . J x = <J^T c, x>``) also records the finite-difference error."""
-      out, noise = _directional_derivatives(
-          ctx.loss_fn, ctx.params, ctx.base_losses, direction, norm,
-          displacement, central, acc)
-      if exact is not None:
-        checks.append((_safe_div(jnp.abs(c_now @ out - exact), scale_d),
-                       _safe_div(jnp.abs(c_now) @ noise, scale_d)))
-      return out
-
-    # Curvature: an EMA of the probe's outer products estimates P G P. It is
-    # kept as its trace (scale**2, in raw units, as a norm for range) and its
-    # trace-one shape; the step uses the shape's top eigenvalue.
-    probe = _probe(ctx.loss_fn, ctx.params, ctx.base_losses, probe_key, rad,
-                   ctx.num_params, acc)
-    spread = _vector_norm(probe)
-    old_scale = state.scale.astype(acc)
-    scale = _ema_norm(old_scale, spread, _CURVATURE_DECAY)
-    keep = jnp.where(old_scale == 0, 0.0, _CURVATURE_DECAY * _safe_div(
-        old_scale, scale) ** 2)
-    add = jnp.where(old_scale == 0, 1.0, (1 - _CURVATURE_DECAY) * _safe_div(
-        spread, scale) ** 2)
-    direction = _safe_div(probe, spread)
-    shape = (keep * state.spread_shape.astype(acc) +
-             add * jnp.outer(direction, direction))
-    top = solvers.largest_eigenvalue(shape)   # in (0, 1]: 1 for rank one
-    lam = jnp.zeros((), acc)
-
-    if criterion == "mgda":
-      norm_d = _norm(ctx.direction)
-      unit = jnp.where(scale > 0, scale, jnp.where(norm_d > 0, norm_d, 1.0))
-      jd = deriv(ctx.direction, norm_d, norm_d, norm_d)
-      grad = (norm_d / unit) * (jd / unit)                  # G w / unit**2
-      curvature = top * (scale / unit) ** 2
-    elif criterion == "cagrad":
-      g_w = ctx.vjp(w)
-      s = divisor(acc)
-      g0 = _axpy(-state.multiplier.astype(acc), g_w,
-                 _scale_tree(s, ctx.direction))            # s g_c - lam g_w
-      gram, r = _gram([g0, g_w])
-      norm_0 = r * jnp.sqrt(jnp.maximum(gram[0, 0], 0.0))
-      norm_w = r * jnp.sqrt(jnp.maximum(gram[1, 1], 0.0))
-      unit = jnp.where(scale > 0, scale, jnp.where(r > 0, r, 1.0))
-      # g_c = (g0 + lam_t g_w) / s: its norm and <g_c, g_w / ||g_w||>.
-      lam_t = state.multiplier.astype(acc)
-      coef = jnp.stack([1.0, lam_t]) / s
-      norm_c = r * jnp.sqrt(jnp.maximum(coef @ gram @ coef, 0.0))
-      dot_cw = r * _safe_div(coef @ gram[:, 1], jnp.sqrt(gram[1, 1]))
-      gb = (norm_0 / unit) * (deriv(g0, norm_0) / unit)     # G b / unit**2
-      gw = (norm_w / unit) * (deriv(g_w, norm_w, dot_cw, norm_c)
-                              / unit)                        # G w / unit**2
-      floor = jnp.sqrt(jnp.finfo(acc).eps) * jnp.maximum(norm_0, norm_w)
-      lam = jnp.asarray(c, acc) * _safe_div(norm_0, jnp.maximum(norm_w, floor))
-      grad = gb + lam * gw
-      curvature = lam * top * (scale / unit) ** 2
-    else:  # lookahead
-      alpha = jnp.asarray(lookahead_lr, acc)
-      ahead = _axpy(-alpha, ctx.direction, ctx.params)     # theta - alpha g_w
-      ahead_losses, vjp_ahead = jax.vjp(ctx.loss_fn, ahead)
-      (g_ahead,) = vjp_ahead(jnp.full(
-          (num_tasks,), 1.0 / num_tasks, jnp.asarray(ahead_losses).dtype))
-      gram, r = _gram([ctx.direction, g_ahead])
-      norm_d = r * jnp.sqrt(jnp.maximum(gram[0, 0], 0.0))
-      norm_a = r * jnp.sqrt(jnp.maximum(gram[1, 1], 0.0))
-      unit = jnp.where(scale > 0, scale, jnp.where(r > 0, r, 1.0))
-      dot_da = r * _safe_div(gram[0, 1], jnp.sqrt(gram[1, 1]))
-      grad = -(norm_a / unit) * (deriv(g_ahead, norm_a, dot_da, norm_d)
-                                 / unit)
-      # alpha * kappa, kappa = g_w^T H g_w / ||g_w||^2 of the mean loss, from
-      # Lbar(theta) - Lbar(theta') = alpha g0.g_w - alpha^2/2 g_w^T H g_w and
-      # g_w . grad Lbar(theta') = g0.g_w - alpha g_w^T H g_w.
-      drop = jnp.mean(ctx.base_losses) - jnp.mean(
-          jnp.asarray(ahead_losses).astype(acc))
-      cross = _safe_div(gram[0, 1], gram[0, 0])             # <d, g'>/||d||^2
-      alpha_kappa = 2 * (_safe_div(_safe_div(drop, alpha), norm_d * norm_d)
-                         - cross)
-      curvature = jnp.maximum(alpha_kappa, 1.0) * top * (scale / unit) ** 2
-
-    new_w, momentum, residual = take_step(state, grad, curvature)
-    radius_scale = state.radius_scale
-    if radius_tolerance is not None:
-      (error, rounding), = checks
-      tol = jnp.asarray(radius_tolerance, acc)
-      factor = jnp.where(rounding > tol / 2, 2.0,
-                         jnp.where(error > tol, 0.5, 1.0))
-      radius_scale = jnp.clip(state.radius_scale.astype(acc) * factor,
-                              2.0 ** -30, 2.0 ** 10).astype(dtype)
-    return state._replace(
-        next_weights=coefficients(new_w, lam, state.direction).astype(dtype),
-        simplex_weights=new_w.astype(dtype), gradient_ema=momentum,
-        scale=scale.astype(dtype), spread_shape=shape.astype(dtype),
-        multiplier=lam.astype(dtype), radius_scale=radius_scale,
-        residual=residual.astype(dtype), key=key)
-
-  # ---- random directions, two point (§2.3) ---------------------------------
-
-  def advance_two_point(state, ctx):
-    dtype = state.simplex_weights.dtype
-    acc = jnp.promote_types(dtype, jnp.float32)
-    w = state.simplex_weights.astype(acc)
-    mu = jnp.asarray(radius, acc)
-    key, sub = jax.random.split(state.key)
-    dirs = _random_tangent(sub, num_tasks, num_directions, acc)   # (q, K)
-    q = num_directions
-    lam = jnp.zeros((), acc)
-    cotangents = dirs if criterion != "cagrad" else jnp.concatenate(
-        [w[None], dirs])
-    vectors = ctx.vjp_many(cotangents)              # stacked: leaves (m, ...)
-    unstack = lambda i: jax.tree.map(lambda x: x[i], vectors)
-    ju = [unstack(i) for i in range(len(cotangents))]
-
-    if criterion == "lookahead":
-      alpha = jnp.asarray(lookahead_lr, acc)
-
-      def phi(t, k):
-        g = ctx.direction if k is None else _axpy(t, ju[k], ctx.direction)
-        return jnp.mean(jnp.asarray(ctx.loss_fn(_axpy(
-            -alpha, g, ctx.params))).astype(acc))
-      phi0 = phi(0.0, None)
-      plus = jnp.stack([phi(mu, k) for k in range(q)])
-      minus = jnp.stack([phi(-mu, k) for k in range(q)])
-      units = jnp.ones((), acc)                       # loss units
-    else:
-      if criterion == "mgda":
-        gram, r = _gram([ctx.direction] + ju)         # [g_w, J^T u_k]
-        base_w, dd = gram[0, 0], jnp.diagonal(gram)[1:]
-        cross = gram[0, 1:]
-        phi0 = 0.5 * base_w
-        plus = 0.5 * (base_w + 2 * mu * cross + mu * mu * dd)
-        minus = 0.5 * (base_w - 2 * mu * cross + mu * mu * dd)
-      else:  # cagrad
-        g_w = ju[0]
-        s = divisor(acc)
-        g0 = _axpy(-state.multiplier.astype(acc), g_w,
-                   _scale_tree(s, ctx.direction))
-        gram, r = _gram([g0, g_w] + ju[1:])           # [g0, g_w, J^T u_k]
-        cc = jnp.asarray(c, acc)
-        n0 = jnp.sqrt(jnp.maximum(gram[0, 0], 0.0))
-
-        def f(t):
-          linear = gram[0, 1] + t * gram[0, 2:]
-          sq = gram[1, 1] + 2 * t * gram[1, 2:] + t * t * jnp.diagonal(
-              gram)[2:]
-          return linear + cc * n0 * jnp.sqrt(jnp.maximum(sq, 0.0))
-        phi0 = gram[0, 1] + cc * n0 * jnp.sqrt(jnp.maximum(gram[1, 1], 0.0))
-        plus, minus = f(mu), f(-mu)
-        norm_w = jnp.sqrt(jnp.maximum(gram[1, 1], 0.0))
-        floor = jnp.sqrt(jnp.finfo(acc).eps) * jnp.maximum(n0, norm_w)
-        lam = cc * _safe_div(n0, jnp.maximum(norm_w, floor))
-      units = r                                       # values in r**2 units
-    factor = (num_tasks - 1) / q
-    slopes = (plus - minus) / (2 * mu)
-    grad_n = factor * slopes @ dirs                   # in units**2
-    trace_n = jnp.maximum(factor * jnp.sum(plus - 2 * phi0 + minus) /
-                          (mu * mu), 0.0)
-    # Running trace, kept as a norm in raw units: sqrt(trace) * units.
-    scale = _ema_norm(state.scale.astype(acc), jnp.sqrt(trace_n) * units,
-                      _CURVATURE_DECAY)
-    unit = jnp.where(scale > 0, scale, 1.0)
-    grad = grad_n * (units / unit) ** 2
-    curvature = (scale / unit) ** 2
-    new_w, momentum, residual = take_step(state, grad, curvature)
-    return state._replace(
-        next_weights=coefficients(new_w, lam, state.direction).astype(dtype),
-        simplex_weights=new_w.astype(dtype), gradient_ema=momentum,
-        scale=scale.astype(dtype), multiplier=lam.astype(dtype),
-        residual=residual.astype(dtype), key=key)
-
-  # ---- random directions, one-point residual feedback -----------------------
-
-  def advance_residual_feedback(state, ctx):
-    dtype = state.simplex_weights.dtype
-    acc = jnp.promote_types(dtype, jnp.float32)
-    mu = jnp.asarray(radius, acc)
-    now = _norm(ctx.direction)                       # ||J^T (w + mu u)||
-    before = state.previous.astype(acc)
-    peak = jnp.maximum(now, before)
-    safe = jnp.where(peak > 0, peak, 1.0)
-    a2, b2 = (now / safe) ** 2, (before / safe) ** 2
-    # (Phi_t - Phi_{t-1}) / mu relative to (Phi_t + Phi_{t-1}): scale-free.
-    delta = _safe_div(a2 - b2, a2 + b2) / mu
-    first = state.count == 0
-    delta = jnp.where(first, 0.0, delta)
-    scale = jnp.where(first, state.scale.astype(acc), _ema_norm(
-        state.scale.astype(acc), jnp.abs(delta), _CURVATURE_DECAY))
-    grad = delta * state.direction.astype(acc)
-    new_w, momentum, residual = take_step(
-        state, grad, jnp.maximum(scale, jnp.abs(delta)))
-    key, sub = jax.random.split(state.key)
-    direction = _random_tangent(sub, num_tasks, 1, acc)[0]
-    return state._replace(
-        next_weights=coefficients(new_w, 0.0, direction).astype(dtype),
-        simplex_weights=new_w.astype(dtype), gradient_ema=momentum,
-        scale=scale.astype(dtype), residual=residual.astype(dtype),
-        direction=direction.astype(dtype), previous=now.astype(dtype),
-        key=key)
-
-  if gram_vector:
-    advance = advance_gram_vector
-  elif residual_feedback:
-    advance = advance_residual_feedback
-  else:
-    advance = advance_two_point
-
-  def needs_loss_fn(stacked):
-    if gram_vector:
-      return True
-    if residual_feedback:
-      return False
-    return criterion == "lookahead" or not stacked
-
-  def compute(updates, state, params, task_losses, loss_fn, stacked):
-    dtype = state.simplex_weights.dtype
-    acc = jnp.promote_types(dtype, jnp.float32)
-    direction = (tree_math.weighted_task_sum(state.next_weights, updates)
-                 if stacked else updates)
-
-    def vjp_many(cotangents):
-      if stacked:
-        return jax.vmap(lambda v: tree_math.weighted_task_sum(v, updates))(
-            cotangents)
-      losses, vjp_fn = jax.vjp(loss_fn, params)
-      return jax.vmap(lambda v: vjp_fn(v.astype(
-          jnp.asarray(losses).dtype))[0])(cotangents)
-
-    def vjp(v):
-      return jax.tree.map(lambda x: x[0], vjp_many(v[None]))
-
-    # l(theta): the base of forward differences (the probe's always) and of
-    # the look-ahead drop.
-    if task_losses is not None:
-      base_losses = jnp.asarray(task_losses).astype(acc)
-    elif gram_vector:
-      base_losses = jnp.asarray(loss_fn(params)).astype(acc)
-    else:
-      base_losses = jnp.zeros((num_tasks,), acc)
-    ctx = _Context(params, loss_fn, base_losses, direction, vjp, vjp_many,
-                   _num_params(params))
-
-    def advanced(s):
-      return advance(s, ctx)
-
-    if period > 1:
-      new_state = jax.lax.cond(state.count % period == 0, advanced,
-                               lambda s: s, state)
-    else:
-      new_state = advanced(state)
-    # weights: the coefficients of the update returned now (the caller's
-    # gradient was taken with them); next_weights: those of the next step.
-    new_state = new_state._replace(weights=state.next_weights,
-                                   count=optax.safe_increment(state.count))
-
-    losses_ok = jnp.all(jnp.isfinite(base_losses))
-    finite = losses_ok
-    for leaf in jax.tree.leaves(direction):
-      finite &= jnp.all(jnp.isfinite(leaf))
-    for leaf in jax.tree.leaves(new_state):
-      if jnp.issubdtype(leaf.dtype, jnp.floating):
-        finite &= jnp.all(jnp.isfinite(leaf))
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                             new_state, state)
-    out = direction
-    if task_losses is not None:
-      out = jax.tree.map(lambda u: jnp.where(losses_ok, u, jnp.nan).astype(
-          u.dtype), out)
-    return out, new_state
-
-  def update_fn(updates, state, params=None, **extra_args):
-    task_losses = extra_args.get("task_losses")
-    validation.check_task_losses(task_losses, num_tasks, _METHOD)
-    if extra_args.get(base.PROBE_ARG):
-      # The probe reads ``weights``: the coefficients of this step's loss.
-      return updates, state._replace(weights=state.next_weights)
-    stacked = _stacked(updates, params, num_tasks)
-    if not jax.tree.leaves(updates):
-      return updates, state
-    loss_fn = extra_args.get("loss_fn")
-    if needs_loss_fn(stacked):
-      validation.check_loss_fn(loss_fn, _METHOD)
-      loss_fn = _checked_shape(base.guard_loss_fn(loss_fn, params, _METHOD),
-                               num_tasks)
-    else:
-      loss_fn = None
-    return compute(updates, state, params, task_losses, loss_fn, stacked)
-
-  return base.loss_weighting_transformation(init_fn, update_fn)
-
-
-
-
-class _Context(NamedTuple):
-  params: Any
-  loss_fn: Callable[[Any], jax.Array]
-  base_losses: jax.Array
-  direction: Any          # the caller's gradient g_c = J^T c
-  vjp: Callable[[jax.Array], Any]
-  vjp_many: Callable[[jax.Array], Any]
-  num_params: int
+    radius = 1e-2 if estimator == "random_directions" else 1e-3
+  cfg = _Config(num_tasks, criterion, learning_rate, radius, c, rescale,
+                lookahead_lr, decay, num_directions, bool(residual_feedback),
+                difference == "central", radius_tolerance)
+  parts = _estimator(estimator, bool(residual_feedback))
+  return base.loss_weighting_transformation(
+      functools.partial(_init, cfg, parts, seed),
+      functools.partial(_update, cfg, parts, update_every))
