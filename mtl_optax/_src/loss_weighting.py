@@ -197,9 +197,20 @@ def _weighted_sum_in_range(coeffs: jax.Array, stacked: Any,
   return out, (factor / safe).astype(coeffs.dtype)
 
 
-def _keep_unless(ok: jax.Array, new: Any, old: Any) -> Any:
-  """``new`` where ``ok``, else ``old``, leaf by leaf (a skipped step)."""
-  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+def keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where ``ok``, else ``old``, leaf by leaf in ``old``'s dtypes (a
+  skipped step keeps the previous state; jit carries keep fixed dtypes)."""
+  return jax.tree.map(
+      lambda n, o: jnp.where(ok, jnp.asarray(n).astype(o.dtype), o), new, old)
+
+
+def inner_optimizer(optimizer: Optional[optax.GradientTransformation],
+                    learning_rate: Any, method: str
+                    ) -> optax.GradientTransformation:
+  """The optimizer of a method's own learnable weights: ``optimizer``, or
+  ``optax.adam(learning_rate)`` (``learning_rate`` checked >= 0)."""
+  validation.check_nonnegative(learning_rate, "learning_rate", method)
+  return optimizer if optimizer is not None else optax.adam(learning_rate)
 
 
 def _nan_unless(ok: jax.Array, tree: Any) -> Any:
@@ -258,13 +269,8 @@ def _loss_weighting(
       new_state = new_state._replace(weights=coeffs * capped)
     losses_ok = jnp.all(jnp.isfinite(losses))
     out = _nan_unless(losses_ok, out)
-    finite = losses_ok & jnp.all(jnp.isfinite(coeffs))
-    for leaf in jax.tree.leaves(out):
-      finite &= jnp.all(jnp.isfinite(leaf))
-    new_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, jnp.asarray(new).astype(old.dtype),
-                                   old), new_state, state)
-    return out, new_state
+    finite = losses_ok & jnp.all(jnp.isfinite(coeffs)) & base.all_finite(out)
+    return out, keep_if(finite, new_state, state)
 
   return base.loss_weighting_transformation(init_fn, update_fn)
 
@@ -317,7 +323,7 @@ def _learned_scale(num_tasks, method, init_log_scale, learning_rate, optimizer,
   of the method's objective with respect to ``s`` (no extra backward pass),
   and is clipped to ``[-log_scale_bound, log_scale_bound]``."""
   validation.check_positive(log_scale_bound, "log_scale_bound", method)
-  opt = optimizer if optimizer is not None else optax.adam(learning_rate)
+  opt = inner_optimizer(optimizer, learning_rate, method)
 
   def init_state(dtype):
     s = jnp.full((num_tasks,), init_log_scale, dtype)
@@ -338,7 +344,7 @@ def _learned_scale(num_tasks, method, init_log_scale, learning_rate, optimizer,
     # would freeze s for ever: such an inner step is skipped, s and the
     # optimizer state are kept (the model update still takes this step).
     ok = base.all_finite(opt_state) & base.all_finite(new_s)
-    new_s, opt_state = _keep_unless(ok, (new_s, opt_state),
+    new_s, opt_state = keep_if(ok, (new_s, opt_state),
                                     (s, state.log_scales_opt_state))
     return LearnedScaleState(coeffs, new_s, opt_state)
 
@@ -412,7 +418,6 @@ def uncertainty_weighting(
   """
   method = "uncertainty_weighting"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  validation.check_nonnegative(learning_rate, "learning_rate", method)
   return _learned_scale(
       num_tasks, method, init_log_variance, learning_rate, optimizer,
       coefficient_fn=lambda s: 0.5 * jnp.exp(-s),
@@ -458,17 +463,18 @@ def imtl_l(
   Example:
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
     >>> tx = mo.imtl_l(2, learning_rate=0.1)
-    >>> grad, params = jnp.array([1., 1.]), jnp.zeros(2)
+    >>> params = jnp.zeros(2)
     >>> state = tx.init(params)
-    >>> losses = jnp.array([4., .25])
-    >>> for _ in range(3):
-    ...   _, state = tx.update(grad, state, params, task_losses=losses)
-    >>> print(np.asarray(tx.loss_weights(state, losses), np.float64).round(4))
-    [0.3712 0.6747]
+    >>> for losses in ([2., .5], [1.5, .5]):  # s moves towards -log L
+    ...   _, state = tx.update(jnp.ones(2), state, params,
+    ...                        task_losses=jnp.array(losses))
+    >>> print(np.asarray(state.log_scales, np.float64).round(4),
+    ...       np.asarray(tx.loss_weights(state, jnp.array([1.5, .5])),
+    ...                  np.float64).round(4))
+    [-0.1881  0.1996] [0.4142 0.6104]
   """
   method = "imtl_l"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  validation.check_nonnegative(learning_rate, "learning_rate", method)
   return _learned_scale(
       num_tasks, method, 0.0, learning_rate, optimizer,
       coefficient_fn=jnp.exp,
@@ -683,8 +689,7 @@ def gradnorm(
   method = "gradnorm"
   num_tasks = validation.check_num_tasks(num_tasks, method)
   validation.check_nonnegative(alpha, "alpha", method)
-  validation.check_nonnegative(learning_rate, "learning_rate", method)
-  opt = optimizer if optimizer is not None else optax.adam(learning_rate)
+  opt = inner_optimizer(optimizer, learning_rate, method)
 
   def init_state(dtype):
     w = jnp.ones((num_tasks,), dtype)
@@ -732,7 +737,7 @@ def gradnorm(
     # second moment and would freeze w for ever: that inner step is skipped.
     ok = (jnp.all(jnp.isfinite(norms)) & base.all_finite(opt_state)
           & base.all_finite(w_new))
-    return _keep_unless(ok, new_state, state)
+    return keep_if(ok, new_state, state)
 
   return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
 
@@ -1004,11 +1009,12 @@ def gls(num_tasks: int, eps: float = 1e-8) -> base.LossWeightingTransformation:
   Workshops 2019. The model descends ``(prod_i L_i)^(1/K)``:
   ``c_i = G / (K L_i)`` with ``G`` the geometric mean of the losses, computed
   as ``exp(mean(log L) - log L_i) / K`` (no overflow of the product for large
-  K). It is the scale-invariant log-sum's gradient times ``G / K``.
+  K). It is :func:`scale_invariant`'s coefficients times ``G``.
 
   Guard: ``L_i -> max(L_i, 0) + eps`` (the paper has no guard).
 
-  Output scale: ``g0`` when all losses are equal (``c_i = 1/K``).
+  Output scale: the mean-gradient scale, which is the paper's own (no
+  factor K): ``g0`` when all losses are equal (``c_i = 1/K``).
 
   Args:
     num_tasks: number of tasks K.

@@ -27,7 +27,8 @@ from mtl_optax._src.loss_weighting import _loss_weighting
 from mtl_optax._src.loss_weighting import _safe_ratio
 from mtl_optax._src.loss_weighting import renamed_field
 from mtl_optax._src.loss_weighting import _updates_are_stacked
-from mtl_optax._src.momentum import _keep_if
+from mtl_optax._src.loss_weighting import inner_optimizer
+from mtl_optax._src.loss_weighting import keep_if
 from mtl_optax._src.momentum import _with_update
 
 __all__ = ("AutoLambdaState", "LDCMTLState", "auto_lambda", "ldc_mtl")
@@ -145,8 +146,7 @@ def ldc_mtl(num_tasks: int, penalty: float = 0.05,
   method = "ldc_mtl"
   num_tasks = validation.check_num_tasks(num_tasks, method)
   validation.check_nonnegative(penalty, "penalty", method)
-  validation.check_nonnegative(learning_rate, "learning_rate", method)
-  opt = optimizer if optimizer is not None else optax.adam(learning_rate)
+  opt = inner_optimizer(optimizer, learning_rate, method)
 
   def init_state(dtype):
     logits = jnp.zeros((num_tasks,), dtype)
@@ -350,7 +350,7 @@ def auto_lambda(num_tasks: int, virtual_lr: float = 0.1,
     stepped = state._replace(meta_weights=optax.apply_updates(lam, delta),
                              meta_opt_state=opt_state)
     # An overflowing look-ahead must not poison lambda: skip the meta-update.
-    return _keep_if(base.all_finite(stepped.meta_weights), stepped, state)
+    return keep_if(base.all_finite(stepped.meta_weights), stepped, state)
 
   def update_fn(updates, state, params=None, **extra_args):
     validation.check_task_losses(extra_args.get("task_losses"), num_tasks,
@@ -371,6 +371,6 @@ def auto_lambda(num_tasks: int, virtual_lr: float = 0.1,
       new_state = meta_step(updates, stacked, new_state, params, extra_args)
     ok = (base.all_finite(out) & base.all_finite(new_state.meta_weights)
           & base.all_finite(new_state.weights))
-    return out, _keep_if(ok, new_state, state)
+    return out, keep_if(ok, new_state, state)
 
   return _with_update(weighting, update_fn)

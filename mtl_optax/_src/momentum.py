@@ -30,15 +30,9 @@ from mtl_optax._src import validation
 from mtl_optax._src.closed_form import config_weights
 from mtl_optax._src.loss_weighting import _loss_weighting
 from mtl_optax._src.loss_weighting import _updates_are_stacked
+from mtl_optax._src.loss_weighting import keep_if
 
 __all__ = ("MomentumConfigState", "PSMGDState", "momentum_config", "psmgd")
-
-
-def _keep_if(ok: jax.Array, new_state: Any, old_state: Any) -> Any:
-  """``new_state`` where ``ok``, else ``old_state`` (fixed dtypes)."""
-  return jax.tree.map(
-      lambda new, old: jnp.where(ok, jnp.asarray(new).astype(old.dtype), old),
-      new_state, old_state)
 
 
 def _task_axis_zeros(num_tasks: int, params: Any) -> Any:
@@ -222,16 +216,16 @@ def momentum_config(num_tasks: int, beta_1: float = 0.9,
       out, pseudo_m, second = _normalise_like_adam(
           direction, state, jnp.maximum(count, 1), beta_1, beta_2, eps)
       new_state = new_state._replace(
-          direction_momentum=_keep_if(ready, pseudo_m,
+          direction_momentum=keep_if(ready, pseudo_m,
                                       state.direction_momentum),
-          second_moment=_keep_if(ready, second, state.second_moment))
+          second_moment=keep_if(ready, second, state.second_moment))
     else:
       out = direction
     out = jax.tree.map(
         lambda o, p: jnp.where(input_ok, jnp.where(ready, o, 0.0), jnp.nan
                                ).astype(p.dtype), out, grad)
     finite = input_ok & base.all_finite(out) & base.all_finite(coeffs)
-    return out, _keep_if(finite, new_state, state)
+    return out, keep_if(finite, new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -370,6 +364,6 @@ def psmgd(num_tasks: int, update_every: int = 4, max_iter: int = 500,
     out, new_state = weighting.update(updates, solved(updates, state), params,
                                       **extra_args)
     ok = base.all_finite(out) & base.all_finite(new_state.weights)
-    return out, _keep_if(ok, new_state, state)
+    return out, keep_if(ok, new_state, state)
 
   return _with_update(weighting, update_fn)
