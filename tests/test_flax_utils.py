@@ -502,7 +502,7 @@ def test_nnx_task_grads_shared_heads_not_stacked():
 def test_nnx_weighted_path_uses_the_recorded_coefficients():
   model = NNXNet(nnx.Rngs(2))
   x, y = _data()
-  optimizer = nnx.Optimizer(model, _partitioned(mo.famo(K, w_lr=0.3)),
+  optimizer = nnx.Optimizer(model, _partitioned(mo.famo(K, learning_rate=0.3)),
                             wrt=nnx.Param)
   step = mo.nnx_train_step(nnx_losses, path="weighted", jit=False)
   for _ in range(3):

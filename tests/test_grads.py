@@ -200,11 +200,11 @@ def _two_task_losses(params, x):
 _X = jnp.array([0.3, 0.7, -1.2])
 
 
-def _injected_famo(w_lr):
+def _injected_famo(learning_rate):
   tx = optax.inject_hyperparams(mo.famo, static_args=("num_tasks",))(
-      num_tasks=_K, w_lr=0.025)
+      num_tasks=_K, learning_rate=0.025)
   return tx, lambda state: state._replace(hyperparams={
-      **state.hyperparams, "w_lr": jnp.asarray(w_lr)})
+      **state.hyperparams, "learning_rate": jnp.asarray(learning_rate)})
 
 
 def test_task_weights_through_every_wrapper():
@@ -259,8 +259,9 @@ def test_task_weights_of_nnx_optimizer_state():
 
 
 def test_injected_famo_gradient_uses_the_recorded_coefficients():
-  """Regression: with inject_hyperparams(mo.famo) and a changed w_lr the
-  gradient was computed with other coefficients than the state recorded."""
+  """Regression: with inject_hyperparams(mo.famo) and a changed
+  learning_rate the gradient was computed with other coefficients than the
+  state recorded."""
   params = _two_task_params()
   tx, set_lr = _injected_famo(0.9)
   state = set_lr(tx.init(params))
@@ -276,8 +277,8 @@ def test_injected_famo_gradient_uses_the_recorded_coefficients():
                                  atol=1e-7)
     params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
     losses_seq.append(c)
-  # The injected learning rate is the one used: w_lr=0.025 moves less.
-  plain = mo.famo(_K, w_lr=0.025)
+  # The injected learning rate is the one used: learning_rate=0.025 moves less.
+  plain = mo.famo(_K, learning_rate=0.025)
   assert not np.allclose(losses_seq[-1], plain.init(params).weights,
                          atol=1e-3)
 
@@ -288,7 +289,8 @@ def test_single_backward_c_used_equals_c_recorded_under_jit(layout):
     tx = optax.chain(mo.uncertainty_weighting(_K), optax.adam(1e-2))
   elif layout == "partition":
     tx = optax.chain(optax.partition(
-        {"shared": mo.famo(_K, w_lr=0.3), "head": mo.task_sum(_K)}, _LABELS),
+        {"shared": mo.famo(_K, learning_rate=0.3), "head": mo.task_sum(_K)},
+        _LABELS),
         optax.adam(1e-2))
   else:
     inner, set_lr = _injected_famo(0.5)

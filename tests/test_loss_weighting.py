@@ -106,6 +106,8 @@ def test_uncertainty_weighting_matches_numpy_oracle():
     c = 1.0 / (2.0 * np.exp(s))
     expected.append(c)
     s = adam.step(s, -loss / (2 * np.exp(s)) + 0.5)  # d/ds of the UW objective
+  # The paper's weights, at the mean-gradient scale (1/K).
+  expected = np.array(expected) / K
   _close(coeffs, expected)
   _close(updates, expected)
   _close(states.weights, expected)
@@ -120,6 +122,7 @@ def test_imtl_l_matches_numpy_oracle():
   for loss in losses.astype(np.float64):
     expected.append(np.exp(s))
     s = adam.step(s, np.exp(s) * loss - 1.0)
+  expected = np.array(expected) / K  # the mean-gradient scale
   _close(coeffs, expected, rtol=1e-4)
   _close(updates, expected, rtol=1e-4)
 
@@ -133,14 +136,15 @@ def test_learned_scale_accepts_a_custom_optimizer():
   for loss in losses.astype(np.float64):
     expected.append(0.5 * np.exp(-s))
     s = s - 0.1 * (0.5 - 0.5 * np.exp(-s) * loss)
-  _close(coeffs, expected, rtol=1e-5)
+  _close(coeffs, np.array(expected) / K, rtol=1e-5)
 
 
 @pytest.mark.parametrize("period", [1, 2])
 def test_dwa_matches_numpy_oracle(period):
   """Liu et al. (MTAN) eq. 7 over period means, as LibMTL's epoch buffer."""
   losses = _loss_sequence(4, steps=12)
-  coeffs, updates, _ = _run(mo.dwa(K, temperature=2.0, period=period), losses)
+  coeffs, updates, _ = _run(mo.dwa(K, temperature=2.0, update_every=period),
+                            losses)
   means = losses.astype(np.float64).reshape(-1, period, K).mean(axis=1)
   expected = []
   for t in range(len(losses)):
@@ -150,9 +154,10 @@ def test_dwa_matches_numpy_oracle(period):
       expected.append(K * _np_softmax(w / 2.0))
     else:
       expected.append(np.ones(K))
+  expected = np.array(expected) / K  # the paper's weights at the mean scale
   _close(coeffs, expected)
   _close(updates, expected)
-  assert not np.allclose(expected[-1], 1.0)  # the dynamic phase was reached
+  assert not np.allclose(expected[-1], 1.0 / K)  # the dynamic phase was reached
 
 
 def _gradnorm_oracle(losses, norms, alpha, step_fn):
@@ -185,8 +190,9 @@ def test_gradnorm_matches_numpy_oracle(optimizer):
     step_fn = lambda w, g: w - 0.02 * g
   coeffs, updates, states = _run(tx, losses, grads)
   expected, w_final = _gradnorm_oracle(losses, norms, 1.5, step_fn)
-  _close(coeffs, expected, rtol=1e-4)
-  _close(updates, expected * norms, rtol=1e-4)
+  # The model's coefficients are the paper's weights at the mean scale (1/K).
+  _close(coeffs, expected / K, rtol=1e-4)
+  _close(updates, expected * norms / K, rtol=1e-4)
   _close(states.task_weights[-1], w_final, rtol=1e-4)
   _close(np.sum(np.asarray(states.task_weights), axis=1), np.full(T, K),
          rtol=1e-5)
@@ -210,7 +216,7 @@ def _famo_oracle(losses, w_lr, gamma, min_losses, eps=1e-8):
 def test_famo_matches_the_official_update():
   losses = _loss_sequence(7, steps=15).astype(np.float64)
   min_losses = np.array([0.05, -1.0, 0.0])
-  tx = mo.famo(K, w_lr=0.1, gamma=0.01, min_losses=min_losses)
+  tx = mo.famo(K, learning_rate=0.1, weight_decay=0.01, min_losses=min_losses)
   coeffs, updates, states = _run(tx, losses)
   expected, xi = _famo_oracle(losses, 0.1, 0.01, min_losses)
   _close(coeffs, expected, rtol=1e-4)
@@ -239,6 +245,7 @@ def test_stch_matches_numpy_oracle():
       p = _np_softmax(ell / mu)
       # d/dL [K mu log sum exp(ell / mu)] = K p_i d ell_i / dL_i
       expected.append(K * p / (loss / nadir + eps) / nadir)
+  expected = np.array(expected) / K  # the paper's gradient at the mean scale
   _close(coeffs, expected, rtol=1e-4)
   _close(updates, expected, rtol=1e-4)
 
@@ -250,8 +257,9 @@ def test_gls_and_scale_invariant_match_numpy_oracles():
   _close(coeffs, geo / (K * losses), rtol=1e-5)  # d (prod L)^(1/K) / dL_i
   _close(updates, geo / (K * losses), rtol=1e-5)
   coeffs, updates, _ = _run(mo.scale_invariant(K), losses)
-  _close(coeffs, 1.0 / losses, rtol=1e-5)  # d sum log L / dL_i
-  _close(updates, 1.0 / losses, rtol=1e-5)
+  # d sum log L / dL_i, at the mean-gradient scale (1/K).
+  _close(coeffs, 1.0 / losses / K, rtol=1e-5)
+  _close(updates, 1.0 / losses / K, rtol=1e-5)
 
 
 def test_gls_is_overflow_safe_for_many_tasks():
@@ -267,7 +275,7 @@ def test_db_mtl_matches_numpy_oracle():
   losses = _loss_sequence(10).astype(np.float64)
   rng = np.random.default_rng(11)
   grads = rng.normal(0, 1, (T, K, 5)) * np.array([1.0, 20.0, 0.05])[:, None]
-  tx = mo.db_mtl(K, beta=0.9, beta_sigma=0.5)
+  tx = mo.db_mtl(K, decay=0.9, beta_sigma=0.5)
   params = jnp.zeros(5)
   state = tx.init(params)
   step = jax.jit(lambda g, s, loss: tx.update(g, s, params, task_losses=loss))
@@ -279,8 +287,9 @@ def test_db_mtl_matches_numpy_oracle():
     buf = h + 0.9 / t ** 0.5 * (buf - h)
     u = np.linalg.norm(buf, axis=1)
     alpha = u.max() / u
-    _close(update, alpha @ buf, rtol=1e-4, atol=1e-6)
-    _close(state.weights, alpha, rtol=1e-4)
+    # The paper's sum, at the mean-gradient scale (1/K).
+    _close(update, alpha @ buf / K, rtol=1e-4, atol=1e-6)
+    _close(state.weights, alpha / K, rtol=1e-4)
   _close(state.grad_buffer, buf, rtol=1e-4, atol=1e-7)
 
 
@@ -299,7 +308,7 @@ def test_random_loss_weighting_draws_softmax_of_normals():
   """Lin et al. (RLW): c = softmax(e), e ~ N(0, I), one draw per update."""
   steps = 3000
   losses = jnp.ones((steps, K))
-  coeffs, updates, states = _run(mo.random_loss_weighting(K, seed=3), losses)
+  coeffs, updates, states = _run(mo.random_weighting(K, seed=3), losses)
   coeffs = np.asarray(coeffs, np.float64)
   _close(coeffs, updates)
   _close(coeffs, states.weights)
@@ -309,7 +318,7 @@ def test_random_loss_weighting_draws_softmax_of_normals():
   diffs = np.log(coeffs[:, 0] / coeffs[:, 1])
   assert abs(diffs.mean()) < 0.1 and abs(diffs.var() - 2.0) < 0.2
   assert abs(coeffs[:, 2].mean() - 1.0 / K) < 0.02
-  other = mo.random_loss_weighting(K, seed=4)
+  other = mo.random_weighting(K, seed=4)
   first = other.loss_weights(other.init(jnp.zeros(K)), jnp.ones(K))
   assert not np.allclose(first, coeffs[0])  # the seed matters
 
@@ -321,13 +330,13 @@ def test_random_loss_weighting_draws_softmax_of_normals():
 SINGLE_BACKWARD = {
     "uncertainty_weighting": lambda: mo.uncertainty_weighting(K, 0.1),
     "imtl_l": lambda: mo.imtl_l(K, 0.1),
-    "dwa": lambda: mo.dwa(K, period=1),
+    "dwa": lambda: mo.dwa(K, update_every=1),
     "gradnorm": lambda: mo.gradnorm(K, learning_rate=0.1),
-    "famo": lambda: mo.famo(K, w_lr=0.1),
+    "famo": lambda: mo.famo(K, learning_rate=0.1),
     "stch": lambda: mo.stch(K, nadir_steps=2),
     "gls": lambda: mo.gls(K),
     "scale_invariant": lambda: mo.scale_invariant(K),
-    "random_loss_weighting": lambda: mo.random_loss_weighting(K, seed=2),
+    "random_weighting": lambda: mo.random_weighting(K, seed=2),
 }
 
 _TARGETS = jnp.array([[1.0, 0.0, 2.0, -1.0], [-2.0, 1.0, 0.0, 0.5],
@@ -469,7 +478,8 @@ def test_famo_reaches_the_pareto_front_on_the_toy():
   about 24 000. Linear scalarisation, same steps, ends off the Pareto set
   from two starts (where exactly depends on float rounding: Adam amplifies
   the tiny gradients of the flat region, so only the residual is asserted)."""
-  famo = mo.famo(2, w_lr=0.025, gamma=0.0, min_losses=(-2.1, -21.0))
+  famo = mo.famo(2, learning_rate=0.025, weight_decay=0.0,
+                 min_losses=(-2.1, -21.0))
   final = np.asarray(mo.toy.run_toy(
       famo, NASH_MTL_STARTS, num_steps=25_000, record_every=25_000,
       l1_scale=0.1).final)
@@ -499,8 +509,13 @@ def test_missing_or_misshapen_task_losses_fail_at_trace_time(name):
   params = jnp.zeros(2)
   state = tx.init(params)
   step = jax.jit(lambda g, s, **kw: tx.update(g, s, params, **kw))
-  with pytest.raises(ValueError, match=f"{name}.*task_losses.*required"):
+  if name == "random_weighting":
+    # RLW's weights do not read the losses: on stacked gradients (its
+    # aggregator form) task_losses may be left out.
     step(grads, state)
+  else:
+    with pytest.raises(ValueError, match=f"{name}.*task_losses.*required"):
+      step(grads, state)
   wrong_k = rf"task_losses has shape \(2,\).*\({K},\)"
   with pytest.raises(ValueError, match=wrong_k):
     step(grads, state, task_losses=jnp.ones(2))
@@ -527,10 +542,11 @@ def test_zero_negative_huge_and_tiny_losses_stay_finite(name):
   assert np.all(np.isfinite(states.weights))
 
 
+# The paper's weight caps, at the mean-gradient scale (1/K).
 @pytest.mark.parametrize("factory,loss,cap", [
-    (mo.uncertainty_weighting, 0.0, 0.5 * np.exp(10.0)),
-    (mo.uncertainty_weighting, -1.0, 0.5 * np.exp(10.0)),
-    (mo.imtl_l, -1.0, np.exp(10.0)), (mo.imtl_l, 0.0, np.exp(10.0))])
+    (mo.uncertainty_weighting, 0.0, 0.5 * np.exp(10.0) / K),
+    (mo.uncertainty_weighting, -1.0, 0.5 * np.exp(10.0) / K),
+    (mo.imtl_l, -1.0, np.exp(10.0) / K), (mo.imtl_l, 0.0, np.exp(10.0) / K)])
 def test_learned_scales_stay_bounded_without_a_minimum(factory, loss, cap):
   """Zero or negative losses give the scale objective no minimum; the clip
   at |s| <= 10 caps the weight (and the update of unit gradients) near 2e4,
@@ -676,7 +692,7 @@ def test_nan_loss_gives_nan_update_and_keeps_state(name):
   assert np.all(np.isnan(raw))
 
 
-@pytest.mark.parametrize("factory,name", [(mo.dwa, "period"),
+@pytest.mark.parametrize("factory,name", [(mo.dwa, "update_every"),
                                           (mo.stch, "warmup_steps")])
 def test_int_hyperparameters_must_be_static(factory, name):
   injected = optax.inject_hyperparams(factory, static_args=("num_tasks",))
@@ -685,12 +701,12 @@ def test_int_hyperparameters_must_be_static(factory, name):
 
 
 def test_injected_floats_match_plain_factories_over_steps():
-  """Floats (temperature, w_lr, gamma, alpha, learning rates, mu, eps) are
+  """Floats (temperature, learning_rate, weight_decay, alpha, mu, eps) are
   injectable: a jitted multi-step run with inject_hyperparams equals the
   plain factory."""
   losses = _loss_sequence(12, steps=6)
   for factory, kwargs, static in (
-      (mo.famo, {"w_lr": 0.1, "gamma": 0.01}, ()),
+      (mo.famo, {"learning_rate": 0.1, "weight_decay": 0.01}, ()),
       (mo.stch, {"mu": 0.5, "eps": 1e-12, "warmup_steps": 0, "nadir_steps": 2},
        ("warmup_steps", "nadir_steps")),
   ):
@@ -715,10 +731,48 @@ def test_random_loss_weighting_agrees_with_the_stacked_rlw_aggregator():
   from the same seed: the two forms of RLW are one method."""
   grads = jax.random.normal(jax.random.PRNGKey(0), (K, 4))
   params = jnp.zeros(4)
-  ours, theirs = mo.random_loss_weighting(K, seed=5), mo.random_weighting(K, 5)
+  with pytest.warns(DeprecationWarning, match="random_weighting"):
+    ours = mo.random_loss_weighting(K, seed=5)
+  theirs = mo.random_weighting(K, 5)
   s_ours, s_theirs = ours.init(params), theirs.init(params)
   for _ in range(3):
     u_ours, s_ours = ours.update(grads, s_ours, params, task_losses=jnp.ones(K))
     u_theirs, s_theirs = theirs.update(grads, s_theirs, params)
     _close(u_ours, u_theirs, rtol=1e-6)
     _close(s_ours.weights, s_theirs.weights, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Deprecated spellings keep working, with a warning naming the new one.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory,old,new", [
+    (mo.famo, {"w_lr": 0.1, "gamma": 0.01},
+     {"learning_rate": 0.1, "weight_decay": 0.01}),
+    (mo.dwa, {"period": 2}, {"update_every": 2}),
+    (mo.db_mtl, {"beta": 0.5}, {"decay": 0.5}),
+    (mo.psmgd, {"period": 2}, {"update_every": 2}),
+])
+def test_old_argument_names_warn_and_give_the_same_method(factory, old, new):
+  losses = _loss_sequence(13, steps=5)
+  grads = jax.random.normal(jax.random.PRNGKey(2), (5, K, K))
+  with pytest.warns(DeprecationWarning, match=list(new)[0]):
+    legacy = factory(K, **old)
+  _, expected, _ = _run(factory(K, **new), losses, grads)
+  _, got, _ = _run(legacy, losses, grads)
+  _close(got, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("factory,old", [
+    (mo.gradnorm, "step"), (mo.famo, "step"), (mo.stch, "step"),
+    (mo.db_mtl, "step"), (mo.ldc_mtl, "step"), (mo.dwa, "period_step")])
+def test_old_state_field_names_warn_and_read_count(factory, old):
+  # DWA's counter restarts when a period completes: make the period 2 steps.
+  tx = factory(K, update_every=2) if factory is mo.dwa else factory(K)
+  params = jnp.zeros(K)
+  _, state = tx.update(jnp.eye(K), tx.init(params), params,
+                       task_losses=jnp.ones(K))
+  with pytest.warns(DeprecationWarning, match=r"\.count"):
+    value = getattr(state, old)
+  assert int(value) == int(state.count) == 1

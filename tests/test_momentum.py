@@ -85,7 +85,7 @@ def test_psmgd_reuses_mgda_weights_between_solves(single):
   rng = np.random.default_rng(1)
   seq = rng.normal(size=(7, 3, 4)).astype(np.float32)
   period = 3
-  tx = mo.psmgd(3, period=period)
+  tx = mo.psmgd(3, update_every=period)
   params = jnp.zeros(4)
   state = tx.init(params)
   expected = _psmgd_oracle(seq, period)
@@ -104,7 +104,7 @@ def test_psmgd_single_backward_uses_the_stored_weights():
   losses_fn = lambda p: jnp.stack([jnp.sum((p - 1) ** 2), jnp.sum(p ** 2),
                                    p[0] - p[1]])
   params = jnp.array([0.5, -0.3])
-  tx = mo.psmgd(3, period=2)
+  tx = mo.psmgd(3, update_every=2)
   state = tx.init(params)
   losses, stacked = mo.value_and_task_grads(losses_fn)(params)
   _, state = tx.update(stacked, state, params, task_losses=losses)
@@ -119,14 +119,14 @@ def test_psmgd_single_backward_uses_the_stored_weights():
 def test_psmgd_period_one_is_mgda():
   rng = np.random.default_rng(2)
   grads = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
-  tx, mgda = mo.psmgd(3, period=1), mo.mgda(3)
+  tx, mgda = mo.psmgd(3, update_every=1), mo.mgda(3)
   state, mstate = tx.init(jnp.zeros(5)), mgda.init(jnp.zeros(5))
   for _ in range(2):
     u, state = tx.update(grads, state, jnp.zeros(5), task_losses=jnp.ones(3))
     m, mstate = mgda.update(grads, mstate)
     np.testing.assert_allclose(u, m, rtol=1e-5, atol=1e-6)
-  with pytest.raises(ValueError, match="period"):
-    mo.psmgd(3, period=0)
+  with pytest.raises(ValueError, match="update_every"):
+    mo.psmgd(3, update_every=0)
 
 
 def test_momentum_config_trains_with_sgd():

@@ -59,7 +59,7 @@ def test_printable_transformation_behaves_like_the_plain_one():
   # Loss weightings keep their class and single-backward rule.
   famo = mo.famo(2)
   assert isinstance(famo, mo.LossWeightingTransformation)
-  assert repr(famo).startswith("famo(num_tasks=2, w_lr=0.025")
+  assert repr(famo).startswith("famo(num_tasks=2, learning_rate=0.025")
 
 
 def test_factories_keep_docstrings_and_signatures():

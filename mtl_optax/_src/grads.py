@@ -414,7 +414,7 @@ def value_and_weighted_grad(
   Example:
     >>> import jax, jax.numpy as jnp, optax, mtl_optax as mo
     >>> tx = optax.chain(optax.inject_hyperparams(mo.famo, static_args=(
-    ...     'num_tasks',))(num_tasks=2, w_lr=0.5), optax.sgd(0.1))
+    ...     'num_tasks',))(num_tasks=2, learning_rate=0.5), optax.sgd(0.1))
     >>> losses_fn = lambda w: jnp.stack([w[0] ** 2, 3 * w[1] ** 2])
     >>> w = jnp.array([2., 1.])
     >>> opt_state = tx.init(w)

@@ -46,6 +46,7 @@ Common contract:
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Optional, Sequence
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,7 @@ import numpy as np
 import optax
 
 from mtl_optax._src import base
+from mtl_optax._src import deprecation
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 
@@ -64,6 +66,7 @@ __all__ = (
     "LearnedScaleState",
     "LossWeightsState",
     "RLWState",
+    "RandomWeightingState",
     "STCHState",
     "db_mtl",
     "dwa",
@@ -72,6 +75,7 @@ __all__ = (
     "gradnorm",
     "imtl_l",
     "random_loss_weighting",
+    "random_weighting",
     "scale_invariant",
     "stch",
     "uncertainty_weighting",
@@ -95,21 +99,17 @@ class _Step(NamedTuple):
   extra_args: dict
 
 
-def _check_positive(value: Any, name: str, method: str) -> None:
-  if validation.is_concrete(value) and bool(jnp.any(jnp.asarray(value) <= 0)):
-    raise ValueError(f"{method}: {name} must be > 0, got {value!r}.")
-
-
-def _static_int(value: Any, name: str, method: str, minimum: int) -> int:
-  """``value`` as a Python int >= minimum, or a clear error (also for tracers,
-  e.g. an int hyper-parameter not marked static in inject_hyperparams)."""
-  if not validation.is_concrete(value) or isinstance(value, jax.Array):
-    raise TypeError(f"{method}: {name} must be a static Python int; with "
-                    f"optax.inject_hyperparams pass static_args=('{name}', ...).")
-  if isinstance(value, bool) or int(value) != value or value < minimum:
-    raise ValueError(f"{method}: {name} must be an int >= {minimum}, got "
-                     f"{value!r}.")
-  return int(value)
+def renamed_field(new: str) -> property:
+  """A read-only state attribute under a field's old name, warning that it is
+  deprecated (the field itself is ``new``)."""
+  def getter(self):
+    old = next(name for name, value in vars(type(self)).items()
+               if value is prop)
+    warnings.warn(f"{type(self).__name__}.{old} is deprecated: read .{new}.",
+                  DeprecationWarning, stacklevel=2)
+    return getattr(self, new)
+  prop = property(getter)
+  return prop
 
 
 def _running_mean(mean: jax.Array, value: jax.Array, count: jax.Array
@@ -197,9 +197,20 @@ def _weighted_sum_in_range(coeffs: jax.Array, stacked: Any,
   return out, (factor / safe).astype(coeffs.dtype)
 
 
-def _keep_unless(ok: jax.Array, new: Any, old: Any) -> Any:
-  """``new`` where ``ok``, else ``old``, leaf by leaf (a skipped step)."""
-  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+def keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where ``ok``, else ``old``, leaf by leaf in ``old``'s dtypes (a
+  skipped step keeps the previous state; jit carries keep fixed dtypes)."""
+  return jax.tree.map(
+      lambda n, o: jnp.where(ok, jnp.asarray(n).astype(o.dtype), o), new, old)
+
+
+def inner_optimizer(optimizer: Optional[optax.GradientTransformation],
+                    learning_rate: Any, method: str
+                    ) -> optax.GradientTransformation:
+  """The optimizer of a method's own learnable weights: ``optimizer``, or
+  ``optax.adam(learning_rate)`` (``learning_rate`` checked >= 0)."""
+  validation.check_nonnegative(learning_rate, "learning_rate", method)
+  return optimizer if optimizer is not None else optax.adam(learning_rate)
 
 
 def _nan_unless(ok: jax.Array, tree: Any) -> Any:
@@ -214,6 +225,7 @@ def _loss_weighting(
     coefficients: Callable[[NamedTuple, jax.Array], jax.Array],
     advance: Callable[[NamedTuple, jax.Array, jax.Array, _Step], NamedTuple],
     prepare: Optional[Callable[[NamedTuple, jax.Array], NamedTuple]] = None,
+    requires_task_losses: bool = True,
 ) -> base.LossWeightingTransformation:
   """Builds a loss weighting from its rules.
 
@@ -226,6 +238,8 @@ def _loss_weighting(
     prepare: optional ``(state, losses) -> state``, the part of the state
       advance that the coefficients depend on (FAMO's pending logit step);
       run once per ``update``, before the other two rules.
+    requires_task_losses: False for rules that do not read the losses
+      (RLW): a missing ``task_losses`` then stands for zeros.
   """
   base.register_loss_weighting_state(type(init_state(jnp.float32)))
 
@@ -234,7 +248,10 @@ def _loss_weighting(
 
   def update_fn(updates, state, params=None, **extra_args):
     task_losses = extra_args.get("task_losses")
-    validation.check_task_losses(task_losses, num_tasks, method, required=True)
+    validation.check_task_losses(task_losses, num_tasks, method,
+                                 required=requires_task_losses)
+    if task_losses is None:
+      task_losses = jnp.zeros((num_tasks,))
     losses = jnp.asarray(task_losses).astype(state.weights.dtype)
     prepared = state if prepare is None else prepare(state, losses)
     if extra_args.get(base.PROBE_ARG):
@@ -252,13 +269,8 @@ def _loss_weighting(
       new_state = new_state._replace(weights=coeffs * capped)
     losses_ok = jnp.all(jnp.isfinite(losses))
     out = _nan_unless(losses_ok, out)
-    finite = losses_ok & jnp.all(jnp.isfinite(coeffs))
-    for leaf in jax.tree.leaves(out):
-      finite &= jnp.all(jnp.isfinite(leaf))
-    new_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, jnp.asarray(new).astype(old.dtype),
-                                   old), new_state, state)
-    return out, new_state
+    finite = losses_ok & jnp.all(jnp.isfinite(coeffs)) & base.all_finite(out)
+    return out, keep_if(finite, new_state, state)
 
   return base.loss_weighting_transformation(init_fn, update_fn)
 
@@ -305,25 +317,26 @@ class LearnedScaleState(NamedTuple):
 
 def _learned_scale(num_tasks, method, init_log_scale, learning_rate, optimizer,
                    coefficient_fn, scale_grad_fn, log_scale_bound):
-  """``c = coefficient_fn(s)``; ``s`` takes one optimizer step per update on
-  ``scale_grad_fn(s, c, losses)``, the closed-form derivative of the method's
-  objective with respect to ``s`` (no extra backward pass), and is clipped to
-  ``[-log_scale_bound, log_scale_bound]``."""
-  _check_positive(log_scale_bound, "log_scale_bound", method)
-  opt = optimizer if optimizer is not None else optax.adam(learning_rate)
+  """``c = coefficient_fn(s) / K`` (the paper's loss-sum weights at the mean
+  scale); ``s`` takes one optimizer step per update on
+  ``scale_grad_fn(s, coefficient_fn(s), losses)``, the closed-form derivative
+  of the method's objective with respect to ``s`` (no extra backward pass),
+  and is clipped to ``[-log_scale_bound, log_scale_bound]``."""
+  validation.check_positive(log_scale_bound, "log_scale_bound", method)
+  opt = inner_optimizer(optimizer, learning_rate, method)
 
   def init_state(dtype):
     s = jnp.full((num_tasks,), init_log_scale, dtype)
-    return LearnedScaleState(coefficient_fn(s), s, opt.init(s))
+    return LearnedScaleState(coefficient_fn(s) / num_tasks, s, opt.init(s))
 
   def coefficients(state, losses):
     del losses
-    return coefficient_fn(state.log_scales)
+    return coefficient_fn(state.log_scales) / num_tasks
 
   def advance(state, losses, coeffs, step):
     del step
     s = state.log_scales
-    grad = scale_grad_fn(s, coeffs, losses).astype(s.dtype)
+    grad = scale_grad_fn(s, coefficient_fn(s), losses).astype(s.dtype)
     delta, opt_state = opt.update(grad, state.log_scales_opt_state, s)
     bound = jnp.asarray(log_scale_bound, s.dtype)
     new_s = jnp.clip(optax.apply_updates(s, delta), -bound, bound)
@@ -331,7 +344,7 @@ def _learned_scale(num_tasks, method, init_log_scale, learning_rate, optimizer,
     # would freeze s for ever: such an inner step is skipped, s and the
     # optimizer state are kept (the model update still takes this step).
     ok = base.all_finite(opt_state) & base.all_finite(new_s)
-    new_s, opt_state = _keep_unless(ok, (new_s, opt_state),
+    new_s, opt_state = keep_if(ok, (new_s, opt_state),
                                     (s, state.log_scales_opt_state))
     return LearnedScaleState(coeffs, new_s, opt_state)
 
@@ -349,7 +362,8 @@ def uncertainty_weighting(
   Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to Weigh
   Losses for Scene Geometry and Semantics", CVPR 2018. Jointly minimises
   ``sum_i L_i / (2 exp(s_i)) + s_i / 2`` over the model and the log-variances
-  ``s_i = log sigma_i^2`` (LibMTL's form), so ``c_i = 1 / (2 exp(s_i))``.
+  ``s_i = log sigma_i^2`` (LibMTL's form): the paper's loss weights are
+  ``1 / (2 exp(s_i))``, here divided by K (see the output scale).
 
   .. math::
 
@@ -359,7 +373,7 @@ def uncertainty_weighting(
   The log-variances live in the state, not among the model parameters: each
   ``update`` takes one step of their own optimizer (default
   ``optax.adam(learning_rate)``) on the closed-form derivative
-  ``d/ds_i = 1/2 - c_i L_i`` at the same point as the model's gradient, i.e.
+  ``d/ds_i = 1/2 - L_i / (2 exp(s_i))`` at the same point as the model's gradient, i.e.
   the joint gradient step of the paper, with no second backward pass and no
   extra parameters for the user to carry.
 
@@ -372,8 +386,13 @@ def uncertainty_weighting(
   float32) is skipped: ``s`` and its optimizer state are kept, so the weights
   keep adapting after a spike.
 
-  Output scale: ``sum_i c_i g_i`` with ``c_i = 1/(2 sigma_i^2)`` (about 0.82
-  at the LibMTL start ``s = -0.5``), as in the paper, not ``g0``.
+  Output scale: the mean-gradient scale: ``c_i = 1 / (2 K sigma_i^2)``, the
+  paper's weights ``1 / (2 sigma_i^2)`` divided by K (at ``s = log 2`` every
+  ``c_i`` is ``1/K`` and the update is ``g0``; at the LibMTL start
+  ``s = -0.5`` it is about ``0.82 g0``). The paper's (and LibMTL's) scale is
+  ``optax.scale(num_tasks)`` away. The log-variances follow the paper's
+  objective exactly (``d/ds_i = 1/2 - L_i / (2 sigma_i^2)``); only the
+  model's coefficients carry the ``1/K``.
 
   Args:
     num_tasks: number of tasks K.
@@ -400,11 +419,10 @@ def uncertainty_weighting(
     >>> c = tx.loss_weights(state, losses)
     >>> print(np.asarray(state.log_scales, np.float64).round(4),
     ...       np.asarray(c, np.float64).round(4))
-    [-0.2018 -0.7989] [0.6118 1.1116]
+    [-0.2018 -0.7989] [0.3059 0.5558]
   """
   method = "uncertainty_weighting"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  validation.check_nonnegative(learning_rate, "learning_rate", method)
   return _learned_scale(
       num_tasks, method, init_log_variance, learning_rate, optimizer,
       coefficient_fn=lambda s: 0.5 * jnp.exp(-s),
@@ -422,9 +440,9 @@ def imtl_l(
   Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021. Each loss
   is replaced by ``exp(s_i) L_i - s_i``, minimised jointly over the model and
   ``s``; its minimum in ``s`` makes every scaled loss equal to 1. The model
-  gradient is ``sum_i c_i g_i`` with ``c_i = exp(s_i)``; ``s`` (initially 0,
-  as in the paper and LibMTL) takes one step of its own optimizer per update
-  on ``d/ds_i = c_i L_i - 1``.
+  gradient is ``sum_i c_i g_i`` with ``c_i = exp(s_i) / K``; ``s`` (initially
+  0, as in the paper and LibMTL) takes one step of its own optimizer per
+  update on ``d/ds_i = exp(s_i) L_i - 1``.
 
   .. math::
 
@@ -437,8 +455,10 @@ def imtl_l(
   to losses of about ``4.5e-5``. A non-finite inner optimizer step (a loss
   above ~3e19 in float32) is skipped, ``s`` and its optimizer state kept.
 
-  Output scale: ``c_i = exp(s_i)`` (all 1 at the start: the loss sum), as in
-  the paper.
+  Output scale: the mean-gradient scale: ``c_i = exp(s_i) / K``, all ``1/K``
+  at the start (``g0``). The paper's weights ``exp(s_i)`` (the loss sum at
+  the start) are ``optax.scale(num_tasks)`` away; ``s`` follows the paper's
+  objective unchanged.
 
   Args:
     num_tasks: number of tasks K.
@@ -453,17 +473,18 @@ def imtl_l(
   Example:
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
     >>> tx = mo.imtl_l(2, learning_rate=0.1)
-    >>> grad, params = jnp.array([1., 1.]), jnp.zeros(2)
+    >>> params = jnp.zeros(2)
     >>> state = tx.init(params)
-    >>> losses = jnp.array([4., .25])
-    >>> for _ in range(3):
-    ...   _, state = tx.update(grad, state, params, task_losses=losses)
-    >>> print(np.asarray(tx.loss_weights(state, losses), np.float64).round(4))
-    [0.7424 1.3493]
+    >>> for losses in ([2., .5], [1.5, .5]):  # s moves towards -log L
+    ...   _, state = tx.update(jnp.ones(2), state, params,
+    ...                        task_losses=jnp.array(losses))
+    >>> print(np.asarray(state.log_scales, np.float64).round(4),
+    ...       np.asarray(tx.loss_weights(state, jnp.array([1.5, .5])),
+    ...                  np.float64).round(4))
+    [-0.1881  0.1996] [0.4142 0.6104]
   """
   method = "imtl_l"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  validation.check_nonnegative(learning_rate, "learning_rate", method)
   return _learned_scale(
       num_tasks, method, 0.0, learning_rate, optimizer,
       coefficient_fn=jnp.exp,
@@ -480,30 +501,33 @@ class DWAState(NamedTuple):
   """State of :func:`dwa`.
 
   Attributes:
-    weights: ``(K,)`` coefficients of the last update (they sum to K).
+    weights: ``(K,)`` coefficients of the last update (they sum to 1).
     loss_history: ``(2, K)`` mean losses of the last two complete periods,
       older first.
     loss_mean: ``(K,)`` running mean of the losses of the current period.
-    period_step: ``()`` int32, steps taken in the current period.
+    count: ``()`` int32, updates taken in the current period (back to 0
+      when it completes); ``period_step`` is its deprecated name.
     num_periods: ``()`` int32, complete periods so far, saturating at 2.
   """
   weights: jax.Array
   loss_history: jax.Array
   loss_mean: jax.Array
-  period_step: jax.Array
+  count: jax.Array
   num_periods: jax.Array
+  period_step = renamed_field("count")
 
 
-def dwa(num_tasks: int, temperature: float = 2.0, period: int = 1
+@deprecation.renamed_arguments(period="update_every")
+def dwa(num_tasks: int, temperature: float = 2.0, update_every: int = 1
         ) -> base.LossWeightingTransformation:
   """Dynamic Weight Average (DWA): weights from the rate of loss descent.
 
   Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention",
   CVPR 2019 (MTAN), eq. 7. With ``Lbar_i(p)`` the mean loss of task i over
   period ``p`` (the paper's epoch):
-  ``w_i = Lbar_i(p-1) / Lbar_i(p-2)``, ``c_i = K softmax(w / T)_i``;
-  ``c = 1`` for the first two periods. ``period`` is the number of steps
-  averaged into one ``Lbar`` (static): set it to the number of steps per
+  ``w_i = Lbar_i(p-1) / Lbar_i(p-2)``, ``c_i = softmax(w / T)_i``;
+  ``c = 1/K`` for the first two periods. ``update_every`` is the number of
+  steps averaged into one ``Lbar`` (static): set it to the number of steps per
   epoch to reproduce the paper and LibMTL, or leave 1 to compare the losses
   of the last two steps. Weights change only when a period completes.
   ``Lbar`` is the plain mean of the period's step losses; LibMTL's epoch loss
@@ -517,13 +541,15 @@ def dwa(num_tasks: int, temperature: float = 2.0, period: int = 1
   Guards: a task whose previous mean loss is ``<= 0`` gets ratio 1; ratios
   are clipped to the finite range, so ``softmax`` never sees ``inf``.
 
-  Output scale: the weights sum to K (the paper's loss sum; equal weights
-  give ``K g0``).
+  Output scale: the mean-gradient scale: the weights sum to 1 (equal
+  weights give ``g0``). The paper's weights ``K softmax(w / T)`` (summing to
+  K, the loss sum) are ``optax.scale(num_tasks)`` away.
 
   Args:
     num_tasks: number of tasks K.
     temperature: softmax temperature T (paper and LibMTL: 2). Injectable.
-    period: steps per averaging period (static int).
+    update_every: steps per averaging period (static int >= 1; formerly
+      ``period``, a deprecated alias).
 
   Returns:
     A :class:`~mtl_optax.LossWeightingTransformation` with :class:`DWAState`.
@@ -538,15 +564,15 @@ def dwa(num_tasks: int, temperature: float = 2.0, period: int = 1
     ...                        task_losses=jnp.array(losses))
     >>> print(np.asarray(tx.loss_weights(state, jnp.array([0.4, 1.])),
     ...                  np.float64).round(4))
-    [0.8756 1.1244]
+    [0.4378 0.5622]
   """
   method = "dwa"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  _check_positive(temperature, "temperature", method)
-  period = _static_int(period, "period", method, 1)
+  validation.check_positive(temperature, "temperature", method)
+  update_every = validation.static_int(update_every, "update_every", method, 1)
 
   def init_state(dtype):
-    return DWAState(jnp.ones((num_tasks,), dtype),
+    return DWAState(base.uniform_weights(num_tasks, dtype),
                     jnp.ones((2, num_tasks), dtype),
                     jnp.zeros((num_tasks,), dtype),
                     jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
@@ -556,20 +582,21 @@ def dwa(num_tasks: int, temperature: float = 2.0, period: int = 1
     older, newer = state.loss_history[0], state.loss_history[1]
     big = jnp.finfo(older.dtype).max
     ratio = _safe_ratio(newer, older) / jnp.asarray(temperature, older.dtype)
-    dynamic = num_tasks * jax.nn.softmax(jnp.clip(ratio, -big, big))
-    return jnp.where(state.num_periods >= 2, dynamic, jnp.ones_like(dynamic))
+    dynamic = jax.nn.softmax(jnp.clip(ratio, -big, big))
+    return jnp.where(state.num_periods >= 2, dynamic,
+                     base.uniform_weights(num_tasks, dynamic.dtype))
 
   def advance(state, losses, coeffs, step):
     del step
-    loss_mean = _running_mean(state.loss_mean, losses, state.period_step)
-    period_step = state.period_step + 1
-    done = period_step >= period
+    loss_mean = _running_mean(state.loss_mean, losses, state.count)
+    count = state.count + 1
+    done = count >= update_every
     history = jnp.stack([state.loss_history[1], loss_mean])
     return DWAState(
         coeffs,
         jnp.where(done, history, state.loss_history),
         jnp.where(done, jnp.zeros_like(loss_mean), loss_mean),
-        jnp.where(done, 0, period_step),
+        jnp.where(done, 0, count),
         jnp.where(done, jnp.minimum(state.num_periods + 1, 2),
                   state.num_periods))
 
@@ -585,18 +612,20 @@ class GradNormState(NamedTuple):
   """State of :func:`gradnorm`.
 
   Attributes:
-    weights: ``(K,)`` the loss weights the last update used.
-    task_weights: ``(K,)`` the learnable weights ``w`` (sum K) after the last
-      GradNorm step: the next update's loss weights.
+    weights: ``(K,)`` the loss weights the last update used (``w / K``).
+    task_weights: ``(K,)`` the paper's learnable weights ``w`` (sum K) after
+      the last GradNorm step: the next update's loss weights are ``w / K``.
     initial_losses: ``(K,)`` ``L_i(0)``, the losses of the first update.
-    step: ``()`` int32, updates so far (saturating at 1).
+    count: ``()`` int32, updates so far (saturating at 1); ``step`` is its
+      deprecated name.
     task_weights_opt_state: state of the optimizer that steps ``w``.
   """
   weights: jax.Array
   task_weights: jax.Array
   initial_losses: jax.Array
-  step: jax.Array
+  count: jax.Array
   task_weights_opt_state: Any
+  step = renamed_field("count")
 
 
 def gradnorm(
@@ -607,7 +636,8 @@ def gradnorm(
 
   Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization
   for Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018. The
-  model takes ``sum_i w_i g_i``; then, with ``n_i = ||grad_W L_i||`` for the
+  model takes ``sum_i (w_i / K) g_i``; then, with ``n_i = ||grad_W L_i||``
+  for the
   chosen shared layer W, ``G_i = w_i n_i``, ``Gbar = mean_i G_i``,
   ``r_i = Ltilde_i / mean(Ltilde)``, ``Ltilde_i = L_i(t) / L_i(0)``, the
   weights take one optimizer step on
@@ -648,8 +678,11 @@ def gradnorm(
   layer gradients is skipped: ``w`` and its optimizer state are kept, so
   the weights keep adapting after a spike.
 
-  Output scale: the weights sum to K (the paper's), so equal weights give
-  ``K g0``.
+  Output scale: the mean-gradient scale: the model's coefficients are
+  ``w / K`` (summing to 1, so equal weights give ``g0``). The paper's
+  weights ``w`` (summing to K; ``state.task_weights``) are
+  ``optax.scale(num_tasks)`` away; their GradNorm dynamics are the paper's
+  (the balance ``G_i = w_i n_i`` is unchanged by the common factor).
 
   Args:
     num_tasks: number of tasks K.
@@ -674,22 +707,21 @@ def gradnorm(
     ...                             task_losses=jnp.array([1., 1.]))
     >>> print(np.asarray(state.task_weights, np.float64).round(4),
     ...       np.asarray(update, np.float64).round(4))
-    [0.7 1.3] [3.2 1.2]
+    [0.7 1.3] [1.6 0.6]
   """
   method = "gradnorm"
   num_tasks = validation.check_num_tasks(num_tasks, method)
   validation.check_nonnegative(alpha, "alpha", method)
-  validation.check_nonnegative(learning_rate, "learning_rate", method)
-  opt = optimizer if optimizer is not None else optax.adam(learning_rate)
+  opt = inner_optimizer(optimizer, learning_rate, method)
 
   def init_state(dtype):
     w = jnp.ones((num_tasks,), dtype)
-    return GradNormState(w, w, jnp.ones((num_tasks,), dtype),
+    return GradNormState(w / num_tasks, w, jnp.ones((num_tasks,), dtype),
                          jnp.zeros((), jnp.int32), opt.init(w))
 
   def coefficients(state, losses):
     del losses
-    return state.task_weights
+    return state.task_weights / num_tasks
 
   def task_norms(step):
     layer = step.extra_args.get("layer_grads")
@@ -708,7 +740,7 @@ def gradnorm(
     w = state.task_weights
     dtype = w.dtype
     norms = task_norms(step).astype(dtype)
-    initial = jnp.where(state.step == 0, losses, state.initial_losses)
+    initial = jnp.where(state.count == 0, losses, state.initial_losses)
     ltilde = _safe_ratio(jnp.maximum(losses, 0.0), initial)
     mean_l = jnp.mean(ltilde)
     r = jnp.where(mean_l > 0, ltilde / jnp.where(mean_l > 0, mean_l, 1.0), 1.0)
@@ -721,14 +753,14 @@ def gradnorm(
     w_new = jnp.where(total > 0, num_tasks * w_new / jnp.where(
         total > 0, total, 1.0), jnp.ones_like(w_new))
     new_state = GradNormState(coeffs, w_new, initial,
-                              jnp.minimum(state.step + 1, 1), opt_state)
+                              jnp.minimum(state.count + 1, 1), opt_state)
     # Non-finite layer gradients (possible even when the update is finite,
     # layer_grads being a separate input) must not poison w: keep the state.
     # Nor may huge finite norms (>~ 2e19 in float32), which overflow Adam's
     # second moment and would freeze w for ever: that inner step is skipped.
     ok = (jnp.all(jnp.isfinite(norms)) & base.all_finite(opt_state)
           & base.all_finite(w_new))
-    return _keep_unless(ok, new_state, state)
+    return keep_if(ok, new_state, state)
 
   return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
 
@@ -745,18 +777,22 @@ class FAMOState(NamedTuple):
     weights: ``(K,)`` coefficients of the last update (on the simplex).
     logits: ``(K,)`` the logits ``xi`` (task weights ``z = softmax(xi)``),
       before the pending step that the next losses trigger.
-    logits_opt_state: state of the logits' Adam (with weight decay gamma).
+    logits_opt_state: state of the logits' Adam (with ``weight_decay``).
     prev_losses: ``(K,)`` the losses of the last update.
-    step: ``()`` int32, updates so far (saturating at 1).
+    count: ``()`` int32, updates so far (saturating at 1); ``step`` is its
+      deprecated name.
   """
   weights: jax.Array
   logits: jax.Array
   logits_opt_state: Any
   prev_losses: jax.Array
-  step: jax.Array
+  count: jax.Array
+  step = renamed_field("count")
 
 
-def famo(num_tasks: int, w_lr: float = 0.025, gamma: float = 1e-3,
+@deprecation.renamed_arguments(w_lr="learning_rate", gamma="weight_decay")
+def famo(num_tasks: int, learning_rate: float = 0.025,
+         weight_decay: float = 1e-3,
          min_losses: Optional[Sequence[float] | jax.Array] = None,
          eps: float = 1e-8) -> base.LossWeightingTransformation:
   """FAMO: Fast Adaptive Multitask Optimization, O(1) space and time.
@@ -765,7 +801,7 @@ def famo(num_tasks: int, w_lr: float = 0.025, gamma: float = 1e-3,
   NeurIPS 2023. With ``D_i = L_i - Lmin_i + eps`` and ``z = softmax(xi)``, the
   model descends ``sum_i z_i log D_i / sum_j (z_j / D_j)``, i.e.
   ``c_i = (z_i / D_i) / sum_j (z_j / D_j)`` (on the simplex); the logits take
-  one Adam step (lr ``w_lr``, L2 weight decay ``gamma`` added to the gradient
+  one Adam step (``learning_rate``, L2 ``weight_decay`` added to the gradient
   as in ``torch.optim.Adam``) on ``J_softmax(xi)^T delta`` with
   ``delta_i = log D_i(before step) - log D_i(after step)``. One backward pass
   per step whatever K is (:func:`mtl_optax.value_and_weighted_grad`).
@@ -792,14 +828,17 @@ def famo(num_tasks: int, w_lr: float = 0.025, gamma: float = 1e-3,
   log of ``L_i - Lmin_i + eps`` unguarded). The official ``max_norm`` gradient
   clipping is not part of the method: chain ``optax.clip_by_global_norm``.
 
-  Output scale: a convex combination of the task gradients (``c`` on the
-  simplex; ``g0`` when all losses and logits are equal).
+  Output scale: the mean-gradient scale, as in the paper: a convex
+  combination of the task gradients (``c`` on the simplex; ``g0`` when all
+  losses and logits are equal). No factor K.
 
   Args:
     num_tasks: number of tasks K.
-    w_lr: Adam learning rate of the logits (paper/LibMTL: 0.025). Injectable.
-    gamma: weight decay of the logits (LibMTL: 1e-3; famo.py 0.01; the
-      official toy uses 0). Injectable.
+    learning_rate: Adam learning rate of the logits (paper/LibMTL: 0.025;
+      formerly ``w_lr``, a deprecated alias). Injectable.
+    weight_decay: weight decay of the logits (LibMTL: 1e-3; famo.py 0.01;
+      the official toy uses 0; formerly ``gamma``, a deprecated alias).
+      Injectable.
     min_losses: ``(K,)`` lower bounds ``Lmin`` of the losses (default 0; the
       official toy uses ``(-2.1, -21)``).
     eps: added to ``L - Lmin`` before log and division (official: 1e-8).
@@ -822,14 +861,14 @@ def famo(num_tasks: int, w_lr: float = 0.025, gamma: float = 1e-3,
   """
   method = "famo"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  validation.check_nonnegative(w_lr, "w_lr", method)
-  validation.check_nonnegative(gamma, "gamma", method)
+  validation.check_nonnegative(learning_rate, "learning_rate", method)
+  validation.check_nonnegative(weight_decay, "weight_decay", method)
   validation.check_nonnegative(eps, "eps", method)
   if min_losses is not None and np.shape(min_losses) != (num_tasks,):
     raise ValueError(f"{method}: min_losses has shape {np.shape(min_losses)}, "
                      f"expected ({num_tasks},).")
-  logits_opt = optax.chain(optax.add_decayed_weights(gamma),
-                           optax.adam(w_lr))
+  logits_opt = optax.chain(optax.add_decayed_weights(weight_decay),
+                           optax.adam(learning_rate))
 
   def init_state(dtype):
     logits = jnp.zeros((num_tasks,), dtype)
@@ -850,7 +889,7 @@ def famo(num_tasks: int, w_lr: float = 0.025, gamma: float = 1e-3,
     step, opt_state = logits_opt.update(grad, state.logits_opt_state,
                                         state.logits)
     logits = optax.apply_updates(state.logits, step)
-    first = state.step == 0
+    first = state.count == 0
     return (jnp.where(first, state.logits, logits),
             jax.tree.map(lambda new, old: jnp.where(first, old, new),
                          opt_state, state.logits_opt_state))
@@ -869,7 +908,7 @@ def famo(num_tasks: int, w_lr: float = 0.025, gamma: float = 1e-3,
   def advance(prepared, losses, coeffs, step):
     del step
     return FAMOState(coeffs, prepared.logits, prepared.logits_opt_state,
-                     losses, jnp.minimum(prepared.step + 1, 1))
+                     losses, jnp.minimum(prepared.count + 1, 1))
 
   return _loss_weighting(num_tasks, method, init_state, coefficients, advance,
                          prepare)
@@ -885,13 +924,15 @@ class STCHState(NamedTuple):
 
   Attributes:
     weights: ``(K,)`` coefficients of the last update.
-    step: ``()`` int32, updates so far (saturating at the end of warm-up).
+    count: ``()`` int32, updates so far (saturating at the end of warm-up);
+      ``step`` is its deprecated name.
     nadir: ``(K,)`` running mean of the (clamped) losses of the
       nadir-estimation steps: the nadir vector once they are over.
   """
   weights: jax.Array
-  step: jax.Array
+  count: jax.Array
   nadir: jax.Array
+  step = renamed_field("count")
 
 
 def stch(num_tasks: int, mu: float = 1.0, warmup_steps: int = 0,
@@ -904,7 +945,8 @@ def stch(num_tasks: int, mu: float = 1.0, warmup_steps: int = 0,
   LibMTL's): the model descends
   ``K mu log sum_i exp(l_i / mu)`` with ``l_i = log(L_i / N_i + eps)``, ``N``
   the nadir vector (mean losses of a warm-up phase), i.e.
-  ``c_i = K softmax(l / mu)_i / (L_i + eps N_i)``; a smooth maximum that
+  ``c_i = softmax(l / mu)_i / (L_i + eps N_i)`` (the paper's gradient over
+  K, see the output scale); a smooth maximum that
   favours the task furthest (relatively) from its nadir.
 
   .. math::
@@ -914,14 +956,18 @@ def stch(num_tasks: int, mu: float = 1.0, warmup_steps: int = 0,
      l_i &= \\log(L_i / N_i + \\epsilon)
 
   Phases, by update count: the first ``warmup_steps + nadir_steps`` updates
-  descend the log-loss sum ``sum_i log(L_i + eps)`` (``c_i = 1/(L_i+eps)``),
+  descend the log-loss mean ``mean_i log(L_i + eps)``
+  (``c_i = 1 / (K (L_i + eps))``),
   and the last ``nadir_steps`` of them are averaged into ``N``; STCH then
   starts. LibMTL: 4 warm-up epochs plus one nadir epoch (pass steps). With
   ``nadir_steps=0`` the nadir is 1 (plain STCH on ``log L``). Losses are
   clamped at 0; a nadir entry ``<= 0`` is replaced by 1.
 
-  Output scale: ``c_i = K p_i / L_i`` (``p = softmax``), the paper's K-scaled
-  scalarisation; equal relative losses give the log-loss sum's gradient.
+  Output scale: the mean-gradient scale: ``c_i = p_i / L_i``
+  (``p = softmax``), the paper's K-scaled scalarisation divided by K, so
+  equal relative losses give the log-loss mean's gradient (``g0`` at unit
+  losses); the warm-up phase likewise descends the mean of the log losses.
+  The paper's and LibMTL's scale is ``optax.scale(num_tasks)`` away.
 
   Args:
     num_tasks: number of tasks K.
@@ -942,18 +988,19 @@ def stch(num_tasks: int, mu: float = 1.0, warmup_steps: int = 0,
     ...                      task_losses=jnp.array([2., 1.]))
     >>> print(np.asarray(tx.loss_weights(state, jnp.array([1., 1.])),
     ...                  np.float64).round(4))
-    [0.6667 1.3333]
+    [0.3333 0.6667]
   """
   method = "stch"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  _check_positive(mu, "mu", method)
+  validation.check_positive(mu, "mu", method)
   validation.check_nonnegative(eps, "eps", method)
-  warmup_steps = _static_int(warmup_steps, "warmup_steps", method, 0)
-  nadir_steps = _static_int(nadir_steps, "nadir_steps", method, 0)
+  warmup_steps = validation.static_int(warmup_steps, "warmup_steps", method, 0)
+  nadir_steps = validation.static_int(nadir_steps, "nadir_steps", method, 0)
   phase_end = warmup_steps + nadir_steps
 
   def init_state(dtype):
-    return STCHState(jnp.ones((num_tasks,), dtype), jnp.zeros((), jnp.int32),
+    return STCHState(base.uniform_weights(num_tasks, dtype),
+                     jnp.zeros((), jnp.int32),
                      jnp.zeros((num_tasks,), dtype))
 
   def coefficients(state, losses):
@@ -967,18 +1014,17 @@ def stch(num_tasks: int, mu: float = 1.0, warmup_steps: int = 0,
     big = jnp.finfo(losses.dtype).max
     log_rel = jnp.log(jnp.maximum(jnp.minimum(losses / nadir, big) + e, tiny))
     log_p = jax.nn.log_softmax(log_rel / jnp.asarray(mu, losses.dtype))
-    # K p_i / (L_i + eps N_i), in log space: no under/overflowing products.
-    stch_c = _exp_finite(jnp.log(float(num_tasks)) + log_p - log_rel
-                         - jnp.log(nadir))
-    warm_c = 1.0 / jnp.maximum(losses + e, tiny)
-    return jnp.where(state.step >= phase_end, stch_c, warm_c)
+    # p_i / (L_i + eps N_i), in log space: no under/overflowing products.
+    stch_c = _exp_finite(log_p - log_rel - jnp.log(nadir))
+    warm_c = 1.0 / (num_tasks * jnp.maximum(losses + e, tiny))
+    return jnp.where(state.count >= phase_end, stch_c, warm_c)
 
   def advance(state, losses, coeffs, step):
     del step
-    in_nadir = (state.step >= warmup_steps) & (state.step < phase_end)
+    in_nadir = (state.count >= warmup_steps) & (state.count < phase_end)
     nadir = _running_mean(state.nadir, jnp.maximum(losses, 0.0),
-                          state.step - warmup_steps)
-    return STCHState(coeffs, jnp.minimum(state.step + 1, phase_end),
+                          state.count - warmup_steps)
+    return STCHState(coeffs, jnp.minimum(state.count + 1, phase_end),
                      jnp.where(in_nadir, nadir, state.nadir))
 
   return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
@@ -997,7 +1043,7 @@ def gls(num_tasks: int, eps: float = 1e-8) -> base.LossWeightingTransformation:
   Workshops 2019. The model descends ``(prod_i L_i)^(1/K)``:
   ``c_i = G / (K L_i)`` with ``G`` the geometric mean of the losses, computed
   as ``exp(mean(log L) - log L_i) / K`` (no overflow of the product for large
-  K). It is the scale-invariant log-sum's gradient times ``G / K``.
+  K). It is :func:`scale_invariant`'s coefficients times ``G``.
 
   .. math::
 
@@ -1006,7 +1052,8 @@ def gls(num_tasks: int, eps: float = 1e-8) -> base.LossWeightingTransformation:
 
   Guard: ``L_i -> max(L_i, 0) + eps`` (the paper has no guard).
 
-  Output scale: ``g0`` when all losses are equal (``c_i = 1/K``).
+  Output scale: the mean-gradient scale, which is the paper's own (no
+  factor K): ``g0`` when all losses are equal (``c_i = 1/K``).
 
   Args:
     num_tasks: number of tasks K.
@@ -1040,8 +1087,9 @@ def scale_invariant(num_tasks: int, eps: float = 1e-8
 
   The baseline of Navon et al., "Multi-Task Learning as a Bargaining Game",
   ICML 2022 (Nash-MTL's ``scaleinvls``): the model descends
-  ``sum_i log L_i``, so ``c_i = 1 / L_i``, invariant to rescaling any task's
-  loss.
+  ``sum_i log L_i``, whose loss weights ``1 / L_i`` are invariant to
+  rescaling any task's loss; here ``c_i = 1 / (K L_i)`` (the mean of the log
+  losses).
 
   .. math::
 
@@ -1049,7 +1097,9 @@ def scale_invariant(num_tasks: int, eps: float = 1e-8
 
   Guard: ``L_i -> max(L_i, 0) + eps`` (the reference code has no guard).
 
-  Output scale: ``c_i = 1/L_i``, as defined (not ``g0``).
+  Output scale: the mean-gradient scale: ``c_i = 1 / (K L_i)``, so unit
+  losses give ``g0`` (as :func:`gls` at equal losses). The reference code's
+  ``1 / L_i`` is ``optax.scale(num_tasks)`` away.
 
   Args:
     num_tasks: number of tasks K.
@@ -1066,17 +1116,17 @@ def scale_invariant(num_tasks: int, eps: float = 1e-8
     >>> update, state = tx.update(grads, tx.init(jnp.zeros(2)), jnp.zeros(2),
     ...                           task_losses=jnp.array([2., 0.5]))
     >>> print(np.asarray(update, np.float64).round(4))
-    [0.5 2. ]
+    [0.25 1.  ]
   """
   method = "scale_invariant"
   num_tasks = validation.check_num_tasks(num_tasks, method)
   validation.check_nonnegative(eps, "eps", method)
   return _memoryless(num_tasks, method,
-                     lambda losses: 1.0 / _positive(losses, eps))
+                     lambda losses: 1.0 / (num_tasks * _positive(losses, eps)))
 
 
-class RLWState(NamedTuple):
-  """State of :func:`random_loss_weighting`.
+class RandomWeightingState(NamedTuple):
+  """State of :func:`random_weighting` (``RLWState`` is the same class).
 
   Attributes:
     weights: ``(K,)`` the random weights of the last update (on the simplex).
@@ -1086,43 +1136,54 @@ class RLWState(NamedTuple):
   key: jax.Array
 
 
-def random_loss_weighting(num_tasks: int, seed: int = 0
-                          ) -> base.LossWeightingTransformation:
-  """RLW: random loss weights, a fresh draw every step.
+RLWState = RandomWeightingState
 
-  Lin et al., "Reasonable Effectiveness of Random Weighting: A Litmus Test for
-  Multi-Task Learning", TMLR 2022 (arXiv:2111.10603). Each step
-  ``c = softmax(e)``, ``e ~ N(0, I_K)`` (the paper's and LibMTL's default
-  distribution). ``loss_weights`` and ``update`` draw from the same key, so
-  the weights of the weighted-loss gradient are the ones the state records;
-  the key advances once per update.
 
-  Output scale: ``c`` on the simplex (``g0`` on average over draws, up to
-  the spread of the softmax).
+def random_weighting(num_tasks: int, seed: int = 0
+                     ) -> base.LossWeightingTransformation:
+  """Random Loss Weighting (RLW): random weights, a fresh draw every step.
+
+  Lin, Ye, Xu, Shi & Zhang, "Reasonable Effectiveness of Random Weighting: A
+  Litmus Test for Multi-Task Learning", TMLR 2022 (arXiv:2111.10603),
+  Algorithm 2 (as LibMTL's ``RLW`` and TorchJD's ``Random``): each step
+  ``c = softmax(z)``, ``z ~ N(0, I_K)`` in float32, from
+  ``key, sub = split(key)``; ``z = normal(sub, (K,))``. One method on both
+  paths: as a loss weighting (the gradient of ``sum_i c_i L_i``,
+  :func:`mtl_optax.value_and_weighted_grad`; ``loss_weights`` and ``update``
+  draw from the same key, so the weights of the weighted-loss gradient are
+  the ones the state records) and on stacked per-task gradients
+  (``sum_i c_i g_i``). ``task_losses`` is optional: the weights do not
+  depend on the losses. The key advances once per update.
+
+  Output scale: the mean-gradient scale, as in the paper: ``c`` lies on the
+  simplex with mean ``1/K``, so the update is ``g0`` in expectation. No
+  factor K.
 
   Args:
     num_tasks: number of tasks K.
     seed: seed of the PRNG key kept in the state (static int).
 
   Returns:
-    A :class:`~mtl_optax.LossWeightingTransformation` with :class:`RLWState`.
+    A :class:`~mtl_optax.LossWeightingTransformation` with
+    :class:`RandomWeightingState`.
 
   Example:
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
-    >>> tx = mo.random_loss_weighting(3, seed=0)
-    >>> state = tx.init(jnp.zeros(2))
-    >>> c = tx.loss_weights(state, jnp.ones(3))
-    >>> _, state = tx.update(jnp.zeros(2), state, jnp.zeros(2),
-    ...                      task_losses=jnp.ones(3))
-    >>> print(bool(jnp.allclose(c, state.weights)), float(jnp.sum(c).round(4)))
-    True 1.0
+    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
+    >>> tx = mo.random_weighting(2, seed=0)
+    >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)))
+    >>> print(np.asarray(state.weights, np.float64).round(4))
+    [0.3997 0.6003]
+    >>> print(np.asarray(update, np.float64).round(4))
+    [2.0031 1.     1.    ]
   """
-  method = "random_loss_weighting"
+  method = "random_weighting"
   num_tasks = validation.check_num_tasks(num_tasks, method)
+  validation.check_seed(seed, method)
 
   def init_state(dtype):
-    return RLWState(base.uniform_weights(num_tasks, dtype),
-                    jax.random.PRNGKey(seed))
+    return RandomWeightingState(base.uniform_weights(num_tasks, dtype),
+                                jax.random.PRNGKey(seed))
 
   def coefficients(state, losses):
     _, subkey = jax.random.split(state.key)
@@ -1132,9 +1193,19 @@ def random_loss_weighting(num_tasks: int, seed: int = 0
   def advance(state, losses, coeffs, step):
     del losses, step
     key, _ = jax.random.split(state.key)
-    return RLWState(coeffs, key)
+    return RandomWeightingState(coeffs, key)
 
-  return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
+  return _loss_weighting(num_tasks, method, init_state, coefficients, advance,
+                         requires_task_losses=False)
+
+
+def random_loss_weighting(num_tasks: int, seed: int = 0
+                          ) -> base.LossWeightingTransformation:
+  """Deprecated alias of :func:`random_weighting` (the same method)."""
+  warnings.warn("mo.random_loss_weighting is deprecated: use "
+                "mo.random_weighting (the same method, on both paths).",
+                DeprecationWarning, stacklevel=2)
+  return random_weighting(num_tasks, seed)
 
 
 # --------------------------------------------------------------------------
@@ -1146,28 +1217,32 @@ class DBMTLState(NamedTuple):
   """State of :func:`db_mtl`.
 
   Attributes:
-    weights: ``(K,)`` the magnitude factors ``alpha`` of the last update
-      (``update = sum_i alpha_i ghat_i``, ``ghat`` the EMA buffer).
-    step: ``()`` int32, updates so far.
+    weights: ``(K,)`` the coefficients of the last update on the EMA buffer
+      (``update = sum_i weights[i] ghat_i``): the magnitude factors
+      ``alpha_i`` over K.
+    count: ``()`` int32, updates so far; ``step`` is its deprecated name.
     grad_buffer: tree shaped like the stacked gradients (leaves ``(K, ...)``,
       float32 or wider): the EMA ``ghat_i`` of the log-loss gradients.
   """
   weights: jax.Array
-  step: jax.Array
+  count: jax.Array
   grad_buffer: Any
+  step = renamed_field("count")
 
 
-def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0,
+@deprecation.renamed_arguments(beta="decay")
+def db_mtl(num_tasks: int, decay: float = 0.9, beta_sigma: float = 0.0,
            eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
   """DB-MTL: dual balancing of loss scales and gradient magnitudes.
 
   Lin et al., "Dual-Balancing for Multi-Task Learning", arXiv:2308.12029
   (2023). Loss-scale balancing: each task's gradient is that of
   ``log(L_i + eps)``, ``h_i = g_i / (L_i + eps)``. Gradient-magnitude
-  balancing: an EMA ``ghat_i <- h_i + beta_t (ghat_i - h_i)`` with
-  ``beta_t = beta / t^beta_sigma`` (``ghat = 0`` at the start), then
-  ``d = sum_i (max_j ||ghat_j|| / ||ghat_i||) ghat_i``: every task enters
-  with the largest task's gradient norm.
+  balancing: an EMA ``ghat_i <- decay_t ghat_i + (1 - decay_t) h_i`` with
+  ``decay_t = decay / t^beta_sigma`` (``ghat = 0`` at the start; optax's
+  meaning of ``decay``, the paper's ``beta``), then
+  ``d = (1/K) sum_i (max_j ||ghat_j|| / ||ghat_i||) ghat_i``: every task
+  enters with the largest task's gradient norm.
 
   .. math::
 
@@ -1187,12 +1262,16 @@ def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0,
   factor 0 (LibMTL divides by ``||ghat_i|| + 1e-8``, which makes the factors
   depend on the gradients' absolute scale; here they are scale-free).
 
-  Output scale: the paper's: a sum of K vectors of norm ``max_j ||ghat_j||``.
+  Output scale: the mean-gradient scale: the mean of K vectors of norm
+  ``max_j ||ghat_j||`` (equal EMAs give their mean). The paper's sum is
+  ``optax.scale(num_tasks)`` away.
 
   Args:
     num_tasks: number of tasks K.
-    beta: EMA coefficient (LibMTL: 0.9). Injectable.
-    beta_sigma: decay exponent of beta over steps (LibMTL: 0). Injectable.
+    decay: EMA decay, the weight of the old buffer (LibMTL's ``beta``: 0.9;
+      ``beta`` is a deprecated alias with the same value). Injectable.
+    beta_sigma: decay exponent of ``decay`` over steps (LibMTL: 0).
+      Injectable.
     eps: added to the clamped losses (LibMTL: 1e-8). Injectable.
 
   Returns:
@@ -1206,11 +1285,11 @@ def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0,
     ...                           task_losses=jnp.array([1., 1.]))
     >>> print(np.asarray(update, np.float64).round(4),
     ...       np.asarray(state.weights, np.float64).round(4))
-    [0.3 0.3] [1. 3.]
+    [0.15 0.15] [0.5 1.5]
   """
   method = "db_mtl"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  validation.check_nonnegative(beta, "beta", method)
+  validation.check_nonnegative(decay, "decay", method)
   validation.check_nonnegative(beta_sigma, "beta_sigma", method)
   validation.check_nonnegative(eps, "eps", method)
 
@@ -1219,46 +1298,36 @@ def db_mtl(num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0,
       p = jnp.asarray(p)
       dtype = jnp.promote_types(p.dtype, jnp.float32)
       return jnp.zeros((num_tasks, *p.shape), dtype)
-    return DBMTLState(jnp.ones((num_tasks,), base.state_dtype(params)),
+    return DBMTLState(base.uniform_weights(num_tasks, base.state_dtype(params)),
                       jnp.zeros((), jnp.int32), jax.tree.map(zeros, params))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def step(updates, state, params, extra_args):
     del params
-    validation.check_task_axis(updates, num_tasks, method)
-    task_losses = extra_args.get("task_losses")
-    validation.check_task_losses(task_losses, num_tasks, method, required=True)
-    if not jax.tree.leaves(updates):
-      return updates, state
     dtype = state.weights.dtype
-    losses = jnp.asarray(task_losses).astype(dtype)
+    losses = jnp.asarray(extra_args["task_losses"]).astype(dtype)
     inv = 1.0 / _positive(losses, eps)
-    step = state.step + 1
-    beta_t = jnp.asarray(beta, dtype) / step.astype(dtype) ** jnp.asarray(
+    count = state.count + 1
+    decay_t = jnp.asarray(decay, dtype) / count.astype(dtype) ** jnp.asarray(
         beta_sigma, dtype)
 
     def ema(g, buf):
       scale = inv.astype(buf.dtype).reshape((num_tasks,) + (1,) * (g.ndim - 1))
       h = g.astype(buf.dtype) * scale
-      return h + beta_t.astype(buf.dtype) * (buf - h)
+      return h + decay_t.astype(buf.dtype) * (buf - h)
 
     buffer = jax.tree.map(ema, updates, state.grad_buffer)
     norms = tree_math.task_norms(buffer).astype(dtype)
     big = jnp.finfo(dtype).max
     peak = jnp.max(norms)
     alpha = jnp.where(norms > 0, jnp.clip(
-        peak / jnp.where(norms > 0, norms, 1.0), 0.0, big), 0.0)
+        peak / jnp.where(norms > 0, norms, 1.0), 0.0, big), 0.0) / num_tasks
     out, capped = _weighted_sum_in_range(alpha, buffer, updates)
     # A +-inf loss would be clamped (-inf) or give a zero term (+inf): make
     # the update NaN instead, for optax.apply_if_finite, and keep the state.
     losses_ok = jnp.all(jnp.isfinite(losses))
     out = _nan_unless(losses_ok, out)
-    finite = losses_ok & jnp.all(jnp.isfinite(alpha))
-    for leaf in jax.tree.leaves(out):
-      finite &= jnp.all(jnp.isfinite(leaf))
-    new_state = DBMTLState(alpha * capped, step, buffer)
-    new_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new.astype(old.dtype), old),
-        new_state, state)
-    return out, new_state
+    finite = losses_ok & jnp.all(jnp.isfinite(alpha)) & base.all_finite(out)
+    return out, DBMTLState(alpha * capped, count, buffer), finite
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return base.guarded_transformation(num_tasks, method, init_fn, step,
+                                     requires_task_losses=True)

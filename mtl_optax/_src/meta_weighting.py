@@ -23,11 +23,12 @@ import optax
 from mtl_optax._src import base
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
-from mtl_optax._src.loss_weighting import _check_positive
 from mtl_optax._src.loss_weighting import _loss_weighting
 from mtl_optax._src.loss_weighting import _safe_ratio
+from mtl_optax._src.loss_weighting import renamed_field
 from mtl_optax._src.loss_weighting import _updates_are_stacked
-from mtl_optax._src.momentum import _keep_if
+from mtl_optax._src.loss_weighting import inner_optimizer
+from mtl_optax._src.loss_weighting import keep_if
 from mtl_optax._src.momentum import _with_update
 
 __all__ = ("AutoLambdaState", "LDCMTLState", "auto_lambda", "ldc_mtl")
@@ -48,13 +49,15 @@ class LDCMTLState(NamedTuple):
     logits_opt_state: state of the optimizer that steps the logits.
     initial_losses: ``(K,)`` the first update's losses (the
       pre-normalisation ``r = L(0) / min L(0)``).
-    step: ``()`` int32, updates so far (saturating at 1).
+    count: ``()`` int32, updates so far (saturating at 1); ``step`` is its
+      deprecated name.
   """
   weights: jax.Array
   logits: jax.Array
   logits_opt_state: Any
   initial_losses: jax.Array
-  step: jax.Array
+  count: jax.Array
+  step = renamed_field("count")
 
 
 def ldc_total_loss(losses: jax.Array, logits: jax.Array,
@@ -150,8 +153,7 @@ def ldc_mtl(num_tasks: int, penalty: float = 0.05,
   method = "ldc_mtl"
   num_tasks = validation.check_num_tasks(num_tasks, method)
   validation.check_nonnegative(penalty, "penalty", method)
-  validation.check_nonnegative(learning_rate, "learning_rate", method)
-  opt = optimizer if optimizer is not None else optax.adam(learning_rate)
+  opt = inner_optimizer(optimizer, learning_rate, method)
 
   def init_state(dtype):
     logits = jnp.zeros((num_tasks,), dtype)
@@ -160,7 +162,7 @@ def ldc_mtl(num_tasks: int, penalty: float = 0.05,
                        jnp.zeros((), jnp.int32))
 
   def initial(state, losses):
-    return jnp.where(state.step == 0, losses, state.initial_losses)
+    return jnp.where(state.count == 0, losses, state.initial_losses)
 
   def total(losses, logits, state):
     return ldc_total_loss(losses, logits, initial(state, losses),
@@ -175,7 +177,7 @@ def ldc_mtl(num_tasks: int, penalty: float = 0.05,
     delta, opt_state = opt.update(grad, state.logits_opt_state, state.logits)
     return LDCMTLState(coeffs, optax.apply_updates(state.logits, delta),
                        opt_state, initial(state, losses),
-                       jnp.minimum(state.step + 1, 1))
+                       jnp.minimum(state.count + 1, 1))
 
   return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
 
@@ -317,7 +319,7 @@ def auto_lambda(num_tasks: int, virtual_lr: float = 0.1,
   num_tasks = validation.check_num_tasks(num_tasks, method)
   validation.check_nonnegative(virtual_lr, "virtual_lr", method)
   validation.check_nonnegative(meta_lr, "meta_lr", method)
-  _check_positive(weight_init, "weight_init", method)
+  validation.check_positive(weight_init, "weight_init", method)
   mask = _primary_mask(primary_tasks, num_tasks, method)
   opt = meta_optimizer if meta_optimizer is not None else optax.adam(meta_lr)
 
@@ -362,7 +364,7 @@ def auto_lambda(num_tasks: int, virtual_lr: float = 0.1,
     stepped = state._replace(meta_weights=optax.apply_updates(lam, delta),
                              meta_opt_state=opt_state)
     # An overflowing look-ahead must not poison lambda: skip the meta-update.
-    return _keep_if(base.all_finite(stepped.meta_weights), stepped, state)
+    return keep_if(base.all_finite(stepped.meta_weights), stepped, state)
 
   def update_fn(updates, state, params=None, **extra_args):
     validation.check_task_losses(extra_args.get("task_losses"), num_tasks,
@@ -383,6 +385,6 @@ def auto_lambda(num_tasks: int, virtual_lr: float = 0.1,
       new_state = meta_step(updates, stacked, new_state, params, extra_args)
     ok = (base.all_finite(out) & base.all_finite(new_state.meta_weights)
           & base.all_finite(new_state.weights))
-    return out, _keep_if(ok, new_state, state)
+    return out, keep_if(ok, new_state, state)
 
   return _with_update(weighting, update_fn)

@@ -3,8 +3,8 @@
 * :func:`momentum_config` takes ONE task's gradient per step (round robin)
   and keeps a momentum per task; the update is ConFIG's conflict-free
   direction on the momenta.
-* :func:`psmgd` recomputes MGDA's weights only every ``period`` steps, from
-  stacked per-task gradients, and in between is a loss weighting: one
+* :func:`psmgd` recomputes MGDA's weights only every ``update_every`` steps,
+  from stacked per-task gradients, and in between is a loss weighting: one
   backward pass of the weighted loss with the stored weights.
 
 Both accept stacked per-task gradients (leaves ``(K, *shape)``) at every step,
@@ -23,22 +23,16 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax._src import base
+from mtl_optax._src import deprecation
 from mtl_optax._src import solvers
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 from mtl_optax._src.closed_form import config_weights
 from mtl_optax._src.loss_weighting import _loss_weighting
-from mtl_optax._src.loss_weighting import _static_int
 from mtl_optax._src.loss_weighting import _updates_are_stacked
+from mtl_optax._src.loss_weighting import keep_if
 
 __all__ = ("MomentumConfigState", "PSMGDState", "momentum_config", "psmgd")
-
-
-def _keep_if(ok: jax.Array, new_state: Any, old_state: Any) -> Any:
-  """``new_state`` where ``ok``, else ``old_state`` (fixed dtypes)."""
-  return jax.tree.map(
-      lambda new, old: jnp.where(ok, jnp.asarray(new).astype(old.dtype), old),
-      new_state, old_state)
 
 
 def _task_axis_zeros(num_tasks: int, params: Any) -> Any:
@@ -228,16 +222,16 @@ def momentum_config(num_tasks: int, beta_1: float = 0.9,
       out, pseudo_m, second = _normalise_like_adam(
           direction, state, jnp.maximum(count, 1), beta_1, beta_2, eps)
       new_state = new_state._replace(
-          direction_momentum=_keep_if(ready, pseudo_m,
+          direction_momentum=keep_if(ready, pseudo_m,
                                       state.direction_momentum),
-          second_moment=_keep_if(ready, second, state.second_moment))
+          second_moment=keep_if(ready, second, state.second_moment))
     else:
       out = direction
     out = jax.tree.map(
         lambda o, p: jnp.where(input_ok, jnp.where(ready, o, 0.0), jnp.nan
                                ).astype(p.dtype), out, grad)
     finite = input_ok & base.all_finite(out) & base.all_finite(coeffs)
-    return out, _keep_if(finite, new_state, state)
+    return out, keep_if(finite, new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -254,8 +248,8 @@ class PSMGDState(NamedTuple):
     weights: ``(K,)`` MGDA weights of the last solve: the coefficients of
       every update until the next one.
     steps_since_solve: ``()`` int32, updates since the last solve
-      (saturating at ``period``; ``period`` at the start, so the first
-      stacked update solves).
+      (saturating at ``update_every``; ``update_every`` at the start, so the
+      first stacked update solves).
     residual: ``()`` the simplex solver's residual at the last solve.
   """
   weights: jax.Array
@@ -264,21 +258,22 @@ class PSMGDState(NamedTuple):
 
 
 def _with_update(tx, update_fn):
-  """``tx`` with another ``update``, keeping the attributes the shared
-  builder attached (e.g. the single-backward rule)."""
-  new = type(tx)(tx.init, update_fn)
-  vars(new).update(vars(tx))
-  return new
+  """The loss weighting ``tx`` with another ``update`` (one that wraps
+  ``tx.update`` and keeps its probe protocol), built by the shared
+  builder."""
+  return base.loss_weighting_transformation(tx.init, update_fn)
 
 
-def psmgd(num_tasks: int, period: int = 4, max_iter: int = 500,
+@deprecation.renamed_arguments(period="update_every")
+def psmgd(num_tasks: int, update_every: int = 4, max_iter: int = 500,
           tol: Optional[float] = None) -> base.LossWeightingTransformation:
   """PSMGD: periodic stochastic multi-gradient descent.
 
   Xu, Ju, Liu & Yang, "PSMGD: Periodic Stochastic Multi-Gradient Descent for
   Fast Multi-Objective Optimization", AAAI 2025 (arXiv:2412.10961). MGDA's
   weights ``w = argmin_{w in simplex} ||sum_i w_i g_i||^2`` change little
-  over a few steps, so they are recomputed every ``period`` steps and reused
+  over a few steps, so they are recomputed every ``update_every`` steps
+  (the paper's ``R``) and reused
   in between: ``d_t = sum_i w_{R floor(t/R)} g_i``. Between solves the update
   is the gradient of one weighted loss ``sum_i w_i L_i``, so the backward
   cost per step is ``(K + R - 1) / R`` passes on average instead of K.
@@ -292,7 +287,8 @@ def psmgd(num_tasks: int, period: int = 4, max_iter: int = 500,
   Input, per step:
 
   * stacked per-task gradients (leaves ``(K, *shape)``): when
-    ``steps_since_solve >= period`` (every ``period`` steps, and the first
+    ``steps_since_solve >= update_every`` (every ``update_every`` steps, and
+    the first
     update) the weights are re-solved on their scale-free Gram matrix
     (warm-started, as :func:`mtl_optax.mgda`), then ``d = sum_i w_i g_i``;
     on other steps ``d`` uses the stored weights;
@@ -302,7 +298,8 @@ def psmgd(num_tasks: int, period: int = 4, max_iter: int = 500,
     that is due waits for the next stacked update.
 
   A training loop therefore computes stacked gradients on steps
-  ``n % period == 0`` (a Python-side count; two jitted step functions) and
+  ``n % update_every == 0`` (a Python-side count; two jitted step functions)
+  and
   the weighted-loss gradient otherwise. ``task_losses`` is required (the
   single-backward protocol); the weights do not depend on it.
 
@@ -310,8 +307,8 @@ def psmgd(num_tasks: int, period: int = 4, max_iter: int = 500,
 
   Args:
     num_tasks: number of tasks K.
-    period: the paper's ``R``, steps between solves (static int >= 1; 1 is
-      MGDA).
+    update_every: the paper's ``R``, steps between solves (static int >= 1;
+      1 is MGDA; formerly ``period``, a deprecated alias).
     max_iter: cap on the simplex solver's iterations.
     tol: solver tolerance (default 1e-5 in float32, 1e-10 in float64).
 
@@ -322,7 +319,7 @@ def psmgd(num_tasks: int, period: int = 4, max_iter: int = 500,
   Example (TorchJD's matrix: MGDA's weights, then reused for an ordinary
   gradient):
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
-    >>> tx = mo.psmgd(2, period=2)
+    >>> tx = mo.psmgd(2, update_every=2)
     >>> params, losses = jnp.zeros(3), jnp.ones(2)
     >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
     >>> update, state = tx.update(grads, tx.init(params), params,
@@ -337,17 +334,20 @@ def psmgd(num_tasks: int, period: int = 4, max_iter: int = 500,
   """
   method = "psmgd"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  period = _static_int(period, "period", method, 1)
+  update_every = validation.static_int(update_every, "update_every", method,
+                                      1)
   validation.check_positive_int(max_iter, "max_iter", method)
 
   def init_state(dtype):
     return PSMGDState(base.uniform_weights(num_tasks, dtype),
-                      jnp.asarray(period, jnp.int32), jnp.zeros((), dtype))
+                      jnp.asarray(update_every, jnp.int32),
+                      jnp.zeros((), dtype))
 
   def advance(state, losses, coeffs, step):
     del losses, coeffs, step
     return state._replace(
-        steps_since_solve=jnp.minimum(state.steps_since_solve + 1, period))
+        steps_since_solve=jnp.minimum(state.steps_since_solve + 1,
+                                      update_every))
 
   weighting = _loss_weighting(num_tasks, method, init_state,
                               lambda state, losses: state.weights, advance)
@@ -360,7 +360,7 @@ def psmgd(num_tasks: int, period: int = 4, max_iter: int = 500,
     start = base.finite_or(state.weights.astype(gram.dtype), uniform)
     sol = solvers.min_norm_weights(gram, start, max_iter, tol)
     weights = base.poison_if_nonfinite(sol.weights, gram)
-    due = state.steps_since_solve >= period
+    due = state.steps_since_solve >= update_every
     return PSMGDState(
         jnp.where(due, weights, state.weights).astype(state.weights.dtype),
         jnp.where(due, 0, state.steps_since_solve),
@@ -376,6 +376,6 @@ def psmgd(num_tasks: int, period: int = 4, max_iter: int = 500,
     out, new_state = weighting.update(updates, solved(updates, state), params,
                                       **extra_args)
     ok = base.all_finite(out) & base.all_finite(new_state.weights)
-    return out, _keep_if(ok, new_state, state)
+    return out, keep_if(ok, new_state, state)
 
   return _with_update(weighting, update_fn)

@@ -24,6 +24,7 @@ import optax
 
 from mtl_optax._src import aggregators
 from mtl_optax._src import base
+from mtl_optax._src import loss_weighting
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 
@@ -73,67 +74,10 @@ def constant(num_tasks: int, weights: Sequence[float] | jax.Array
   return aggregators.fixed_weighting(num_tasks, weights, method)
 
 
-class RandomWeightingState(NamedTuple):
-  """State of :func:`random_weighting`.
-
-  Attributes:
-    weights: ``(K,)`` the random weights of the last step (on the simplex).
-    key: PRNG key of the next draw.
-  """
-  weights: jax.Array
-  key: jax.Array
-
-
-def random_weighting(num_tasks: int, seed: int = 0
-                     ) -> optax.GradientTransformationExtraArgs:
-  """Random Loss Weighting (RLW): a random convex combination at every step.
-
-  Lin, Ye, Xu, Shi & Zhang, "Reasonable Effectiveness of Random Weighting: A
-  Litmus Test for Multi-Task Learning", TMLR 2022 (arXiv:2111.10603),
-  Algorithm 2 (as LibMTL's ``RLW`` and TorchJD's ``Random``):
-  ``w = softmax(z)``, ``z ~ N(0, I_K)`` drawn afresh at each step,
-  ``d = sum_i w_i g_i``. The weights lie on the simplex with mean ``1/K``, so
-  ``d`` is on the scale of ``g0`` in expectation. Each step splits the key in
-  the state: ``key, sub = split(key)``; ``z = normal(sub, (K,))`` in float32.
-
-  Args:
-    num_tasks: number of tasks K.
-    seed: seed of the PRNG key kept in the state.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` with
-    :class:`RandomWeightingState`.
-
-  Example:
-    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
-    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
-    >>> tx = mo.random_weighting(2, seed=0)
-    >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)))
-    >>> print(np.asarray(state.weights, np.float64).round(4))
-    [0.3997 0.6003]
-    >>> print(np.asarray(update, np.float64).round(4))
-    [2.0031 1.     1.    ]
-  """
-  method = "random_weighting"
-  num_tasks = validation.check_num_tasks(num_tasks, method)
-  validation.check_seed(seed, method)
-
-  def init_fn(params):
-    return RandomWeightingState(
-        base.uniform_weights(num_tasks, base.state_dtype(params)),
-        jax.random.PRNGKey(seed))
-
-  def step(updates, state, params, extra_args):
-    del params, extra_args
-    key, subkey = jax.random.split(state.key)
-    weights = jax.nn.softmax(jax.random.normal(subkey, (num_tasks,),
-                                                jnp.float32))
-    weights = weights.astype(state.weights.dtype)
-    return (tree_math.weighted_task_sum(weights, updates),
-            RandomWeightingState(weights, key))
-
-  return base.guarded_transformation(
-      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
+# RLW is one method on both paths (stacked gradients and the single-backward
+# weighted loss): its one implementation lives with the loss weightings.
+RandomWeightingState = loss_weighting.RandomWeightingState
+random_weighting = loss_weighting.random_weighting
 
 
 class EMAWeightsState(NamedTuple):

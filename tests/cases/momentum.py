@@ -10,5 +10,5 @@ CASES = [
     MethodCase("momentum_config_direction", mo.momentum_config,
                {"beta_1": 0.5, "normalize": False},
                permutation_equivariant=False),
-    MethodCase("psmgd", mo.psmgd, {"period": 3}),
+    MethodCase("psmgd", mo.psmgd, {"update_every": 3}),
 ]
