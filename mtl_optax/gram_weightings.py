@@ -61,6 +61,7 @@ from mtl_optax._src import bargaining
 from mtl_optax._src import base
 from mtl_optax._src import cagrad as _cagrad
 from mtl_optax._src import closed_form
+from mtl_optax._src import deprecation
 from mtl_optax._src import dual_cone
 from mtl_optax._src import priority
 from mtl_optax._src import robust
@@ -435,15 +436,16 @@ def krum(gram: Gram, state: Optional[robust.KrumState] = None, *,
 # --- scale-dependent solvers (raw Gram scale) ---
 
 
+@deprecation.renamed_arguments(update_weights_every="update_every")
 def nash_mtl(gram: Gram, state: Optional[bargaining.NashMTLState] = None, *,
-             update_weights_every: int = 1, max_iter: int = 20,
+             update_every: int = 1, max_iter: int = 20,
              max_norm: float | jax.Array = 1.0, tol: Optional[float] = None
              ) -> GramWeights:
   """Nash-MTL's weights: ``alpha_i (G alpha)_i = 1``, then ``||d|| <= max_norm``.
 
-  As :func:`mtl_optax.nash_mtl` (Navon et al., ICML 2022; ``max_iter`` is the
-  factory's ``optim_niter``): solved on the raw scale (``alpha`` scales as
-  ``s**-1/2`` for ``s G``), every ``update_weights_every`` calls (counted in
+  As :func:`mtl_optax.nash_mtl` (Navon et al., ICML 2022): solved on the raw
+  scale (``alpha`` scales as ``s**-1/2`` for ``s G``), every ``update_every``
+  calls (counted in
   the state), warm-started from the state's ``alpha``. State:
   :class:`mtl_optax.NashMTLState`.
 
@@ -466,14 +468,14 @@ def nash_mtl(gram: Gram, state: Optional[bargaining.NashMTLState] = None, *,
     rms = normalized.rms_norm.astype(g.dtype)
     alpha, residual = bargaining._nash_alpha(  # pylint: disable=protected-access
         g, rms, state.alpha.astype(g.dtype), state.residual.astype(g.dtype),
-        state.step, update_weights_every, max_iter, tol)
+        state.count, update_every, max_iter, tol)
     # ||d||**2 = alpha^T A alpha, computed on the O(1) vector rms * alpha.
     scaled = alpha * rms
     norm = jnp.sqrt(jnp.maximum(scaled @ g @ scaled, 0.0))
     limit = jnp.asarray(max_norm, g.dtype)
     clip = (limit > 0) & (norm > limit)
     weights = alpha * jnp.where(clip, limit / jnp.where(clip, norm, 1.0), 1.0)
-    return weights, bargaining.NashMTLState(weights, alpha, state.step + 1,
+    return weights, bargaining.NashMTLState(weights, alpha, state.count + 1,
                                             residual)
 
   return _run("nash_mtl", gram, state, initial, rule)
@@ -546,13 +548,15 @@ def pcgrad(gram: Gram, state: Optional[aggregators.PCGradState] = None, *,
           _uniform(k, dtype), key)), rule)
 
 
+@deprecation.renamed_arguments(beta=("decay", lambda beta: 1 - beta))
 def gradvac(gram: Gram, state: Optional[surgery.GradVacState] = None, *,
-            beta: float | jax.Array = 0.5, seed: int = 0) -> GramWeights:
+            decay: float | jax.Array = 0.5, seed: int = 0) -> GramWeights:
   """GradVac's coefficients towards the similarity targets of the state.
 
   As :func:`mtl_optax.gradvac` (Wang et al., ICLR 2021): the targets
   (``state.targets``, ``(K, K)``, zero when ``state`` is None: PCGrad's
-  step) move by ``beta`` towards the observed cosines; orders come from the
+  step) are EMAs of the observed cosines with ``decay`` (formerly ``beta =
+  1 - decay``, a deprecated alias that converts); orders come from the
   state's key. Scale-invariant. State: :class:`mtl_optax.GradVacState`.
 
   Example (TorchJD's test matrix; TorchJD sums, giving twice the update):
@@ -566,7 +570,7 @@ def gradvac(gram: Gram, state: Optional[surgery.GradVacState] = None, *,
   def rule(normalized, state):
     key, subkey = jax.random.split(state.key)
     coeffs, targets = surgery.gradvac_coefficients(
-        normalized.gram, state.targets, beta, subkey)
+        normalized.gram, state.targets, decay, subkey)
     return coeffs, surgery.GradVacState(coeffs, targets, key)
 
   return _run("gradvac", gram, state, _keyed_start(

@@ -63,10 +63,10 @@ SPECS = [
     Spec("config", gw.config, mo.config),
     Spec("nash_mtl", gw.nash_mtl, mo.nash_mtl,
          {"max_norm": 0.0, "max_iter": 20},
-         {"max_norm": 0.0, "optim_niter": 20}, scale_power=-0.5),
+         {"max_norm": 0.0, "max_iter": 20}, scale_power=-0.5),
     Spec("nash_mtl_every2", gw.nash_mtl, mo.nash_mtl,
-         {"update_weights_every": 2, "max_iter": 20},
-         {"update_weights_every": 2, "optim_niter": 20}, scale_power=-0.5),
+         {"update_every": 2, "max_iter": 20},
+         {"update_every": 2, "max_iter": 20}, scale_power=-0.5),
     Spec("fairgrad", gw.fairgrad, mo.fairgrad, {"alpha": 1.0},
          scale_power=-0.5),
     Spec("fairgrad_alpha2", gw.fairgrad, mo.fairgrad, {"alpha": 2.0},
@@ -74,7 +74,7 @@ SPECS = [
     Spec("krum", gw.krum, mo.krum, {"n_byzantine": 1, "n_selected": 2},
          min_tasks=4),
     Spec("pcgrad", gw.pcgrad, mo.pcgrad, {"seed": 5}, equivariant=False),
-    Spec("gradvac", gw.gradvac, mo.gradvac, {"beta": 0.3, "seed": 5},
+    Spec("gradvac", gw.gradvac, mo.gradvac, {"decay": 0.7, "seed": 5},
          equivariant=False),
     Spec("pcd", gw.pcd, mo.pcd, {"tau": 0.3, "beta": 0.9, "eps": 0.0},
          equivariant=False),
@@ -275,8 +275,8 @@ def test_state_carries_over_like_the_factory_for_gradvac_targets():
   jac = jnp.asarray(_jacobian(9, 3))
   targets = jnp.array([[0.0, 0.5, -0.2], [0.1, 0.0, 0.3], [0.4, 0.2, 0.0]])
   state = mo.GradVacState(jnp.zeros(3), targets, jax.random.PRNGKey(1))
-  first = gw.gradvac(jac @ jac.T, state, beta=0.5)
-  again = gw.gradvac(jac @ jac.T, state, beta=0.5)
+  first = gw.gradvac(jac @ jac.T, state, decay=0.5)
+  again = gw.gradvac(jac @ jac.T, state, decay=0.5)
   np.testing.assert_array_equal(first.weights, again.weights)
   assert not np.allclose(first.state.targets, targets)
   # Zero targets: GradVac's first step is PCGrad's for the same key.

@@ -74,18 +74,19 @@ def test_task_sum_errors_name_task_sum():
     (lambda: mo.mgda(3, max_iter=0), ValueError, "max_iter"),
     (lambda: mo.mgda(3, max_iter=2.5), TypeError, "max_iter"),
     (lambda: mo.mgda(3, tol=-1.0), ValueError, "tol must be > 0"),
-    (lambda: mo.moco(3, beta=2.0), ValueError, r"beta must be in \(0, 1\]"),
-    (lambda: mo.moco(3, beta=0.0), ValueError, "beta"),
+    (lambda: mo.moco(3, decay=2.0), ValueError, r"decay must be in \[0, 1\)"),
+    (lambda: mo.moco(3, decay=1.0), ValueError, "decay"),
     (lambda: mo.random_weighting(3, seed=1.5), TypeError, "seed must be an int"),
     (lambda: mo.pcgrad(3, seed=2.5), TypeError, "seed must be an int"),
     (lambda: mo.cagrad(3, seed=jnp.array(1.0)), TypeError, "seed"),
     (lambda: mo.graddrop(3, leak=float("nan")), ValueError, "leak"),
     (lambda: mo.sdmgrad(3, momentum=1.0), ValueError, r"momentum.*\[0, 1\)"),
-    (lambda: mo.sdmgrad(3, lr=float("nan")), ValueError, "lr must be > 0"),
+    (lambda: mo.sdmgrad(3, learning_rate=float("nan")), ValueError,
+     "learning_rate must be > 0"),
     (lambda: mo.krum(5, n_byzantine=True), TypeError, "n_byzantine"),
     (lambda: mo.trimmed_mean(5, trim_number=-1), ValueError, "trim_number"),
     (lambda: mo.ema_weights(mo.mgda(2), 2, alpha=1.5), ValueError, "alpha"),
-    (lambda: mo.nash_mtl(2, optim_niter=2.5), TypeError, "optim_niter"),
+    (lambda: mo.nash_mtl(2, max_iter=2.5), TypeError, "max_iter"),
 ])
 def test_construction_errors(build, error, match):
   with pytest.raises(error, match=match):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax._src import base
+from mtl_optax._src import deprecation
 from mtl_optax._src import solvers
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
@@ -72,17 +73,22 @@ class NashMTLState(NamedTuple):
     alpha: ``(K,)`` the last bargaining solution ``alpha_i (A alpha)_i = 1``
       on the raw Gram matrix, before rescaling; reused between solves and
       the warm start of the next one. 0 for tasks with a zero gradient.
-    step: ``()`` int32 number of updates so far.
+    count: ``()`` int32 number of updates so far (formerly ``step``, a
+      deprecated alias).
     residual: ``()`` ``max_i |alpha_i (A alpha)_i - 1|`` of the last solve.
   """
   weights: jax.Array
   alpha: jax.Array
-  step: jax.Array
+  count: jax.Array
   residual: jax.Array
 
+  step = deprecation.renamed_field("count", "step")
 
-def nash_mtl(num_tasks: int, update_weights_every: int = 1,
-             optim_niter: int = 100, max_norm: float = 1.0,
+
+@deprecation.renamed_arguments(update_weights_every="update_every",
+                               optim_niter="max_iter")
+def nash_mtl(num_tasks: int, update_every: int = 1,
+             max_iter: int = 100, max_norm: float = 1.0,
              tol: Optional[float] = None
              ) -> optax.GradientTransformationExtraArgs:
   """Nash-MTL: the Nash bargaining solution between the tasks.
@@ -94,11 +100,11 @@ def nash_mtl(num_tasks: int, update_weights_every: int = 1,
   ``sum_i log <g_i, d>`` on a ball. The paper solves it by a sequence of
   cvxpy problems; here ``alpha`` minimises the convex potential
   ``1/2 alpha^T A alpha - sum_i log alpha_i`` by Newton's method with at most
-  ``optim_niter`` steps, warm-started from the previous ``alpha`` (see
+  ``max_iter`` steps, warm-started from the previous ``alpha`` (see
   :func:`~mtl_optax._src.solvers.alpha_fair_weights`).
 
   As in the official code, the weights are recomputed every
-  ``update_weights_every`` steps (the others reuse ``alpha``), and ``alpha``
+  ``update_every`` steps (the others reuse ``alpha``), and ``alpha``
   is rescaled so that ``||d|| <= max_norm`` (``max_norm = 0`` disables it);
   the official code clips the shared gradient's norm, which is the same.
   The official code also divides the Gram matrix by its Frobenius norm, for
@@ -122,12 +128,14 @@ def nash_mtl(num_tasks: int, update_weights_every: int = 1,
 
   Args:
     num_tasks: number of tasks K.
-    update_weights_every: solve every this many steps (int >= 1).
-    optim_niter: cap on Newton steps per solve (int >= 1). The loop stops
+    update_every: solve every this many steps (int >= 1; formerly
+      ``update_weights_every``, a deprecated alias).
+    max_iter: cap on Newton steps per solve (int >= 1). The loop stops
       at ``tol``, so warm-started steps take a few; the cap matters on hard
       problems (a 1e6 ratio of task-gradient norms leaves residuals of
       0.15-0.84 after 20 steps and converges to 1e-15 within 100). Not the
-      official ``optim_niter``, which counts cvxpy sub-problems.
+      official ``optim_niter``, which counts cvxpy sub-problems (the old
+      keyword ``optim_niter`` is a deprecated alias).
     max_norm: bound on ``||d||``; 0 disables it (injectable).
     tol: Newton tolerance on the relative residual; default 1e-5 in
       float32, 1e-10 in float64.
@@ -147,9 +155,8 @@ def nash_mtl(num_tasks: int, update_weights_every: int = 1,
   """
   method = "nash_mtl"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  validation.check_positive_int(update_weights_every, "update_weights_every",
-                                method)
-  validation.check_positive_int(optim_niter, "optim_niter", method)
+  validation.check_positive_int(update_every, "update_every", method)
+  validation.check_positive_int(max_iter, "max_iter", method)
   validation.check_nonnegative(max_norm, "max_norm", method)
 
   def init_state(dtype):
@@ -162,7 +169,7 @@ def nash_mtl(num_tasks: int, update_weights_every: int = 1,
   def rule(context, state):
     return gram_weightings.nash_mtl(
         tree_math.NormalizedGram(context.gram, context.rms_norm), state,
-        update_weights_every=update_weights_every, max_iter=optim_niter,
+        update_every=update_every, max_iter=max_iter,
         max_norm=max_norm, tol=tol)
 
   return base.task_weighting_transformation(num_tasks, method, init_state, rule)

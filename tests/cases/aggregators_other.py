@@ -35,7 +35,7 @@ def _with_second_batch(params, task_losses, loss_fn):
 
 
 CASES = [
-    MethodCase("gradvac", mo.gradvac, {"beta": 0.5, "seed": 2},
+    MethodCase("gradvac", mo.gradvac, {"decay": 0.5, "seed": 2},
                deterministic=False),
     # Random sign choices promise no per-task descent on a given run.
     MethodCase("graddrop", mo.graddrop, {"seed": 1, "leak": 0.0},
@@ -46,20 +46,21 @@ CASES = [
                min_tasks=3, trains_every_task=False),
     MethodCase("excess_mtl", mo.excess_mtl,
                {"robust_step_size": 0.5, "warmup_steps": 1}),
-    # With LibMTL's inner step (lr=5) the 20 projected steps jump between
+    # With LibMTL's inner step (learning_rate=5) the 20 projected steps jump between
     # vertices of the simplex and one task's loss rises on the test problem;
     # a smaller inner step converges and then trains every task.
-    MethodCase("sdmgrad", mo.sdmgrad, {"lam": 0.3, "lr": 0.5,
-                                       "num_iters": 20}),
-    MethodCase("sdmgrad_two_batches", mo.sdmgrad, {"lam": 0.3, "lr": 5.0},
+    MethodCase("sdmgrad", mo.sdmgrad, {"lam": 0.3, "learning_rate": 0.5,
+                                       "max_iter": 20}),
+    MethodCase("sdmgrad_two_batches", mo.sdmgrad, {"lam": 0.3, "learning_rate": 5.0},
                extra_args=_with_second_batch, trains_every_task=False),
-    MethodCase("modo", mo.modo, {"gamma": 0.1, "rho": 0.1}),
-    MethodCase("modo_two_batches", mo.modo, {"gamma": 0.1, "rho": 0.1},
+    MethodCase("modo", mo.modo, {"learning_rate": 0.1, "rho": 0.1}),
+    MethodCase("modo_two_batches", mo.modo, {"learning_rate": 0.1, "rho": 0.1},
                extra_args=_with_second_batch),
     # MoCo weights loss-scaled unit directions with near-uniform (softmax)
     # weights: the task with the largest loss dominates, and on the test
     # problem another task's loss rises slightly.
-    MethodCase("moco", mo.moco, {"beta": 0.5, "gamma": 0.1, "rho": 0.0},
+    MethodCase("moco", mo.moco, {"decay": 0.5, "learning_rate": 0.1,
+                                 "rho": 0.0},
                trains_every_task=False),
     MethodCase("random_weighting", mo.random_weighting, {"seed": 4},
                deterministic=False),
