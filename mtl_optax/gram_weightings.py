@@ -150,9 +150,7 @@ def _run(method: str, gram: Gram, state, initial: Callable, rule: Callable
   weights, new_state = rule(normalized, state)
   finite = base.all_finite(matrix) & base.all_finite(weights)
   weights = jnp.where(finite, weights, jnp.nan)
-  new_state = jax.tree.map(
-      lambda new, old: jnp.where(finite, jnp.asarray(new).astype(
-          jnp.asarray(old).dtype), old), new_state, state)
+  new_state = base.keep_if_finite(finite, new_state, state)
   return GramWeights(weights, new_state._replace(weights=weights))
 
 
@@ -581,9 +579,10 @@ def gradvac(gram: Gram, state: Optional[surgery.GradVacState] = None, *,
 # --- priorities ---
 
 
+@deprecation.renamed_arguments(beta="decay")
 def pcd(gram: Gram, state: Optional[priority.PCDState] = None, *,
         tau: float | Sequence[float] | jax.Array = 0.02,
-        beta: float | jax.Array = 0.999, eps: float | jax.Array = 1e-8,
+        decay: float | jax.Array = 0.999, eps: float | jax.Array = 1e-8,
         max_iter: Optional[int] = None) -> GramWeights:
   """PCD's weights, the first task primary (Priority-Constrained Descent).
 
@@ -601,6 +600,6 @@ def pcd(gram: Gram, state: Optional[priority.PCDState] = None, *,
     [1.8481 1.0954]
   """
   def rule(normalized, state):
-    return priority.pcd_weights(normalized, state, tau, beta, eps, max_iter)
+    return priority.pcd_weights(normalized, state, tau, decay, eps, max_iter)
 
   return _run("pcd", gram, state, priority.initial_state, rule)

@@ -76,7 +76,7 @@ SPECS = [
     Spec("pcgrad", gw.pcgrad, mo.pcgrad, {"seed": 5}, equivariant=False),
     Spec("gradvac", gw.gradvac, mo.gradvac, {"decay": 0.7, "seed": 5},
          equivariant=False),
-    Spec("pcd", gw.pcd, mo.pcd, {"tau": 0.3, "beta": 0.9, "eps": 0.0},
+    Spec("pcd", gw.pcd, mo.pcd, {"tau": 0.3, "decay": 0.9, "eps": 0.0},
          equivariant=False),
 ]
 DETERMINISTIC = [s for s in SPECS if s.equivariant and s.name != "krum"]

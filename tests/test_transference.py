@@ -341,7 +341,7 @@ def test_track_affinity_nan_keeps_state_and_errors():
 
 def _candidates(num_tasks):
   return (mo.linear_scalarization(num_tasks), mo.pcgrad(num_tasks, seed=4),
-          mo.mgda(num_tasks), mo.constant(num_tasks, (1.0,) + (0.0,) * (
+          mo.mgda(num_tasks), mo.linear_scalarization(num_tasks, (1.0,) + (0.0,) * (
               num_tasks - 1)))
 
 
@@ -515,7 +515,7 @@ def test_select_task_groups_input_errors():
 
 
 def _it_mtl_pair():
-  return (mo.linear_scalarization(2), mo.constant(2, (0.0, 1.0)))
+  return (mo.linear_scalarization(2), mo.linear_scalarization(2, (0.0, 1.0)))
 
 
 @pytest.mark.parametrize("jit", [False, True])

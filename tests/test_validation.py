@@ -69,7 +69,8 @@ def test_task_sum_errors_name_task_sum():
 @pytest.mark.parametrize("build, error, match", [
     (lambda: mo.cagrad(3, c=float("nan")), ValueError, "c must"),
     (lambda: mo.cagrad(3, c=float("inf")), ValueError, "c must be finite"),
-    (lambda: mo.constant(3, weights=(1.0, float("nan"), 1.0)), ValueError,
+    (lambda: mo.linear_scalarization(3, weights=(1.0, float("nan"), 1.0)),
+     ValueError,
      "weights must be finite"),
     (lambda: mo.mgda(3, max_iter=0), ValueError, "max_iter"),
     (lambda: mo.mgda(3, max_iter=2.5), TypeError, "max_iter"),
@@ -85,7 +86,7 @@ def test_task_sum_errors_name_task_sum():
      "learning_rate must be > 0"),
     (lambda: mo.krum(5, n_byzantine=True), TypeError, "n_byzantine"),
     (lambda: mo.trimmed_mean(5, trim_number=-1), ValueError, "trim_number"),
-    (lambda: mo.ema_weights(mo.mgda(2), 2, alpha=1.5), ValueError, "alpha"),
+    (lambda: mo.ema_weights(2, mo.mgda(2), decay=1.5), ValueError, "decay"),
     (lambda: mo.nash_mtl(2, max_iter=2.5), TypeError, "max_iter"),
 ])
 def test_construction_errors(build, error, match):

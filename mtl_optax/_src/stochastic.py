@@ -207,7 +207,7 @@ def excess_mtl(num_tasks: int, robust_step_size: float = 1e-2,
             ExcessMTLState(weights, state.count + 1, baseline, root))
 
   return base.guarded_transformation(
-      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
+      num_tasks, method, init_fn, step)
 
 
 # ------------------------------------------------------------------- SDMGrad
@@ -327,7 +327,7 @@ def sdmgrad(num_tasks: int, lam: float = 0.3,
             SDMGradState(weights.astype(sdtype), w.astype(sdtype)))
 
   return base.guarded_transformation(
-      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
+      num_tasks, method, init_fn, step)
 
 
 # ---------------------------------------------------------------------- MoDo
@@ -402,7 +402,7 @@ def modo(num_tasks: int, learning_rate: float = 1e-3, rho: float = 0.1
             MoDoState(weights.astype(state.weights.dtype)))
 
   return base.guarded_transformation(
-      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
+      num_tasks, method, init_fn, step)
 
 
 # ---------------------------------------------------------------------- MoCo
@@ -531,5 +531,5 @@ def moco(num_tasks: int, decay: float = 0.5, decay_sigma: float = 0.5,
     return update, MoCoState(weights, state.count + 1, tracked)
 
   return base.guarded_transformation(
-      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step),
+      num_tasks, method, init_fn, step,
                                  requires_task_losses=True)

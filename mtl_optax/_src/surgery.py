@@ -289,5 +289,5 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
             GradDropState(weights.astype(state.weights.dtype), key))
 
   return base.guarded_transformation(
-      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
+      num_tasks, method, init_fn, step)
 

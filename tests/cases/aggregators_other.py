@@ -14,7 +14,7 @@ from tests.conftest import MethodCase
 
 @dataclasses.dataclass(frozen=True)
 class WrapperCase(MethodCase):
-  """A wrapper ``factory(inner, num_tasks, ...)``: the inner method is rebuilt
+  """A wrapper ``factory(num_tasks, inner, ...)``: the inner method is rebuilt
   for every K (``kwargs['inner']`` is the K = 3 instance that
   ``optax.inject_hyperparams`` receives as a non-numeric argument)."""
   inner_factory: Callable = None
@@ -67,7 +67,8 @@ CASES = [
     # A tuple is not injected: injected ``weights`` would put a second
     # ``weights`` entry (the hyper-parameter) in the state, which
     # optax.tree.get then refuses (tests/test_weightings.py covers it).
-    MethodCase("constant", mo.constant, {"weights": (0.2, 0.3, 0.5)},
+    MethodCase("linear_scalarization_weights", mo.linear_scalarization,
+               {"weights": (0.2, 0.3, 0.5)},
                permutation_equivariant=False, min_tasks=3,
                trains_every_task=False),
     MethodCase("krum", mo.krum, {"n_byzantine": 0, "n_selected": 2},
@@ -75,7 +76,7 @@ CASES = [
     MethodCase("trimmed_mean", mo.trimmed_mean, {"trim_number": 1},
                min_tasks=3),
     WrapperCase("ema_weights_mgda", mo.ema_weights,
-                {"inner": mo.mgda(3), "alpha": 0.7},
+                {"inner": mo.mgda(3), "decay": 0.7},
                 inner_factory=mo.mgda),
 ]
 
