@@ -69,16 +69,9 @@ def _oracle(gram, alpha):
 # ------------------------------------------------------------------ TorchJD
 
 
-def test_torchjd_values():
-  """TorchJD's published values on J to 4 d.p.: FairGrad(alpha=1) (and its
-  weighting) and NashMTL (default max_norm=1, which rescales the same
-  solution to unit norm)."""
-  update, state = apply_fresh(mo.fairgrad(2, alpha=1.0), J)
-  np.testing.assert_allclose(update, [0.0766, 0.9985, 0.9985], atol=1e-4)
-  np.testing.assert_allclose(state.weights, [0.5915, 0.4071], atol=1e-4)
-  update, state = apply_fresh(mo.nash_mtl(2), J)
-  np.testing.assert_allclose(update, [0.0542, 0.7061, 0.7061], atol=1e-4)
-  np.testing.assert_allclose(state.alpha, [0.5915, 0.4071], atol=1e-4)
+def test_nash_mtl_solves_torchjds_matrix_to_tolerance():
+  """(TorchJD's values: tests/test_torchjd_values.py.)"""
+  _, state = apply_fresh(mo.nash_mtl(2), J)
   assert float(state.residual) < 1e-5
 
 
