@@ -501,18 +501,9 @@ def fairgrad(gram: Gram, state: Optional[bargaining.FairGradState] = None, *,
 
   def rule(normalized, state):
     del state
-    g = normalized.gram
-    dtype = g.dtype
-    a = jnp.asarray(alpha, dtype)
-    fair = a > 0
-    safe = jnp.where(fair, a, 1.0)
-    sol = solvers.alpha_fair_weights(g, safe, max_iter=max_iter, tol=tol)
-    weights = bargaining._to_raw_scale(  # pylint: disable=protected-access
-        sol.weights, normalized.rms_norm.astype(dtype),
-        -2.0 * safe / (1.0 + safe))
-    weights = jnp.where(fair, weights, _uniform(g.shape[0], dtype))
-    return weights, bargaining.FairGradState(
-        weights, jnp.where(fair, sol.residual, 0.0))
+    sol = bargaining.fairgrad_solution(normalized.gram, normalized.rms_norm,
+                                       alpha, max_iter, tol)
+    return sol.raw, bargaining.FairGradState(sol.raw, sol.residual)
 
   return _run("fairgrad", gram, state, initial, rule)
 

@@ -46,6 +46,37 @@ def _to_raw_scale(weights: jax.Array, rms_norm: jax.Array,
   return jnp.where(weights > 0, weights * factor, 0.0)
 
 
+class FairGradSolution(NamedTuple):
+  """FairGrad's solution on a normalised Gram matrix (see
+  :func:`fairgrad_solution`)."""
+  unit: jax.Array  # the solution for the normalised matrix
+  raw: jax.Array  # the raw-scale weights (1/K for alpha = 0)
+  residual: jax.Array
+  fair: jax.Array  # alpha > 0
+  alpha: jax.Array  # alpha, or 1 where alpha = 0
+  rms_norm: jax.Array  # the RMS task-gradient norm, or 1 where it is 0
+
+
+def fairgrad_solution(gram: jax.Array, rms_norm: jax.Array,
+                      alpha: float | jax.Array, max_iter: int,
+                      tol: Optional[float]) -> FairGradSolution:
+  """``A w = w^(-1/alpha)`` for ``A = gram * rms_norm**2``: solved on the
+  normalised ``gram``, then brought to the raw scale (``w`` scales as
+  ``rms_norm**(-2 alpha / (1 + alpha))``); ``alpha = 0`` gives ``1/K``."""
+  dtype = gram.dtype
+  a = jnp.asarray(alpha, dtype)
+  fair = a > 0
+  safe = jnp.where(fair, a, 1.0)
+  sol = solvers.alpha_fair_weights(gram, safe, max_iter=max_iter, tol=tol)
+  rms = rms_norm.astype(dtype)
+  safe_rms = jnp.where(rms > 0, rms, 1.0)
+  raw = jnp.where(fair, _to_raw_scale(sol.weights, safe_rms,
+                                      -2.0 * safe / (1.0 + safe)),
+                  base.uniform_weights(gram.shape[0], dtype))
+  return FairGradSolution(sol.weights, raw, jnp.where(fair, sol.residual, 0.0),
+                          fair, safe, safe_rms)
+
+
 @jax.jit
 def _nash_alpha(gram, rms, previous, residual, step, every, max_iter, tol):
   """Raw-scale bargaining solution, solved every ``every`` steps."""
@@ -247,29 +278,20 @@ def fairgrad(num_tasks: int, alpha: float = 1.0, max_iter: int = 50,
   def rule(context, state):
     del state
     gram = context.gram
-    dtype = gram.dtype
-    rms = context.rms_norm.astype(dtype)
-    a = jnp.asarray(alpha, dtype)
-    fair = a > 0
-    safe = jnp.where(fair, a, 1.0)
-    sol = solvers.alpha_fair_weights(gram, safe, max_iter=max_iter, tol=tol)
+    sol = fairgrad_solution(gram, context.rms_norm, alpha, max_iter, tol)
     # Raw weights w = w_unit * rms**(-2a/(1+a)) leave the float range for
     # alpha != 1 long before the update does: the update is formed as
     # rms**((1-a)/(1+a)) * sum_i (w_unit_i / rms) g_i, every factor finite.
-    positive = rms > 0
-    safe_rms = jnp.where(positive, rms, 1.0)
-    update_scale = jnp.exp((1.0 - safe) / (1.0 + safe) * jnp.log(safe_rms))
-    uniform = base.uniform_weights(num_tasks, dtype)
-    coefficients = jnp.where(fair, sol.weights / safe_rms, uniform)
-    coefficients = base.poison_if_nonfinite(coefficients, gram)
-    update_scale = jnp.where(fair, update_scale, 1.0)
+    a, rms = sol.alpha, sol.rms_norm
+    update_scale = jnp.where(
+        sol.fair, jnp.exp((1.0 - a) / (1.0 + a) * jnp.log(rms)), 1.0)
+    coefficients = base.poison_if_nonfinite(
+        jnp.where(sol.fair, sol.unit / rms,
+                  base.uniform_weights(num_tasks, gram.dtype)), gram)
     # The recorded raw weights saturate at the dtype's range.
-    weights = jnp.minimum(_to_raw_scale(sol.weights, safe_rms,
-                                        -2.0 * safe / (1.0 + safe)),
-                          jnp.finfo(dtype).max)
-    weights = base.poison_if_nonfinite(jnp.where(fair, weights, uniform), gram)
-    residual = jnp.where(fair, sol.residual, 0.0)
+    weights = base.poison_if_nonfinite(
+        jnp.minimum(sol.raw, jnp.finfo(gram.dtype).max), gram)
     return (base.ScaledCoefficients(coefficients, update_scale),
-            FairGradState(weights, residual))
+            FairGradState(weights, sol.residual))
 
   return base.task_weighting_transformation(num_tasks, method, init_state, rule)

@@ -353,6 +353,29 @@ def _require(params: Any, loss_fn: Any, method: str) -> None:
                      "tx.update(grads, state, params, loss_fn=...).")
 
 
+def _tracked_affinity(state: TrackAffinityState, update_every: Any,
+                      measure_z: Callable[[], jax.Array]):
+  """``(affinity, last_affinity, count)`` after this step: ``Z`` is measured
+  and averaged in on due steps only (a ``lax.cond``), and only if finite."""
+
+  def measure(_):
+    z = measure_z()
+    finite = jnp.all(jnp.isfinite(z))
+    count = state.count + finite.astype(jnp.int32)
+    mean = state.affinity + (z - state.affinity) / jnp.maximum(
+        count, 1).astype(z.dtype)
+    return (jnp.where(finite, mean, state.affinity),
+            jnp.where(finite, z, state.last_affinity), count)
+
+  def skip(_):
+    return state.affinity, state.last_affinity, state.count
+
+  if validation.is_concrete(update_every) and int(update_every) == 1:
+    return measure(None)
+  due = state.step % jnp.asarray(update_every, state.step.dtype) == 0
+  return jax.lax.cond(due, measure, skip, None)
+
+
 @deprecation.renamed_arguments(every="update_every")
 def track_affinity(
     num_tasks: int,
@@ -468,25 +491,10 @@ def track_affinity(
                                       **extra_args)
       weights = _weights_of(inner_state, num_tasks, method).astype(dtype)
 
-    def measure(_):
-      z = _affinity(loss_fn, params, updates, lr, flags, None, 0.0,
-                    weight_decay, normalize_by_lr, None, num_tasks,
-                    method).astype(dtype)
-      finite = jnp.all(jnp.isfinite(z))
-      count = state.count + finite.astype(jnp.int32)
-      mean = state.affinity + (z - state.affinity) / jnp.maximum(
-          count, 1).astype(dtype)
-      return (jnp.where(finite, mean, state.affinity),
-              jnp.where(finite, z, state.last_affinity), count)
-
-    def skip(_):
-      return state.affinity, state.last_affinity, state.count
-
-    if validation.is_concrete(update_every) and int(update_every) == 1:
-      affinity, last, count = measure(None)
-    else:
-      due = state.step % jnp.asarray(update_every, state.step.dtype) == 0
-      affinity, last, count = jax.lax.cond(due, measure, skip, None)
+    affinity, last, count = _tracked_affinity(
+        state, update_every, lambda: _affinity(
+            loss_fn, params, updates, lr, flags, None, 0.0, weight_decay,
+            normalize_by_lr, None, num_tasks, method).astype(dtype))
     new_state = TrackAffinityState(weights, affinity, last, count,
                                    state.step + 1, base.Opaque(inner_state))
     finite = base.all_finite(updates) & base.all_finite(weights)
