@@ -71,7 +71,11 @@ def _meets(kind: str, end, l0: float, residual: float) -> bool:
 
 
 def _plot(results, starts, path, l0_grid):
-  import matplotlib
+  try:
+    import matplotlib
+  except ImportError as err:  # matplotlib is in the test/notebooks extras
+    raise SystemExit('the plot needs matplotlib: pip install '
+                     '"mtl_optax[notebooks]" (or matplotlib)') from err
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   xs, ys, l0 = l0_grid

@@ -61,6 +61,7 @@ from mtl_optax._src import bargaining
 from mtl_optax._src import base
 from mtl_optax._src import cagrad as _cagrad
 from mtl_optax._src import closed_form
+from mtl_optax._src import deprecation
 from mtl_optax._src import dual_cone
 from mtl_optax._src import priority
 from mtl_optax._src import robust
@@ -149,9 +150,7 @@ def _run(method: str, gram: Gram, state, initial: Callable, rule: Callable
   weights, new_state = rule(normalized, state)
   finite = base.all_finite(matrix) & base.all_finite(weights)
   weights = jnp.where(finite, weights, jnp.nan)
-  new_state = jax.tree.map(
-      lambda new, old: jnp.where(finite, jnp.asarray(new).astype(
-          jnp.asarray(old).dtype), old), new_state, state)
+  new_state = base.keep_if_finite(finite, new_state, state)
   return GramWeights(weights, new_state._replace(weights=weights))
 
 
@@ -471,15 +470,16 @@ def krum(gram: Gram, state: Optional[robust.KrumState] = None, *,
 # --- scale-dependent solvers (raw Gram scale) ---
 
 
+@deprecation.renamed_arguments(update_weights_every="update_every")
 def nash_mtl(gram: Gram, state: Optional[bargaining.NashMTLState] = None, *,
-             update_weights_every: int = 1, max_iter: int = 20,
+             update_every: int = 1, max_iter: int = 20,
              max_norm: float | jax.Array = 1.0, tol: Optional[float] = None
              ) -> GramWeights:
   """Nash-MTL's weights: ``alpha_i (G alpha)_i = 1``, then ``||d|| <= max_norm``.
 
-  As :func:`mtl_optax.nash_mtl` (Navon et al., ICML 2022; ``max_iter`` is the
-  factory's ``optim_niter``): solved on the raw scale (``alpha`` scales as
-  ``s**-1/2`` for ``s G``), every ``update_weights_every`` calls (counted in
+  As :func:`mtl_optax.nash_mtl` (Navon et al., ICML 2022): solved on the raw
+  scale (``alpha`` scales as ``s**-1/2`` for ``s G``), every ``update_every``
+  calls (counted in
   the state), warm-started from the state's ``alpha``. State:
   :class:`mtl_optax.NashMTLState`.
 
@@ -508,14 +508,14 @@ def nash_mtl(gram: Gram, state: Optional[bargaining.NashMTLState] = None, *,
     rms = normalized.rms_norm.astype(g.dtype)
     alpha, residual = bargaining._nash_alpha(  # pylint: disable=protected-access
         g, rms, state.alpha.astype(g.dtype), state.residual.astype(g.dtype),
-        state.step, update_weights_every, max_iter, tol)
+        state.count, update_every, max_iter, tol)
     # ||d||**2 = alpha^T A alpha, computed on the O(1) vector rms * alpha.
     scaled = alpha * rms
     norm = jnp.sqrt(jnp.maximum(scaled @ g @ scaled, 0.0))
     limit = jnp.asarray(max_norm, g.dtype)
     clip = (limit > 0) & (norm > limit)
     weights = alpha * jnp.where(clip, limit / jnp.where(clip, norm, 1.0), 1.0)
-    return weights, bargaining.NashMTLState(weights, alpha, state.step + 1,
+    return weights, bargaining.NashMTLState(weights, alpha, state.count + 1,
                                             residual)
 
   return _run("nash_mtl", gram, state, initial, rule)
@@ -547,18 +547,9 @@ def fairgrad(gram: Gram, state: Optional[bargaining.FairGradState] = None, *,
 
   def rule(normalized, state):
     del state
-    g = normalized.gram
-    dtype = g.dtype
-    a = jnp.asarray(alpha, dtype)
-    fair = a > 0
-    safe = jnp.where(fair, a, 1.0)
-    sol = solvers.alpha_fair_weights(g, safe, max_iter=max_iter, tol=tol)
-    weights = bargaining._to_raw_scale(  # pylint: disable=protected-access
-        sol.weights, normalized.rms_norm.astype(dtype),
-        -2.0 * safe / (1.0 + safe))
-    weights = jnp.where(fair, weights, _uniform(g.shape[0], dtype))
-    return weights, bargaining.FairGradState(
-        weights, jnp.where(fair, sol.residual, 0.0))
+    sol = bargaining.fairgrad_solution(normalized.gram, normalized.rms_norm,
+                                       alpha, max_iter, tol)
+    return sol.raw, bargaining.FairGradState(sol.raw, sol.residual)
 
   return _run("fairgrad", gram, state, initial, rule)
 
@@ -592,13 +583,15 @@ def pcgrad(gram: Gram, state: Optional[aggregators.PCGradState] = None, *,
           _uniform(k, dtype), key)), rule)
 
 
+@deprecation.renamed_arguments(beta=("decay", lambda beta: 1 - beta))
 def gradvac(gram: Gram, state: Optional[surgery.GradVacState] = None, *,
-            beta: float | jax.Array = 0.5, seed: int = 0) -> GramWeights:
+            decay: float | jax.Array = 0.5, seed: int = 0) -> GramWeights:
   """GradVac's coefficients towards the similarity targets of the state.
 
   As :func:`mtl_optax.gradvac` (Wang et al., ICLR 2021): the targets
   (``state.targets``, ``(K, K)``, zero when ``state`` is None: PCGrad's
-  step) move by ``beta`` towards the observed cosines; orders come from the
+  step) are EMAs of the observed cosines with ``decay`` (formerly ``beta =
+  1 - decay``, a deprecated alias that converts); orders come from the
   state's key. Scale-invariant. State: :class:`mtl_optax.GradVacState`.
 
   Example (TorchJD's test matrix; TorchJD sums, giving twice the update):
@@ -612,7 +605,7 @@ def gradvac(gram: Gram, state: Optional[surgery.GradVacState] = None, *,
   def rule(normalized, state):
     key, subkey = jax.random.split(state.key)
     coeffs, targets = surgery.gradvac_coefficients(
-        normalized.gram, state.targets, beta, subkey)
+        normalized.gram, state.targets, decay, subkey)
     return coeffs, surgery.GradVacState(coeffs, targets, key)
 
   return _run("gradvac", gram, state, _keyed_start(
@@ -623,9 +616,10 @@ def gradvac(gram: Gram, state: Optional[surgery.GradVacState] = None, *,
 # --- priorities ---
 
 
+@deprecation.renamed_arguments(beta="decay")
 def pcd(gram: Gram, state: Optional[priority.PCDState] = None, *,
         tau: float | Sequence[float] | jax.Array = 0.02,
-        beta: float | jax.Array = 0.999, eps: float | jax.Array = 1e-8,
+        decay: float | jax.Array = 0.999, eps: float | jax.Array = 1e-8,
         max_iter: Optional[int] = None) -> GramWeights:
   """PCD's weights, the first task primary (Priority-Constrained Descent).
 
@@ -643,6 +637,6 @@ def pcd(gram: Gram, state: Optional[priority.PCDState] = None, *,
     [1.8481 1.0954]
   """
   def rule(normalized, state):
-    return priority.pcd_weights(normalized, state, tau, beta, eps, max_iter)
+    return priority.pcd_weights(normalized, state, tau, decay, eps, max_iter)
 
   return _run("pcd", gram, state, priority.initial_state, rule)

@@ -12,21 +12,6 @@ from tests.conftest import TORCHJD_J as J
 from tests.conftest import apply_fresh
 
 
-def test_linear_scalarization_mean_and_custom_weights():
-  update, state = apply_fresh(mo.linear_scalarization(2), J)
-  np.testing.assert_allclose(update, [1, 1, 1])          # TorchJD Mean
-  update, _ = apply_fresh(mo.linear_scalarization(2, weights=[1.0, 2.0]), J)
-  np.testing.assert_allclose(update, [8, 3, 3])          # TorchJD Constant
-  update, _ = apply_fresh(mo.task_sum(2), J)
-  np.testing.assert_allclose(update, [2, 2, 2])          # TorchJD Sum
-
-
-def test_mgda_torchjd_vector():
-  update, state = apply_fresh(mo.mgda(2), J)
-  np.testing.assert_allclose(update, [0, 1, 1], atol=1e-4)
-  np.testing.assert_allclose(state.weights, [0.6, 0.4], atol=1e-4)
-
-
 def test_mgda_output_is_min_norm_and_common_descent():
   rng = np.random.default_rng(0)
   grads = rng.normal(size=(5, 20)) + 1.0
@@ -64,16 +49,6 @@ def test_pcgrad_matches_the_official_algorithm_for_the_same_orders():
     np.testing.assert_allclose(np.asarray(coeffs) @ grads,
                                _official_pcgrad(grads, orders), rtol=1e-9,
                                atol=1e-12)
-
-
-def test_pcgrad_torchjd_vector_is_half_of_the_sum_version():
-  """TorchJD's PCGrad sums the projected gradients ([0.5848, 3.8012, 3.8012],
-  weights [2.2222, 1.5789]); the official PCGrad and ours average them."""
-  update, state = apply_fresh(mo.pcgrad(2), J)
-  np.testing.assert_allclose(update, np.array([0.5848, 3.8012, 3.8012]) / 2,
-                             atol=1e-4)
-  np.testing.assert_allclose(state.weights, np.array([2.2222, 1.5789]) / 2,
-                             atol=1e-4)
 
 
 def test_pcgrad_removes_conflicts_for_two_tasks():

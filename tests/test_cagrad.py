@@ -209,7 +209,7 @@ def test_vanished_g_w_gives_lambda_zero_and_bounded_ema(x64):
                                rtol=1e-6)
     np.testing.assert_allclose(update, np.asarray(g1).mean(0) / 1.16,
                                rtol=1e-6)
-    ema = mo.ema_weights(mo.cagrad(3, c=0.4), 3)
+    ema = mo.ema_weights(3, mo.cagrad(3, c=0.4))
     state = ema.init(jnp.zeros(3, dtype))
     for g in (g1, g2):
       update, state = ema.update(g, state)

@@ -73,7 +73,8 @@ def test_registry_covers_public_factories():
       "apply_task_gradients", "label_by_path", "nnx_loss_fn", "nnx_train_step",
       "nnx_value_and_task_grads", "nnx_value_and_weighted_grad",
       "task_weights", "value_and_gram", "value_and_gram_weighted_grad",
-      "nnx_value_and_gram_weighted_grad"}
+      "nnx_value_and_gram_weighted_grad",
+      "constant"}  # deprecated alias of linear_scalarization
   for name in mo.__all__:
     obj = getattr(mo, name)
     if name in helpers or isinstance(obj, type) or not callable(obj):

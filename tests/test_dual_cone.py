@@ -79,16 +79,6 @@ def _oracle(quad, lower):
 # ------------------------------------------------------------------ TorchJD
 
 
-def test_torchjd_values():
-  """TorchJD's published values on J (4 d.p.) with its default reg_eps."""
-  update, state = apply_fresh(mo.upgrad(2), J)
-  np.testing.assert_allclose(update, [0.2929, 1.9004, 1.9004], atol=1e-4)
-  np.testing.assert_allclose(state.weights, [1.1109, 0.7894], atol=1e-4)
-  update, state = apply_fresh(mo.dualproj(2), J)
-  np.testing.assert_allclose(update, [0.5563, 1.1109, 1.1109], atol=1e-4)
-  np.testing.assert_allclose(state.weights, [0.6109, 0.5], atol=1e-4)
-
-
 def test_exact_projection_differs_from_torchjd_by_its_ridge():
   """reg_eps=0 gives the exact projections. For DualProj on J it is
   g0 - (<g0, g1>/||g1||^2) g1 = [5/9, 10/9, 10/9] (g0 conflicts with g1

@@ -430,7 +430,7 @@ def test_nnx_train_step_lookahead_method_inside_partition():
   """Affinity tracking on the trunk only: its look-ahead gets MaskedNode heads."""
   model = NNXNet(nnx.Rngs(6))
   x, y = _data()
-  shared = optax.chain(mo.track_affinity(K, lr=0.01, every=2),
+  shared = optax.chain(mo.track_affinity(K, lr=0.01, update_every=2),
                        mo.cagrad(K, c=0.4))
   tx = optax.chain(_shared_heads(shared), optax.adam(1e-2))
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)

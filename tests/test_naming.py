@@ -22,9 +22,9 @@ def test_repr_shows_name_and_every_hyper_parameter():
   assert repr(mo.upgrad(2, pref_vector=jnp.array([0.25, 0.75]))).startswith(
       "upgrad(num_tasks=2, pref_vector=[0.25, 0.75], reg_eps=0.0001")
   # A wrapper shows the method it wraps.
-  assert repr(mo.ema_weights(mo.mgda(2), 2, alpha=0.5)) == (
-      "ema_weights(inner=mgda(num_tasks=2, max_iter=500, tol=None, "
-      "warm_start=True), num_tasks=2, alpha=0.5)")
+  assert repr(mo.ema_weights(2, mo.mgda(2), decay=0.5)) == (
+      "ema_weights(num_tasks=2, inner=mgda(num_tasks=2, max_iter=500, "
+      "tol=None, warm_start=True), decay=0.5)")
 
 
 @pytest.mark.parametrize("case", all_cases(), ids=str)

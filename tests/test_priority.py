@@ -31,7 +31,7 @@ def _run_case(case, dtype):
   tau = jnp.asarray(case["tau"], dtype)
   for jac, expected in zip(case["jacobians"], case["weights"]):
     jac = jnp.asarray(np.array(jac), dtype)
-    out = gw.pcd(jac @ jac.T, state, tau=tau, beta=case["beta"],
+    out = gw.pcd(jac @ jac.T, state, tau=tau, decay=case["beta"],
                  eps=case["eps"])
     state = out.state
     yield jac, np.asarray(out.weights, np.float64), np.array(expected)
@@ -58,7 +58,7 @@ def test_matches_torchjd_float32_updates(case):
 
 def test_factory_reproduces_the_reference_sequence():
   case = next(c for c in REFERENCE if c["name"] == "random_k4_scales")
-  tx = mo.pcd(4, tau=case["tau"], beta=case["beta"], eps=case["eps"])
+  tx = mo.pcd(4, tau=case["tau"], decay=case["beta"], eps=case["eps"])
   state = tx.init(jnp.zeros(6))
   step = jax.jit(tx.update)
   for jac, expected in zip(case["jacobians"], case["weights"]):
@@ -133,13 +133,13 @@ def test_zero_primary_gives_zero_and_the_norm_is_the_primarys():
 
 
 def test_secondary_tasks_get_their_guaranteed_progress():
-  """beta = eps = 0: g~_i = g_i / ||g_i||, and d~ = d / (c_1 ||g_1||) (the
+  """decay = eps = 0: g~_i = g_i / ||g_i||, and d~ = d / (c_1 ||g_1||) (the
   primary's QP weight is 1), so <g~_j, d~> >= tau_j, with equality for the
   binding constraints."""
   rng = np.random.default_rng(3)
   jac = rng.normal(size=(4, 5)).astype(np.float32)
   taus = np.array([0.1, 0.3, 0.5], np.float32)
-  _, state = apply_fresh(mo.pcd(4, tau=jnp.asarray(taus), beta=0.0, eps=0.0),
+  _, state = apply_fresh(mo.pcd(4, tau=jnp.asarray(taus), decay=0.0, eps=0.0),
                          jnp.asarray(jac))
   c = np.asarray(state.weights, np.float64)
   jac = jac.astype(np.float64)
@@ -155,7 +155,7 @@ def test_secondary_tasks_get_their_guaranteed_progress():
 def test_huge_and_tiny_gradients_keep_a_finite_state():
   rng = np.random.default_rng(4)
   base = rng.normal(size=(3, 4)).astype(np.float32)
-  tx = mo.pcd(3, tau=0.3, beta=0.9)
+  tx = mo.pcd(3, tau=0.3, decay=0.9)
   state = tx.init(jnp.zeros(4))
   step = jax.jit(tx.update)
   updates = []
@@ -189,7 +189,9 @@ def test_invalid_hyper_parameters():
     mo.pcd(3, tau=1.5)
   with pytest.raises(ValueError, match="shape \\(2,\\)"):
     mo.pcd(3, tau=[0.1, 0.2, 0.3])
-  with pytest.raises(ValueError, match="beta"):
-    mo.pcd(3, beta=1.0)
+  with pytest.raises(ValueError, match="decay"):
+    mo.pcd(3, decay=1.0)
+  with pytest.warns(DeprecationWarning, match="decay"):
+    mo.pcd(3, beta=0.9)
   with pytest.raises(ValueError, match="eps"):
     mo.pcd(3, eps=-1.0)

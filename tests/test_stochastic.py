@@ -188,13 +188,13 @@ def test_sdmgrad_matches_oracle_with_two_batches(name):
   seconds = _second_batches(jacs)
   with jax.enable_x64(True):
     expected = _sdmgrad_oracle(jacs, seconds, 0.3, 5.0, 0.5, 20)
-    ours = _run(mo.sdmgrad, jacs, seconds, jnp.float64, lam=0.3, lr=5.0)
+    ours = _run(mo.sdmgrad, jacs, seconds, jnp.float64, lam=0.3, learning_rate=5.0)
     for (update, state), (d, weights, w) in zip(ours, expected):
       np.testing.assert_allclose(state.simplex_weights, w, atol=1e-9)
       np.testing.assert_allclose(state.weights, weights, atol=1e-9)
       np.testing.assert_allclose(update, d, rtol=1e-8, atol=1e-9)
   expected = _sdmgrad_oracle(jacs, seconds, 0.3, 0.5, 0.5, 20)
-  ours = _run(mo.sdmgrad, jacs, seconds, lam=0.3, lr=0.5)
+  ours = _run(mo.sdmgrad, jacs, seconds, lam=0.3, learning_rate=0.5)
   for (update, state), (d, weights, _) in zip(ours, expected):
     np.testing.assert_allclose(state.weights, weights, atol=2e-5)
     np.testing.assert_allclose(update, d, rtol=1e-4, atol=2e-5)
@@ -205,7 +205,7 @@ def test_sdmgrad_single_batch_fallback_special_cases_and_scale():
   jacs = [rng.normal(size=(3, 10)) + 0.3 for _ in range(2)]
   # Without second_task_grads the matrix is J J^T.
   expected = _sdmgrad_oracle(jacs, jacs, 0.3, 0.5, 0.5, 20)
-  ours = _run(mo.sdmgrad, jacs, lam=0.3, lr=0.5)
+  ours = _run(mo.sdmgrad, jacs, lam=0.3, learning_rate=0.5)
   for (update, state), (d, weights, _) in zip(ours, expected):
     np.testing.assert_allclose(state.weights, weights, atol=2e-5)
     np.testing.assert_allclose(update, d, rtol=1e-4, atol=2e-5)
@@ -213,12 +213,12 @@ def test_sdmgrad_single_batch_fallback_special_cases_and_scale():
   (update, _), = _run(mo.sdmgrad, jacs[:1], lam=1e6)
   np.testing.assert_allclose(update, jacs[0].mean(0), rtol=1e-4, atol=1e-5)
   for scale in (1e-30, 1e30):
-    (_, state), = _run(mo.sdmgrad, [jacs[0] * scale], lam=0.3, lr=0.5)
+    (_, state), = _run(mo.sdmgrad, [jacs[0] * scale], lam=0.3, learning_rate=0.5)
     np.testing.assert_allclose(state.weights, expected[0][1], atol=2e-5)
   # A cross matrix with no positive diagonal: divided by max |A_ij| instead.
   jac = np.array([[1.0, 0.0], [0.0, 1.0]])
   second = np.array([[-1.0, 0.5], [0.5, -1.0]])
-  (_, state), = _run(mo.sdmgrad, [jac], [second], lam=0.3, lr=0.5)
+  (_, state), = _run(mo.sdmgrad, [jac], [second], lam=0.3, learning_rate=0.5)
   matrix = jac @ second.T / 1.0
   w = np.full(2, 0.5)
   velocity = np.zeros(2)
@@ -235,7 +235,7 @@ def test_modo_matches_oracle_with_two_batches(name):
   jacs = _sequence(adversarial_jacobians()[name], steps=4)
   seconds = _second_batches(jacs)
   expected = _modo_oracle(jacs, seconds, 0.05, 0.1)
-  ours = _run(mo.modo, jacs, seconds, gamma=0.05, rho=0.1)
+  ours = _run(mo.modo, jacs, seconds, learning_rate=0.05, rho=0.1)
   for (update, state), (d, lam) in zip(ours, expected):
     np.testing.assert_allclose(state.weights, lam, atol=2e-5)
     np.testing.assert_allclose(update, d, rtol=1e-4, atol=5e-5)
@@ -259,7 +259,7 @@ def test_modo_fallback_tree_partition_and_overflow():
            "head": jnp.asarray(jacs[1], jnp.float32)}
   second = {"shared": jnp.asarray(seconds[0], jnp.float32),
             "head": jnp.asarray(seconds[1], jnp.float32)}
-  tx = optax.partition({"m": mo.modo(3, gamma=0.05), "h": mo.task_sum(3)},
+  tx = optax.partition({"m": mo.modo(3, learning_rate=0.05), "h": mo.task_sum(3)},
                        {"shared": "m", "head": "h"})
   update, _ = jax.jit(tx.update)(
       grads, tx.init(jax.tree.map(lambda g: g[0], grads)),
@@ -267,9 +267,9 @@ def test_modo_fallback_tree_partition_and_overflow():
   np.testing.assert_allclose(
       update["shared"], _modo_oracle(jacs[:1], seconds[:1], 0.05, 0.1)[0][0],
       rtol=1e-4, atol=1e-5)
-  # gamma ||g||^2 overflows float32: the capped step gives the vertex limit.
+  # lr ||g||^2 overflows float32: the capped step gives the vertex limit.
   big = np.array([[1.0, 0.0], [0.0, 3.0]]) * 1e30
-  (update, state), = _run(mo.modo, [big], gamma=1.0)
+  (update, state), = _run(mo.modo, [big], learning_rate=1.0)
   np.testing.assert_allclose(state.weights, [1.0, 0.0])
   np.testing.assert_allclose(update, [1e30, 0.0], rtol=1e-6)
   with pytest.raises(ValueError, match="same tree"):
@@ -304,6 +304,12 @@ def _moco_oracle(jacs, losses, beta, beta_sigma, gamma, gamma_sigma, rho):
   return out
 
 
+def _moco_kwargs(beta, beta_sigma, gamma, gamma_sigma, rho):
+  """The oracle's (LibMTL's) hyper-parameters in the factory's names."""
+  return dict(decay=1 - beta, decay_sigma=beta_sigma, learning_rate=gamma,
+              learning_rate_sigma=gamma_sigma, rho=rho)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_moco_matches_oracle_over_steps(name):
   jacs = _sequence(adversarial_jacobians()[name], steps=4)
@@ -311,7 +317,7 @@ def test_moco_matches_oracle_over_steps(name):
   losses = [rng.uniform(0.5, 3.0, size=len(jacs[0])) for _ in jacs]
   hyper = dict(beta=0.5, beta_sigma=0.5, gamma=0.3, gamma_sigma=0.5, rho=0.1)
   expected = _moco_oracle(jacs, losses, **hyper)
-  ours = _run(mo.moco, jacs, losses=losses, **hyper)
+  ours = _run(mo.moco, jacs, losses=losses, **_moco_kwargs(**hyper))
   for (update, state), (d, lam, tracked) in zip(ours, expected):
     np.testing.assert_allclose(state.tracked, tracked, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(state.weights, lam, rtol=1e-5, atol=1e-7)
@@ -404,3 +410,24 @@ def test_moco_tiny_gradient_with_a_large_loss_is_finite():
   # h_3 = L_3 g_3 / ||g_3|| = (1e12, 0); tracked y = beta_1 h = 0.5 h.
   np.testing.assert_allclose(state.tracked[2], [5e11, 0.0], rtol=1e-6)
   np.testing.assert_array_equal(state.tracked[:2], 0.0)
+
+
+def test_old_spellings_warn_and_convert():
+  jac = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
+  losses = jnp.array([1., 2.])
+  pairs = [
+      (mo.sdmgrad, dict(lr=0.5, num_iters=7),
+       dict(learning_rate=0.5, max_iter=7), {}),
+      (mo.modo, dict(gamma=0.05), dict(learning_rate=0.05), {}),
+      (mo.moco, dict(beta=0.25, beta_sigma=0.3, gamma=0.2, gamma_sigma=0.4),
+       dict(decay=0.75, decay_sigma=0.3, learning_rate=0.2,
+            learning_rate_sigma=0.4), dict(task_losses=losses)),
+  ]
+  for factory, old, new, extra in pairs:
+    with pytest.warns(DeprecationWarning):
+      tx_old = factory(2, **old)
+    tx_new = factory(2, **new)
+    for _ in range(2):  # moco's schedule and tracking over two steps
+      u_old, s_old = tx_old.update(jac, tx_old.init(jnp.zeros(3)), **extra)
+      u_new, s_new = tx_new.update(jac, tx_new.init(jnp.zeros(3)), **extra)
+    np.testing.assert_array_equal(u_old, u_new)

@@ -229,7 +229,7 @@ def _batches(num):
 
 def test_track_affinity_passes_through_and_averages_every_n_steps():
   every, steps, lr = 3, 7, 0.05
-  tracker = mo.track_affinity(3, lr, every=every)
+  tracker = mo.track_affinity(3, lr, update_every=every)
   tx = optax.chain(tracker, mo.cagrad(3), optax.sgd(0.1))
   reference = optax.chain(mo.cagrad(3), optax.sgd(0.1))
 
@@ -271,7 +271,7 @@ def test_track_affinity_skips_the_lookahead_with_cond():
   loss_fn = lambda p: _batch_loss(p, batch)
   w = jnp.array([0.3, -0.2])
   _, grads = mo.value_and_task_grads(loss_fn)(w)
-  tx = mo.track_affinity(3, 0.1, every=10)
+  tx = mo.track_affinity(3, 0.1, update_every=10)
   jaxpr = str(jax.make_jaxpr(
       lambda g, s: tx.update(g, s, w, loss_fn=loss_fn))(grads, tx.init(w)))
   assert "cond" in jaxpr
@@ -321,7 +321,7 @@ def test_track_affinity_nan_keeps_state_and_errors():
   loss_fn = lambda p: _batch_loss(p, batch)
   w = jnp.array([0.3, -0.2])
   _, grads = mo.value_and_task_grads(loss_fn)(w)
-  tx = mo.track_affinity(3, 0.1, every=1)
+  tx = mo.track_affinity(3, 0.1, update_every=1)
   _, state = tx.update(grads, tx.init(w), w, loss_fn=loss_fn)
   out, bad = tx.update(grads.at[1, 0].set(jnp.nan), state, w, loss_fn=loss_fn)
   assert np.isnan(out[1, 0])
@@ -331,8 +331,10 @@ def test_track_affinity_nan_keeps_state_and_errors():
     tx.update(grads, state, w)
   with pytest.raises(ValueError, match="params"):
     tx.update(grads, state, None, loss_fn=loss_fn)
-  with pytest.raises(ValueError, match="every"):
-    mo.track_affinity(3, 0.1, every=0)
+  with pytest.raises(ValueError, match="update_every"):
+    mo.track_affinity(3, 0.1, update_every=0)
+  with pytest.warns(DeprecationWarning, match="update_every"):
+    mo.track_affinity(3, 0.1, every=2)
 
 
 # --------------------------------------------------------------------------
@@ -341,7 +343,7 @@ def test_track_affinity_nan_keeps_state_and_errors():
 
 def _candidates(num_tasks):
   return (mo.linear_scalarization(num_tasks), mo.pcgrad(num_tasks, seed=4),
-          mo.mgda(num_tasks), mo.constant(num_tasks, (1.0,) + (0.0,) * (
+          mo.mgda(num_tasks), mo.linear_scalarization(num_tasks, (1.0,) + (0.0,) * (
               num_tasks - 1)))
 
 
@@ -515,7 +517,7 @@ def test_select_task_groups_input_errors():
 
 
 def _it_mtl_pair():
-  return (mo.linear_scalarization(2), mo.constant(2, (0.0, 1.0)))
+  return (mo.linear_scalarization(2), mo.linear_scalarization(2, (0.0, 1.0)))
 
 
 @pytest.mark.parametrize("jit", [False, True])

@@ -22,25 +22,21 @@ def _jitted(factory, num_tasks, **kwargs):
   return tx, jax.jit(tx.update)
 
 
-def test_constant_torchjd_value_and_oracle():
-  """TorchJD: Constant([1, 2]) on J_BASE = [8, 3, 3] (weights used as given)."""
-  tx = mo.constant(2, (1.0, 2.0))
-  update, state = tx.update(jnp.asarray(J_BASE, jnp.float32),
-                            tx.init(jnp.zeros(3)))
-  np.testing.assert_allclose(update, [8.0, 3.0, 3.0])
-  np.testing.assert_allclose(state.weights, [1.0, 2.0])
+def test_given_weights_match_the_oracle():
+  """Weights used as given (TorchJD's Constant: tests/test_torchjd_values.py)."""
   rng = np.random.default_rng(0)
   for name in ("random", "k64", "k1"):
     jac = adversarial_jacobians()[name]
     weights = rng.normal(size=len(jac))  # any sign, not normalised
-    tx = mo.constant(len(jac), weights)
+    tx = mo.linear_scalarization(len(jac), weights)
     update, _ = jax.jit(tx.update)(jnp.asarray(jac, jnp.float32),
                                    tx.init(jnp.zeros(jac.shape[1])))
     np.testing.assert_allclose(update, weights @ jac, rtol=1e-5, atol=1e-5)
 
 
-def test_constant_injected_weights_and_errors():
-  injected = optax.inject_hyperparams(mo.constant, static_args="num_tasks")(
+def test_given_weights_injected_and_errors():
+  injected = optax.inject_hyperparams(mo.linear_scalarization,
+                                      static_args="num_tasks")(
       num_tasks=2, weights=jnp.array([1.0, 2.0]))
   state = injected.init(jnp.zeros(3))
   state.hyperparams["weights"] = jnp.array([0.5, -1.0])
@@ -51,9 +47,21 @@ def test_constant_injected_weights_and_errors():
   # read the method's own through its state (optax.tree.get refuses two).
   np.testing.assert_allclose(state.inner_state.weights, [0.5, -1.0])
   with pytest.raises(ValueError, match=r"shape \(3,\), expected \(2,\)"):
-    mo.constant(2, (1.0, 2.0, 3.0))
-  with pytest.raises(ValueError, match="required"):
-    mo.constant(2, None)
+    mo.linear_scalarization(2, (1.0, 2.0, 3.0))
+  with pytest.warns(DeprecationWarning, match="linear_scalarization"):
+    with pytest.raises(ValueError, match="required"):
+      mo.constant(2, None)
+
+
+def test_constant_is_a_deprecated_alias_of_linear_scalarization():
+  with pytest.warns(DeprecationWarning, match="linear_scalarization"):
+    old = mo.constant(2, (1.0, 2.0))
+  new = mo.linear_scalarization(2, (1.0, 2.0))
+  grads = jnp.asarray(J_BASE, jnp.float32)
+  u_old, s_old = old.update(grads, old.init(jnp.zeros(3)))
+  u_new, s_new = new.update(grads, new.init(jnp.zeros(3)))
+  np.testing.assert_array_equal(u_old, u_new)
+  assert isinstance(s_old, mo.ConstantState) and type(s_old) is type(s_new)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -125,12 +133,12 @@ def _mgda2(jac):
 
 
 def test_ema_weights_matches_oracle_over_steps():
-  """CR-MOGM: w_1 = w_hat_1, w_k = alpha w_{k-1} + (1 - alpha) w_hat_k, with
+  """CR-MOGM: w_1 = w_hat_1, w_k = decay w_{k-1} + (1 - decay) w_hat_k, with
   the two-task MGDA closed form as the wrapped weighting."""
   rng = np.random.default_rng(1)
   jacs = [rng.normal(size=(2, 6)) + 0.5 for _ in range(5)]
   alpha = 0.6
-  tx = mo.ema_weights(mo.mgda(2), 2, alpha=alpha)
+  tx = mo.ema_weights(2, mo.mgda(2), decay=alpha)
   step = jax.jit(tx.update)
   state = tx.init(jnp.zeros(6))
   smoothed = None
@@ -149,48 +157,62 @@ def test_ema_weights_matches_oracle_over_steps():
 
 def test_ema_weights_advances_a_stateful_inner_and_special_alphas():
   """The wrapped method's state advances as if run alone (GradVac's targets
-  and key), alpha = 0 reproduces it, alpha = 1 freezes the first weights."""
+  and key), decay = 0 reproduces it, decay = 1 freezes the first weights."""
   rng = np.random.default_rng(2)
   jacs = [jnp.asarray(rng.normal(size=(3, 5)), jnp.float32) for _ in range(3)]
   inner = mo.gradvac(3, seed=4)
   alone_state = inner.init(jnp.zeros(5))
   injected = optax.inject_hyperparams(mo.ema_weights, static_args="num_tasks")(
-      inner=inner, num_tasks=3, alpha=0.0)
+      num_tasks=3, inner=inner, decay=0.0)
   state = injected.init(jnp.zeros(5))
   step, alone_step = jax.jit(injected.update), jax.jit(inner.update)
   first = None
   for k, jac in enumerate(jacs):
-    state.hyperparams["alpha"] = jnp.asarray(0.0 if k < 2 else 1.0)
+    state.hyperparams["decay"] = jnp.asarray(0.0 if k < 2 else 1.0)
     update, state = step(jac, state)
     alone_update, alone_state = alone_step(jac, alone_state)
     wrapped = state.inner_state.inner_state.value
     np.testing.assert_allclose(wrapped.targets, alone_state.targets, atol=1e-6)
     np.testing.assert_array_equal(wrapped.key, alone_state.key)
-    if k < 2:  # alpha = 0: exactly the wrapped method
+    if k < 2:  # decay = 0: exactly the wrapped method
       np.testing.assert_allclose(update, alone_update, rtol=1e-5, atol=1e-6)
       first = np.asarray(state.inner_state.weights)
-    else:  # alpha = 1: the previous weights, whatever the new ones are
+    else:  # decay = 1: the previous weights, whatever the new ones are
       np.testing.assert_allclose(state.inner_state.weights, first, rtol=1e-6)
 
 
 def test_ema_weights_keeps_its_state_on_nan_and_errors():
-  tx = mo.ema_weights(mo.linear_scalarization(2), 2, alpha=0.5)
+  tx = mo.ema_weights(2, mo.linear_scalarization(2), decay=0.5)
   state = tx.init(jnp.zeros(3))
   _, state = tx.update(jnp.asarray(J_BASE, jnp.float32), state)
   bad = jnp.asarray(J_BASE, jnp.float32).at[0, 1].set(jnp.nan)
   update, bad_state = tx.update(bad, state)
   assert np.isnan(update[1]) and int(bad_state.count) == int(state.count)
   with pytest.raises(ValueError, match="not a weighting"):
-    mo.ema_weights(mo.graddrop(2), 2).init(jnp.zeros(3))
+    mo.ema_weights(2, mo.graddrop(2)).init(jnp.zeros(3))
   with pytest.raises(ValueError, match="not a weighting"):
-    mo.ema_weights(optax.inject_hyperparams(mo.trimmed_mean, static_args=(
-        "num_tasks", "trim_number"))(num_tasks=3, trim_number=1),
-                   3).init(jnp.zeros(3))
+    mo.ema_weights(3, optax.inject_hyperparams(mo.trimmed_mean, static_args=(
+        "num_tasks", "trim_number"))(num_tasks=3, trim_number=1)
+                   ).init(jnp.zeros(3))
   with pytest.raises(ValueError, match=r"shape \(3,\)"):
-    mo.ema_weights(mo.mgda(2), 3).init(jnp.zeros(3))
+    mo.ema_weights(3, mo.mgda(2)).init(jnp.zeros(3))
   with pytest.raises(TypeError, match="argument order"):
-    mo.ema_weights(3, mo.mgda(3))
-  with pytest.raises(ValueError, match="alpha"):
-    mo.ema_weights(mo.mgda(2), 2, alpha=1.5)
+    mo.ema_weights(3, 3)
+  with pytest.raises(ValueError, match="decay"):
+    mo.ema_weights(2, mo.mgda(2), decay=1.5)
   with pytest.raises(ValueError, match="no `weights`|weights` field"):
-    mo.ema_weights(optax.sgd(0.1), 2).init(jnp.zeros(3))
+    mo.ema_weights(2, optax.sgd(0.1)).init(jnp.zeros(3))
+
+
+def test_ema_weights_old_order_and_alpha_warn_and_keep_working():
+  grads = jnp.asarray(J_BASE, jnp.float32)
+  new = mo.ema_weights(2, mo.mgda(2), decay=0.5)
+  with pytest.warns(DeprecationWarning) as caught:
+    old = mo.ema_weights(mo.mgda(2), 2, alpha=0.5)
+  messages = " ".join(str(c.message) for c in caught)
+  assert "num_tasks first" in messages and "decay" in messages
+  state_new, state_old = new.init(jnp.zeros(3)), old.init(jnp.zeros(3))
+  for _ in range(2):
+    u_new, state_new = new.update(grads, state_new)
+    u_old, state_old = old.update(grads, state_old)
+  np.testing.assert_array_equal(u_new, u_old)

@@ -111,18 +111,10 @@ def task_sum(num_tasks: int) -> optax.GradientTransformationExtraArgs:
   method = "task_sum"
   num_tasks = validation.check_num_tasks(num_tasks, method)
   ones = lambda dtype: base.PassThroughState(jnp.ones((num_tasks,), dtype))
-  summed = base.task_weighting_transformation(
+  return base.task_weighting_transformation(
       num_tasks, method, ones, lambda ctx, _: (ones(ctx.dtype).weights,
                                                ones(ctx.dtype)),
-      needs_gram=False)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    if params is not None and jax.tree.map(jnp.shape, updates) == (
-        jax.tree.map(jnp.shape, params)):
-      return updates, state  # one ordinary gradient
-    return summed.update(updates, state, params, **extra_args)
-
-  return optax.GradientTransformationExtraArgs(summed.init, update_fn)
+      needs_gram=False, passes_unstacked_through=True)
 
 
 class MGDAState(NamedTuple):

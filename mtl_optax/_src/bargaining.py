@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax._src import base
+from mtl_optax._src import deprecation
 from mtl_optax._src import solvers
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
@@ -43,6 +44,37 @@ def _to_raw_scale(weights: jax.Array, rms_norm: jax.Array,
   gradients have ``rms_norm = 0``)."""
   factor = jnp.exp(exponent * jnp.log(rms_norm))
   return jnp.where(weights > 0, weights * factor, 0.0)
+
+
+class FairGradSolution(NamedTuple):
+  """FairGrad's solution on a normalised Gram matrix (see
+  :func:`fairgrad_solution`)."""
+  unit: jax.Array  # the solution for the normalised matrix
+  raw: jax.Array  # the raw-scale weights (1/K for alpha = 0)
+  residual: jax.Array
+  fair: jax.Array  # alpha > 0
+  alpha: jax.Array  # alpha, or 1 where alpha = 0
+  rms_norm: jax.Array  # the RMS task-gradient norm, or 1 where it is 0
+
+
+def fairgrad_solution(gram: jax.Array, rms_norm: jax.Array,
+                      alpha: float | jax.Array, max_iter: int,
+                      tol: Optional[float]) -> FairGradSolution:
+  """``A w = w^(-1/alpha)`` for ``A = gram * rms_norm**2``: solved on the
+  normalised ``gram``, then brought to the raw scale (``w`` scales as
+  ``rms_norm**(-2 alpha / (1 + alpha))``); ``alpha = 0`` gives ``1/K``."""
+  dtype = gram.dtype
+  a = jnp.asarray(alpha, dtype)
+  fair = a > 0
+  safe = jnp.where(fair, a, 1.0)
+  sol = solvers.alpha_fair_weights(gram, safe, max_iter=max_iter, tol=tol)
+  rms = rms_norm.astype(dtype)
+  safe_rms = jnp.where(rms > 0, rms, 1.0)
+  raw = jnp.where(fair, _to_raw_scale(sol.weights, safe_rms,
+                                      -2.0 * safe / (1.0 + safe)),
+                  base.uniform_weights(gram.shape[0], dtype))
+  return FairGradSolution(sol.weights, raw, jnp.where(fair, sol.residual, 0.0),
+                          fair, safe, safe_rms)
 
 
 @jax.jit
@@ -72,17 +104,22 @@ class NashMTLState(NamedTuple):
     alpha: ``(K,)`` the last bargaining solution ``alpha_i (A alpha)_i = 1``
       on the raw Gram matrix, before rescaling; reused between solves and
       the warm start of the next one. 0 for tasks with a zero gradient.
-    step: ``()`` int32 number of updates so far.
+    count: ``()`` int32 number of updates so far (formerly ``step``, a
+      deprecated alias).
     residual: ``()`` ``max_i |alpha_i (A alpha)_i - 1|`` of the last solve.
   """
   weights: jax.Array
   alpha: jax.Array
-  step: jax.Array
+  count: jax.Array
   residual: jax.Array
 
+  step = deprecation.renamed_field("count", "step")
 
-def nash_mtl(num_tasks: int, update_weights_every: int = 1,
-             optim_niter: int = 100, max_norm: float = 1.0,
+
+@deprecation.renamed_arguments(update_weights_every="update_every",
+                               optim_niter="max_iter")
+def nash_mtl(num_tasks: int, update_every: int = 1,
+             max_iter: int = 100, max_norm: float = 1.0,
              tol: Optional[float] = None
              ) -> optax.GradientTransformationExtraArgs:
   """Nash-MTL: the Nash bargaining solution between the tasks.
@@ -94,7 +131,7 @@ def nash_mtl(num_tasks: int, update_weights_every: int = 1,
   ``sum_i log <g_i, d>`` on a ball. The paper solves it by a sequence of
   cvxpy problems; here ``alpha`` minimises the convex potential
   ``1/2 alpha^T A alpha - sum_i log alpha_i`` by Newton's method with at most
-  ``optim_niter`` steps, warm-started from the previous ``alpha`` (see
+  ``max_iter`` steps, warm-started from the previous ``alpha`` (see
   ``solvers.alpha_fair_weights``).
 
   .. math::
@@ -104,7 +141,7 @@ def nash_mtl(num_tasks: int, update_weights_every: int = 1,
      \\quad \\big(\\text{i.e. } \\langle g_i, d \\rangle = 1 / \\alpha_i\\big)
 
   As in the official code, the weights are recomputed every
-  ``update_weights_every`` steps (the others reuse ``alpha``), and ``alpha``
+  ``update_every`` steps (the others reuse ``alpha``), and ``alpha``
   is rescaled so that ``||d|| <= max_norm`` (``max_norm = 0`` disables it);
   the official code clips the shared gradient's norm, which is the same.
   The official code also divides the Gram matrix by its Frobenius norm, for
@@ -128,12 +165,14 @@ def nash_mtl(num_tasks: int, update_weights_every: int = 1,
 
   Args:
     num_tasks: number of tasks K.
-    update_weights_every: solve every this many steps (int >= 1).
-    optim_niter: cap on Newton steps per solve (int >= 1). The loop stops
+    update_every: solve every this many steps (int >= 1; formerly
+      ``update_weights_every``, a deprecated alias).
+    max_iter: cap on Newton steps per solve (int >= 1). The loop stops
       at ``tol``, so warm-started steps take a few; the cap matters on hard
       problems (a 1e6 ratio of task-gradient norms leaves residuals of
       0.15-0.84 after 20 steps and converges to 1e-15 within 100). Not the
-      official ``optim_niter``, which counts cvxpy sub-problems.
+      official ``optim_niter``, which counts cvxpy sub-problems (the old
+      keyword ``optim_niter`` is a deprecated alias).
     max_norm: bound on ``||d||``; 0 disables it (injectable).
     tol: Newton tolerance on the relative residual; default 1e-5 in
       float32, 1e-10 in float64.
@@ -153,9 +192,8 @@ def nash_mtl(num_tasks: int, update_weights_every: int = 1,
   """
   method = "nash_mtl"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  validation.check_positive_int(update_weights_every, "update_weights_every",
-                                method)
-  validation.check_positive_int(optim_niter, "optim_niter", method)
+  validation.check_positive_int(update_every, "update_every", method)
+  validation.check_positive_int(max_iter, "max_iter", method)
   validation.check_nonnegative(max_norm, "max_norm", method)
 
   def init_state(dtype):
@@ -168,7 +206,7 @@ def nash_mtl(num_tasks: int, update_weights_every: int = 1,
   def rule(context, state):
     return gram_weightings.nash_mtl(
         tree_math.NormalizedGram(context.gram, context.rms_norm), state,
-        update_weights_every=update_weights_every, max_iter=optim_niter,
+        update_every=update_every, max_iter=max_iter,
         max_norm=max_norm, tol=tol)
 
   return base.task_weighting_transformation(num_tasks, method, init_state, rule)
@@ -250,29 +288,20 @@ def fairgrad(num_tasks: int, alpha: float = 1.0, max_iter: int = 50,
   def rule(context, state):
     del state
     gram = context.gram
-    dtype = gram.dtype
-    rms = context.rms_norm.astype(dtype)
-    a = jnp.asarray(alpha, dtype)
-    fair = a > 0
-    safe = jnp.where(fair, a, 1.0)
-    sol = solvers.alpha_fair_weights(gram, safe, max_iter=max_iter, tol=tol)
+    sol = fairgrad_solution(gram, context.rms_norm, alpha, max_iter, tol)
     # Raw weights w = w_unit * rms**(-2a/(1+a)) leave the float range for
     # alpha != 1 long before the update does: the update is formed as
     # rms**((1-a)/(1+a)) * sum_i (w_unit_i / rms) g_i, every factor finite.
-    positive = rms > 0
-    safe_rms = jnp.where(positive, rms, 1.0)
-    update_scale = jnp.exp((1.0 - safe) / (1.0 + safe) * jnp.log(safe_rms))
-    uniform = base.uniform_weights(num_tasks, dtype)
-    coefficients = jnp.where(fair, sol.weights / safe_rms, uniform)
-    coefficients = base.poison_if_nonfinite(coefficients, gram)
-    update_scale = jnp.where(fair, update_scale, 1.0)
+    a, rms = sol.alpha, sol.rms_norm
+    update_scale = jnp.where(
+        sol.fair, jnp.exp((1.0 - a) / (1.0 + a) * jnp.log(rms)), 1.0)
+    coefficients = base.poison_if_nonfinite(
+        jnp.where(sol.fair, sol.unit / rms,
+                  base.uniform_weights(num_tasks, gram.dtype)), gram)
     # The recorded raw weights saturate at the dtype's range.
-    weights = jnp.minimum(_to_raw_scale(sol.weights, safe_rms,
-                                        -2.0 * safe / (1.0 + safe)),
-                          jnp.finfo(dtype).max)
-    weights = base.poison_if_nonfinite(jnp.where(fair, weights, uniform), gram)
-    residual = jnp.where(fair, sol.residual, 0.0)
+    weights = base.poison_if_nonfinite(
+        jnp.minimum(sol.raw, jnp.finfo(gram.dtype).max), gram)
     return (base.ScaledCoefficients(coefficients, update_scale),
-            FairGradState(weights, residual))
+            FairGradState(weights, sol.residual))
 
   return base.task_weighting_transformation(num_tasks, method, init_state, rule)

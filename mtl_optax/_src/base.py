@@ -66,16 +66,44 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where ``finite``, else ``old``, leaf by leaf, in ``old``'s dtypes.
+
+  The one "keep the previous state after a non-finite step" select: a
+  NaN/inf step must not poison warm starts, EMAs or keys.
+  """
+  return jax.tree.map(
+      lambda n, o: jnp.where(finite, jnp.asarray(n).astype(jnp.asarray(o).dtype),
+                             o), new, old)
+
+
+def nan_unless(finite: jax.Array, tree: Any) -> Any:
+  """``tree``, or NaN everywhere (same dtypes) when ``finite`` is False, so
+  that ``optax.apply_if_finite`` downstream skips the step."""
+  return jax.tree.map(lambda u: jnp.where(finite, u, jnp.nan).astype(u.dtype),
+                      tree)
+
+
+def is_unstacked(updates: Any, params: Any) -> bool:
+  """Whether ``updates`` is one ordinary gradient: shaped leaf by leaf like
+  ``params`` (False without ``params``)."""
+  if params is None:
+    return False
+  u_leaves, p_leaves = jax.tree.leaves(updates), jax.tree.leaves(params)
+  return len(u_leaves) == len(p_leaves) and all(
+      jnp.shape(u) == jnp.shape(p) for u, p in zip(u_leaves, p_leaves))
+
+
 def guarded_transformation(
     num_tasks: int,
     method: str,
     init_fn: Callable[[Any], NamedTuple],
-    step: Callable[[Any, NamedTuple, Any, dict],
-                   tuple[Any, NamedTuple, jax.Array]],
+    step: Callable[[Any, NamedTuple, Any, dict], tuple],
     requires_task_losses: bool = False,
     accepts_gram: bool = False,
+    passes_unstacked_through: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """The optax plumbing every stacked-gradient method shares.
+  """The one builder: the optax plumbing every stacked-gradient method shares.
 
   Around ``step(updates, state, params, extra_args) -> (update, new_state,
   finite)`` it does the trace-time checks (leading task axis, floating-point
@@ -87,13 +115,21 @@ def guarded_transformation(
   starts, EMAs or keys. State dtypes stay fixed across steps (jit carries,
   ``lax.cond``).
 
+  ``step`` may return ``(update, new_state)`` only: the step then counts as
+  finite when the new ``weights`` and the update are (methods that compute
+  the update themselves rather than from a Gram matrix).
+
   With ``accepts_gram`` the method also runs on the Gram-first path: given
   the extra argument ``gram`` (:data:`GRAM_ARG`), ``updates`` is one ordinary
   gradient (no task axis) and ``step`` must take its coefficients from the
-  given Gram matrix.
+  given Gram matrix. With ``passes_unstacked_through``, one ordinary gradient
+  (shaped like ``params``) is returned unchanged, state and all (the heads'
+  rule :func:`mtl_optax.task_sum`).
   """
 
   def update_fn(updates, state, params=None, **extra_args):
+    if passes_unstacked_through and is_unstacked(updates, params):
+      return updates, state
     if extra_args.get(GRAM_ARG) is None:
       validation.check_task_axis(updates, num_tasks, method)
       validation.check_stacked_like_params(updates, params, num_tasks, method)
@@ -105,25 +141,22 @@ def guarded_transformation(
                                  method, required=requires_task_losses)
     if not jax.tree.leaves(updates):
       return updates, state
-    update, new_state, finite = step(updates, state, params, extra_args)
-    new_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, jnp.asarray(new).astype(old.dtype),
-                                   old), new_state, state)
-    return update, new_state
+    out = step(updates, state, params, extra_args)
+    if len(out) == 2:
+      update, new_state = out
+      finite = all_finite(new_state.weights) & all_finite(update)
+    else:
+      update, new_state, finite = out
+    return update, keep_if_finite(finite, new_state, state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def finite_if_weights_and_update_are(step):
-  """Adapts ``step -> (update, new_state)`` for :func:`guarded_transformation`.
-
-  The step counts as finite when the new ``weights`` and the update are: for
-  methods that compute the update themselves rather than from a Gram matrix.
-  """
-  def checked(updates, state, params, extra_args):
-    update, new_state = step(updates, state, params, extra_args)
-    return update, new_state, all_finite(new_state.weights) & all_finite(update)
-  return checked
+  """No-op kept for steps written against the older two-part builder: a
+  ``step`` returning ``(update, new_state)`` already gets this check from
+  :func:`guarded_transformation`."""
+  return step
 
 
 def task_weighting_transformation(
@@ -134,8 +167,10 @@ def task_weighting_transformation(
                            tuple[jax.Array, NamedTuple]],
     needs_gram: bool = True,
     requires_task_losses: bool = False,
+    passes_unstacked_through: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """Builds a transformation ``stacked grads -> sum_i c_i g_i``.
+  """Builds a transformation ``stacked grads -> sum_i c_i g_i``: the
+  Gram-weighting specialisation of :func:`guarded_transformation`.
 
   Args:
     num_tasks: K, already validated.
@@ -146,6 +181,7 @@ def task_weighting_transformation(
     needs_gram: whether the rule reads the Gram matrix (one pass over the
       gradients); rules that do not (fixed weights) skip it.
     requires_task_losses: raise at trace time if ``task_losses`` is missing.
+    passes_unstacked_through: see :func:`guarded_transformation`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. A step counts as non-finite
@@ -188,11 +224,11 @@ def task_weighting_transformation(
     # caller with these coefficients (its probe ran this same rule).
     if not extra_args.get(PROBE_ARG):
       finite &= all_finite(updates)
-    return (jax.tree.map(lambda u: jnp.where(finite, u, jnp.nan).astype(
-        u.dtype), updates), new_state, finite)
+    return nan_unless(finite, updates), new_state, finite
 
-  return guarded_transformation(num_tasks, method, init_fn, step,
-                                requires_task_losses, accepts_gram=True)
+  return guarded_transformation(
+      num_tasks, method, init_fn, step, requires_task_losses,
+      accepts_gram=True, passes_unstacked_through=passes_unstacked_through)
 
 
 def uniform_weights(num_tasks: int, dtype: jnp.dtype) -> jax.Array:

@@ -32,6 +32,25 @@ class CAGradState(NamedTuple):
   key: jax.Array
 
 
+def rescale_divisor(rescale: int | jax.Array, c: jax.Array) -> jax.Array:
+  """CAGrad's output divisor ``s``: 1, ``1 + c**2`` or ``1 + c`` for
+  ``rescale`` = 0, 1, 2 (traced ``rescale`` values are fine)."""
+  rescale = jnp.asarray(rescale)
+  return jnp.where(rescale == 1, 1.0 + c * c,
+                   jnp.where(rescale == 2, 1.0 + c, 1.0))
+
+
+def cagrad_multiplier(c: jax.Array, mean_norm: jax.Array,
+                      dual_norm: jax.Array, floor: jax.Array) -> jax.Array:
+  """CAGrad's ``lambda = c ||g0|| / ||g_w||``, and 0 where ``||g_w|| <=
+  floor``: a vanishing ``g_w`` (a zero task gradient, a Pareto-stationary
+  point) has no direction, so the correction vanishes (as in the official
+  code) instead of ``c ||g0|| / floor`` on the vanished direction."""
+  resolved = dual_norm > floor
+  return jnp.where(resolved, c * mean_norm / jnp.where(resolved, dual_norm,
+                                                       1.0), 0.0)
+
+
 def cagrad_coefficients(gram: jax.Array, c: jax.Array | float,
                         rescale: int | jax.Array = 1,
                         init: Optional[jax.Array] = None, max_iter: int = 500,
@@ -60,32 +79,11 @@ def cagrad_coefficients(gram: jax.Array, c: jax.Array | float,
   w = sol.weights
   mean_norm = jnp.sqrt(jnp.maximum(anchor @ gram @ anchor, 0.0))
   dual_norm = jnp.sqrt(jnp.maximum(w @ gram @ w, 0.0))
-  # A vanishing g_w (a zero task gradient, a Pareto-stationary point) has no
-  # direction: lambda = 0 there, so the correction vanishes (as in the
-  # official code) and the recorded coefficients stay those of g0 instead
-  # of c ||g0|| / floor on the vanished direction.
   floor = jnp.sqrt(jnp.finfo(dtype).eps) * (
       jnp.trace(gram) / num_tasks) + jnp.finfo(dtype).tiny
   lam = cagrad_multiplier(c, mean_norm, dual_norm, floor)
-  coefficients = (anchor + lam * w) / rescale_divisor(c, rescale)
+  coefficients = (anchor + lam * w) / rescale_divisor(rescale, c)
   return coefficients, sol
-
-
-def cagrad_multiplier(c: jax.Array, mean_norm: jax.Array,
-                      dual_norm: jax.Array, floor: jax.Array) -> jax.Array:
-  """CAGrad's ``lambda = c ||g0|| / ||g_w||``, and 0 where ``||g_w|| <=
-  floor`` (a vanished ``g_w`` has no direction to correct along)."""
-  resolved = dual_norm > floor
-  return jnp.where(resolved, c * mean_norm / jnp.where(resolved, dual_norm,
-                                                       1.0), 0.0)
-
-
-def rescale_divisor(c: jax.Array, rescale: int | jax.Array) -> jax.Array:
-  """CAGrad's output divisor ``s``: 1, ``1 + c**2``, ``1 + c`` for
-  ``rescale`` = 0, 1, 2."""
-  rescale = jnp.asarray(rescale)
-  return jnp.where(rescale == 1, 1.0 + c * c,
-                   jnp.where(rescale == 2, 1.0 + c, 1.0))
 
 
 def sampled_task_matrix(key: jax.Array, num_tasks: int,

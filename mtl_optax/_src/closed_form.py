@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax._src import base
+from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 from mtl_optax._src.aggregators import WeightsState
 
@@ -53,16 +54,17 @@ def _psd_pseudo_inverse(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _gram_weighting(num_tasks: int, method: str, initial_weights,
-                    weights_fn) -> optax.GradientTransformationExtraArgs:
-  """A memoryless method ``d = sum_i weights_fn(gram)_i g_i``; the state keeps
-  the last weights (``initial_weights(dtype)`` before the first step), NaN
-  when the Gram matrix is not finite."""
+                    layer_name: str, **hyper
+                    ) -> optax.GradientTransformationExtraArgs:
+  """A memoryless method, thin over ``mtl_optax.gram_weightings.<layer_name>``
+  (called with ``hyper``); the state keeps the last weights
+  (``initial_weights(dtype)`` before the first step)."""
+  from mtl_optax import gram_weightings  # pylint: disable=g-import-not-at-top
+  layer_fn = getattr(gram_weightings, layer_name)
 
   def rule(context, state):
-    del state
-    gram = context.gram
-    weights = base.poison_if_nonfinite(weights_fn(gram), gram)
-    return weights, WeightsState(weights)
+    return layer_fn(tree_math.NormalizedGram(context.gram, context.rms_norm),
+                    state, **hyper)
 
   return base.task_weighting_transformation(
       num_tasks, method, lambda dtype: WeightsState(initial_weights(dtype)),
@@ -128,7 +130,7 @@ def imtl_g(num_tasks: int) -> optax.GradientTransformationExtraArgs:
 
   return _gram_weighting(
       num_tasks, method, lambda dtype: base.uniform_weights(num_tasks, dtype),
-      imtl_g_weights)
+      "imtl_g")
 
 
 def _aligned_scale(eigenvalues: jax.Array, keep: jax.Array, rank: jax.Array,
@@ -214,9 +216,8 @@ def aligned_mtl(num_tasks: int, scale_mode: str = "min",
   pref = base.preference_vector(pref_vector, num_tasks, method,
                                 1.0 / num_tasks)
 
-  return _gram_weighting(
-      num_tasks, method, pref,
-      lambda gram: aligned_mtl_weights(gram, pref(gram.dtype), scale_mode))
+  return _gram_weighting(num_tasks, method, pref, "aligned_mtl",
+                         scale_mode=scale_mode, pref_vector=pref_vector)
 
 
 def config_weights(gram: jax.Array, pref: jax.Array) -> jax.Array:
@@ -289,8 +290,8 @@ def config(num_tasks: int, pref_vector: base.PrefVector = None
   """
   method = "config"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  pref = base.preference_vector(pref_vector, num_tasks, method, 1.0)
+  base.preference_vector(pref_vector, num_tasks, method, 1.0)  # the shape
 
   return _gram_weighting(
       num_tasks, method, lambda dtype: base.uniform_weights(num_tasks, dtype),
-      lambda gram: config_weights(gram, pref(gram.dtype)))
+      "config", pref_vector=pref_vector)

@@ -75,3 +75,13 @@ def renamed_arguments(**renames):
     wrapped.renamed_arguments = dict(renames)
     return wrapped
   return decorate
+
+
+def renamed_field(new: str, old: str) -> property:
+  """A read-only property ``old`` of a NamedTuple state, forwarding (with a
+  DeprecationWarning) to the renamed field ``new``."""
+  def get(self):
+    warnings.warn(f"{type(self).__name__}.{old} is deprecated: use .{new}.",
+                  DeprecationWarning, stacklevel=2)
+    return getattr(self, new)
+  return property(get, doc=f"Deprecated alias of ``{new}``.")

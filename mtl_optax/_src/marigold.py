@@ -452,7 +452,7 @@ def _unit(scale, fallback):
 
 
 def _cagrad_divisor(cfg, dtype):
-  return _cagrad.rescale_divisor(jnp.asarray(cfg.c, dtype), cfg.rescale)
+  return _cagrad.rescale_divisor(cfg.rescale, jnp.asarray(cfg.c, dtype))
 
 
 def _cagrad_multiplier(cfg, norm_0, norm_w):

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from mtl_optax._src import base
+from mtl_optax._src import deprecation
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 
@@ -232,12 +233,13 @@ def _check_hyperparameters(num_tasks, tau, beta, eps, method):
     if np.any(tau_np < 0) or np.any(tau_np > 1):
       raise ValueError(f"{method}: tau must be in [0, 1], got {tau!r}.")
   if validation.is_concrete(beta) and not 0.0 <= float(beta) < 1.0:
-    raise ValueError(f"{method}: beta must be in [0, 1), got {beta!r}.")
+    raise ValueError(f"{method}: decay must be in [0, 1), got {beta!r}.")
   validation.check_nonnegative(eps, "eps", method)
 
 
+@deprecation.renamed_arguments(beta="decay")
 def pcd(num_tasks: int, tau: float | Sequence[float] | jax.Array = 0.02,
-        beta: float = 0.999, eps: float = 1e-8,
+        decay: float = 0.999, eps: float = 1e-8,
         max_iter: Optional[int] = None
         ) -> optax.GradientTransformationExtraArgs:
   """PCD: Priority-Constrained Descent, the first task as the primary one.
@@ -247,7 +249,7 @@ def pcd(num_tasks: int, tau: float | Sequence[float] | jax.Array = 0.02,
   (arXiv:2606.29521), as TorchJD 0.18's ``PCD``:
   ``d~ = argmin_d 1/2 ||d - g~_1||^2  s.t.  g~_j^T d >= tau_j ||g~_j||^2``
   (j = 2..K), ``g~_i = g_i / sqrt(v_i + eps)`` with ``v_i`` the
-  bias-corrected moving average (decay ``beta``) of ``||g_i||^2``, and
+  bias-corrected moving average (decay ``decay``) of ``||g_i||^2``, and
   ``d = ||g_1|| d~ / ||d~||``. Infeasible constraints (e.g. two opposite
   secondary gradients) are dropped (``d = g_1``); ``g_1 = 0`` or ``d~ = 0``
   up to rounding gives ``d = 0``. The QP is solved exactly on the Gram
@@ -277,8 +279,8 @@ def pcd(num_tasks: int, tau: float | Sequence[float] | jax.Array = 0.02,
     num_tasks: number of tasks K (the first is the primary task).
     tau: guaranteed fraction in [0, 1], one shared value or ``(K - 1,)``
       values, one per secondary task. Injectable.
-    beta: decay of the moving average of the squared norms, in [0, 1).
-      Injectable.
+    decay: decay of the moving average of the squared norms, in [0, 1).
+      Injectable. Formerly ``beta`` (same meaning), a deprecated alias.
     eps: non-negative constant added to the average before its inverse
       square root (absolute, in squared-gradient units). Injectable.
     max_iter: cap on active-set iterations (static); default ``10 K``.
@@ -298,7 +300,7 @@ def pcd(num_tasks: int, tau: float | Sequence[float] | jax.Array = 0.02,
   """
   method = "pcd"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  _check_hyperparameters(num_tasks, tau, beta, eps, method)
+  _check_hyperparameters(num_tasks, tau, decay, eps, method)
   if max_iter is not None:
     validation.check_positive_int(max_iter, "max_iter", method)
   from mtl_optax import gram_weightings  # pylint: disable=g-import-not-at-top
@@ -306,7 +308,7 @@ def pcd(num_tasks: int, tau: float | Sequence[float] | jax.Array = 0.02,
   def rule(context, state):
     return gram_weightings.pcd(
         tree_math.NormalizedGram(context.gram, context.rms_norm), state,
-        tau=tau, beta=beta, eps=eps, max_iter=max_iter)
+        tau=tau, decay=decay, eps=eps, max_iter=max_iter)
 
   return base.task_weighting_transformation(
       num_tasks, method, lambda dtype: initial_state(num_tasks, dtype), rule)

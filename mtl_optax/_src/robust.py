@@ -235,4 +235,4 @@ def trimmed_mean(num_tasks: int, trim_number: int = 1
             TrimmedMeanState(weights.astype(state.weights.dtype)))
 
   return base.guarded_transformation(
-      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
+      num_tasks, method, init_fn, step)

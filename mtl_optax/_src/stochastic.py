@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from mtl_optax._src import base
+from mtl_optax._src import deprecation
 from mtl_optax._src import solvers
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
@@ -213,7 +214,7 @@ def excess_mtl(num_tasks: int, robust_step_size: float = 1e-2,
             ExcessMTLState(weights, state.count + 1, baseline, root))
 
   return base.guarded_transformation(
-      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
+      num_tasks, method, init_fn, step)
 
 
 # ------------------------------------------------------------------- SDMGrad
@@ -231,14 +232,16 @@ class SDMGradState(NamedTuple):
   simplex_weights: jax.Array
 
 
-def sdmgrad(num_tasks: int, lam: float = 0.3, lr: Optional[float] = None,
-            momentum: float = 0.5, num_iters: int = 20
+@deprecation.renamed_arguments(lr="learning_rate", num_iters="max_iter")
+def sdmgrad(num_tasks: int, lam: float = 0.3,
+            learning_rate: Optional[float] = None, momentum: float = 0.5,
+            max_iter: int = 20
             ) -> optax.GradientTransformationExtraArgs:
   """SDMGrad: stochastic direction-oriented multi-objective gradient.
 
   Xiao, Ban & Ji, "Direction-oriented Multi-objective Learning: Simple and
   Provable Stochastic Algorithms", NeurIPS 2023. The weights ``w`` minimise
-  ``||g_w + lam g0||^2 / 2`` over the simplex by ``num_iters`` steps of
+  ``||g_w + lam g0||^2 / 2`` over the simplex by ``max_iter`` steps of
   projected heavy-ball SGD (fresh momentum each call, warm-started ``w``)
   with the stochastic gradient ``A_n (w + lam 1/K)``, where ``A`` is the
   cross-batch matrix ``J J'^T`` (see the module docstring for
@@ -263,26 +266,29 @@ def sdmgrad(num_tasks: int, lam: float = 0.3, lr: Optional[float] = None,
     num_tasks: number of tasks K.
     lam: pull towards the mean gradient (paper's experiments, LibMTL and
       TorchJD: 0.3). Injectable.
-    lr: inner step size. The default None takes ``1 / ||A_n||_F`` (at most
+    learning_rate: inner step size (formerly ``lr``, a deprecated alias).
+      The default None takes ``1 / ||A_n||_F`` (at most
       ``1 / lambda_max``), a step with which the inner loop contracts, so
       the weights are a continuous function of the gradients. LibMTL's 5
       (TorchJD: 10) overshoots to simplex vertices and makes the loop
       chaotic: the vertex reached then depends on floating-point rounding,
       so ``jit``, eager execution and ``vmap`` disagree (by up to the whole
-      update). Pass ``lr=5.0`` to reproduce LibMTL eagerly. Injectable.
+      update). Pass ``learning_rate=5.0`` to reproduce LibMTL eagerly.
+      Injectable.
     momentum: inner heavy-ball momentum (0.5 in both). Injectable.
-    num_iters: inner iterations (20; static int).
+    max_iter: inner iterations (20; static int; formerly ``num_iters``, a
+      deprecated alias).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`SDMGradState`.
 
   Example (single batch, the fallback ``A = J J^T``; LibMTL's inner step
-  ``lr = 5`` overshoots to a vertex, a smaller one converges, here to MGDA's
+  ``learning_rate = 5`` overshoots to a vertex, a smaller one converges, here to MGDA's
   weights [0.6, 0.4] since they are reachable as ``(w + lam/K) / (1 + lam)``):
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
     >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
     >>> for lr in (5.0, None):
-    ...   tx = mo.sdmgrad(2, lr=lr)
+    ...   tx = mo.sdmgrad(2, learning_rate=lr)
     ...   update, state = tx.update(grads, tx.init(jnp.zeros(3)))
     ...   print(np.asarray(state.weights, np.float64).round(4))
     [0.1154 0.8846]
@@ -291,10 +297,10 @@ def sdmgrad(num_tasks: int, lam: float = 0.3, lr: Optional[float] = None,
   method = "sdmgrad"
   num_tasks = validation.check_num_tasks(num_tasks, method)
   validation.check_nonnegative(lam, "lam", method)
-  if lr is not None:
-    validation.check_positive(lr, "lr", method)
+  if learning_rate is not None:
+    validation.check_positive(learning_rate, "learning_rate", method)
   validation.check_probability(momentum, "momentum", method, exclude_one=True)
-  validation.check_positive_int(num_iters, "num_iters", method)
+  validation.check_positive_int(max_iter, "max_iter", method)
 
   def init_fn(params):
     uniform = base.uniform_weights(num_tasks, base.state_dtype(params))
@@ -310,11 +316,11 @@ def sdmgrad(num_tasks: int, lam: float = 0.3, lr: Optional[float] = None,
                         jnp.where(peak > 0, peak, 1.0))
     matrix = matrix / divisor
     lam_ = jnp.asarray(lam, dtype)
-    if lr is None:
+    if learning_rate is None:
       frobenius = jnp.sqrt(jnp.sum(jnp.square(matrix)))
       lr_ = 1.0 / jnp.where(frobenius > 0, frobenius, 1.0)
     else:
-      lr_ = jnp.asarray(lr, dtype)
+      lr_ = jnp.asarray(learning_rate, dtype)
     mu = jnp.asarray(momentum, dtype)
     uniform = base.uniform_weights(num_tasks, dtype)
     pull = lam_ * (matrix @ uniform)
@@ -325,7 +331,7 @@ def sdmgrad(num_tasks: int, lam: float = 0.3, lr: Optional[float] = None,
       return solvers.project_to_simplex(w - lr_ * velocity), velocity
 
     start = base.finite_or(state.simplex_weights.astype(dtype), uniform)
-    w, _ = jax.lax.fori_loop(0, num_iters, inner,
+    w, _ = jax.lax.fori_loop(0, max_iter, inner,
                              (start, jnp.zeros_like(start)))
     weights = (w + lam_ * uniform) / (1 + lam_)
     sdtype = state.weights.dtype
@@ -333,7 +339,7 @@ def sdmgrad(num_tasks: int, lam: float = 0.3, lr: Optional[float] = None,
             SDMGradState(weights.astype(sdtype), w.astype(sdtype)))
 
   return base.guarded_transformation(
-      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
+      num_tasks, method, init_fn, step)
 
 
 # ---------------------------------------------------------------------- MoDo
@@ -349,21 +355,23 @@ class MoDoState(NamedTuple):
   weights: jax.Array
 
 
-def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.1
+@deprecation.renamed_arguments(gamma="learning_rate")
+def modo(num_tasks: int, learning_rate: float = 1e-3, rho: float = 0.1
          ) -> optax.GradientTransformationExtraArgs:
   """MoDo: multi-objective gradient with double sampling.
 
   Chen, Fernando, Ying & Chen, "Three-Way Trade-Off in Multi-Objective
   Learning: Optimization, Generalization and Conflict-Avoidance", NeurIPS
   2023 / JMLR 2024. One projected step on the weights per update,
-  ``lambda <- Proj_simplex(lambda - gamma (J J'^T lambda + rho lambda))``
+  ``lambda <- Proj_simplex(lambda - lr (J J'^T lambda + rho lambda))``
+  (``lr = learning_rate``)
   with the cross-batch matrix of two independent mini-batches (see the
   module docstring for ``second_task_grads``), then ``d = sum_i lambda_i g_i``
   over ``updates``: the scale of ``g0``. As in the paper and LibMTL the step
-  acts on the unnormalised matrix, so ``gamma`` must suit the squared
+  acts on the unnormalised matrix, so ``learning_rate`` must suit the squared
   gradient scale (LibMTL's defaults below; TorchJD 0.18's ``MoDoWeighting``
   takes the same simplex projection with ``rho = 0.1`` and agrees with this
-  one). For gradients so large that ``gamma ||g||^2`` overflows the
+  one). For gradients so large that ``lr ||g||^2`` overflows the
   step is capped, which gives its limit.
 
   .. math::
@@ -374,17 +382,18 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.1
 
   Args:
     num_tasks: number of tasks K.
-    gamma: step size of the weights (LibMTL: 1e-3). Injectable.
+    learning_rate: step size of the weights (LibMTL: 1e-3; formerly
+      ``gamma``, a deprecated alias). Injectable.
     rho: l2 regularisation of the weights (LibMTL: 0.1). Injectable.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`MoDoState`.
 
-  Example (two mini-batches; a large gamma to make the step visible):
+  Example (two mini-batches; a large step size to make the step visible):
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
     >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
     >>> grads_2 = jnp.array([[-3., 1., 2.], [5., 0., 1.]])
-    >>> tx = mo.modo(2, gamma=0.01)
+    >>> tx = mo.modo(2, learning_rate=0.01)
     >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)),
     ...                           second_task_grads=grads_2)
     >>> print(np.asarray(state.weights, np.float64).round(4))
@@ -392,7 +401,7 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.1
   """
   method = "modo"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  validation.check_positive(gamma, "gamma", method)
+  validation.check_positive(learning_rate, "learning_rate", method)
   validation.check_nonnegative(rho, "rho", method)
 
   def init_fn(params):
@@ -402,7 +411,7 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.1
     del params
     matrix, scale = _weight_matrix(method, updates, extra_args, num_tasks)
     dtype = matrix.dtype
-    gamma_ = jnp.asarray(gamma, dtype)
+    gamma_ = jnp.asarray(learning_rate, dtype)
     lam = state.weights.astype(dtype)
     moved = lam - _capped_step(gamma_, scale) * (matrix @ lam) - (
         gamma_ * jnp.asarray(rho, dtype) * lam)
@@ -411,7 +420,7 @@ def modo(num_tasks: int, gamma: float = 1e-3, rho: float = 0.1
             MoDoState(weights.astype(state.weights.dtype)))
 
   return base.guarded_transformation(
-      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
+      num_tasks, method, init_fn, step)
 
 
 # ---------------------------------------------------------------------- MoCo
@@ -433,8 +442,12 @@ class MoCoState(NamedTuple):
   weights_are_coefficients = False
 
 
-def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
-         gamma: float = 0.1, gamma_sigma: float = 0.5, rho: float = 0.0
+@deprecation.renamed_arguments(
+    beta=("decay", lambda beta: 1 - beta), beta_sigma="decay_sigma",
+    gamma="learning_rate", gamma_sigma="learning_rate_sigma")
+def moco(num_tasks: int, decay: float = 0.5, decay_sigma: float = 0.5,
+         learning_rate: float = 0.1, learning_rate_sigma: float = 0.5,
+         rho: float = 0.0
          ) -> optax.GradientTransformationExtraArgs:
   """MoCo: stochastic multi-objective gradient correction by tracking.
 
@@ -442,7 +455,8 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
   Bias in Multi-objective Learning: A Provably Convergent Stochastic
   Approach", ICLR 2023, in LibMTL's version (with LibMTL's defaults). At step ``k = 1, 2, ...``, with
   ``h_i = L_i g_i / ||g_i||`` (each gradient rescaled to its task loss),
-  ``beta_k = beta / k**beta_sigma`` and ``gamma_k = gamma / k**gamma_sigma``::
+  the tracking rate ``beta_k = (1 - decay) / k**decay_sigma`` and the step
+  ``gamma_k = learning_rate / k**learning_rate_sigma``::
 
       y      <- y - beta_k (y - h)                    (tracked, in the state)
       lambda <- softmax(lambda - gamma_k (Y Y^T + rho I) lambda)
@@ -466,10 +480,16 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
 
   Args:
     num_tasks: number of tasks K.
-    beta: tracking rate (0.5). Injectable.
-    beta_sigma: decay exponent of the tracking rate (0.5). Injectable.
-    gamma: step size of the weights (0.1). Injectable.
-    gamma_sigma: decay exponent of the weight step (0.5). Injectable.
+    decay: EMA decay of the tracked gradients at step 1, in [0, 1) (0.5;
+      optax's meaning, the weight of the old value; formerly ``beta`` =
+      ``1 - decay``, the weight of the new one, a deprecated alias that
+      converts).
+    decay_sigma: exponent of the tracking rate's schedule (0.5; formerly
+      ``beta_sigma``). Injectable.
+    learning_rate: step size of the weights (0.1; formerly ``gamma``).
+      Injectable.
+    learning_rate_sigma: exponent of the step's schedule (0.5; formerly
+      ``gamma_sigma``). Injectable.
     rho: l2 regularisation of the weights (0). Injectable.
 
   Returns:
@@ -489,10 +509,11 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
   """
   method = "moco"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  validation.check_probability(beta, "beta", method, exclude_zero=True)
-  validation.check_positive(gamma, "gamma", method)
-  for name, value in (("beta_sigma", beta_sigma),
-                      ("gamma_sigma", gamma_sigma), ("rho", rho)):
+  validation.check_probability(decay, "decay", method, exclude_one=True)
+  validation.check_positive(learning_rate, "learning_rate", method)
+  for name, value in (("decay_sigma", decay_sigma),
+                      ("learning_rate_sigma", learning_rate_sigma),
+                      ("rho", rho)):
     validation.check_nonnegative(value, name, method)
 
   def init_fn(params):
@@ -511,8 +532,10 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
     inv_norm = 1.0 / jnp.where(active, norms, 1.0)
     loss_or_zero = jnp.where(active, losses.astype(norms.dtype), 0.0)
     k = (state.count + 1).astype(dtype)
-    beta_k = jnp.asarray(beta, dtype) / k ** jnp.asarray(beta_sigma, dtype)
-    gamma_k = jnp.asarray(gamma, dtype) / k ** jnp.asarray(gamma_sigma, dtype)
+    beta_k = (1 - jnp.asarray(decay, dtype)) / k ** jnp.asarray(decay_sigma,
+                                                                 dtype)
+    gamma_k = jnp.asarray(learning_rate, dtype) / k ** jnp.asarray(
+        learning_rate_sigma, dtype)
 
     def track(y, g):
       per_task = lambda v: v.astype(y.dtype).reshape(
@@ -533,5 +556,5 @@ def moco(num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
     return update, MoCoState(weights, state.count + 1, tracked)
 
   return base.guarded_transformation(
-      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step),
+      num_tasks, method, init_fn, step,
                                  requires_task_losses=True)

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from mtl_optax._src import base
+from mtl_optax._src import deprecation
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 
@@ -46,7 +47,7 @@ class GradVacState(NamedTuple):
 
 
 def gradvac_coefficients(gram: jax.Array, targets: jax.Array,
-                         beta: jax.Array | float, key: jax.Array
+                         decay: jax.Array | float, key: jax.Array
                          ) -> tuple[jax.Array, jax.Array]:
   """GradVac's update ``mean_i g_i^PC`` as coefficients on the task gradients.
 
@@ -65,7 +66,7 @@ def gradvac_coefficients(gram: jax.Array, targets: jax.Array,
   dtype = gram.dtype
   if num_tasks == 1:
     return jnp.ones((1,), dtype), targets.astype(dtype)
-  beta = jnp.asarray(beta, dtype)
+  decay = jnp.asarray(decay, dtype)
   eps = jnp.finfo(dtype).eps
   rows = jnp.arange(num_tasks)
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
@@ -95,7 +96,7 @@ def gradvac_coefficients(gram: jax.Array, targets: jax.Array,
     step = jnp.where((cos < target) & (norm_j > 0), step, 0.0)
     coeffs = coeffs.at[rows, partner].add(step)
     projected = projected + step[:, None] * gram[partner]
-    targets = targets.at[rows, partner].set((1 - beta) * target + beta * cos)
+    targets = targets.at[rows, partner].set(decay * target + (1 - decay) * cos)
     return (coeffs, projected, targets), None
 
   (coeffs, _, targets), _ = jax.lax.scan(
@@ -104,7 +105,8 @@ def gradvac_coefficients(gram: jax.Array, targets: jax.Array,
   return jnp.mean(coeffs, axis=0), targets
 
 
-def gradvac(num_tasks: int, beta: float = 0.5, seed: int = 0
+@deprecation.renamed_arguments(beta=("decay", lambda beta: 1 - beta))
+def gradvac(num_tasks: int, decay: float = 0.5, seed: int = 0
             ) -> optax.GradientTransformationExtraArgs:
   """GradVac: move pairwise gradient similarities towards adaptive targets.
 
@@ -113,7 +115,7 @@ def gradvac(num_tasks: int, beta: float = 0.5, seed: int = 0
   each task i, in a fresh random order of the other tasks j, with
   ``phi = cos(g_i^PC, g_j)`` and target ``t = targets[i, j]``: if
   ``phi < t``, ``g_i^PC += ||g_i^PC|| (t sqrt(1-phi^2) - phi sqrt(1-t^2)) /
-  (||g_j|| sqrt(1-t^2)) g_j``; then ``targets[i, j] <- (1-beta) t + beta phi``.
+  (||g_j|| sqrt(1-t^2)) g_j``; then ``targets[i, j] <- decay t + (1-decay) phi``.
   ``d = (1/K) sum_i g_i^PC`` (the scale of ``g0``, like :func:`mo.pcgrad
   <mtl_optax.pcgrad>`; LibMTL and TorchJD sum, i.e. K times larger). With the
   initial zero targets the correction is PCGrad's projection, so the first
@@ -134,8 +136,11 @@ def gradvac(num_tasks: int, beta: float = 0.5, seed: int = 0
 
   Args:
     num_tasks: number of tasks K.
-    beta: EMA rate of the similarity targets, in [0, 1] (paper, LibMTL and
-      TorchJD: 0.5; the paper's 1e-2 for its large-scale runs). Injectable.
+    decay: EMA decay of the similarity targets, in [0, 1] (optax's meaning,
+      the weight of the old target; paper, LibMTL and TorchJD: 0.5; the
+      paper's 0.99 for its large-scale runs). Injectable. Formerly ``beta``
+      = ``1 - decay``, the weight of the new cosine: a deprecated alias that
+      converts.
     seed: seed of the PRNG key kept in the state.
 
   Returns:
@@ -154,7 +159,7 @@ def gradvac(num_tasks: int, beta: float = 0.5, seed: int = 0
   """
   method = "gradvac"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  validation.check_probability(beta, "beta", method)
+  validation.check_probability(decay, "decay", method)
   validation.check_seed(seed, method)
 
   def init_state(dtype):
@@ -165,7 +170,7 @@ def gradvac(num_tasks: int, beta: float = 0.5, seed: int = 0
   from mtl_optax import gram_weightings  # pylint: disable=g-import-not-at-top
 
   def rule(context, state):
-    return gram_weightings.gradvac(tree_math.NormalizedGram(context.gram, context.rms_norm), state, beta=beta)
+    return gram_weightings.gradvac(tree_math.NormalizedGram(context.gram, context.rms_norm), state, decay=decay)
 
   return base.task_weighting_transformation(num_tasks, method, init_state, rule)
 
@@ -298,5 +303,5 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
             GradDropState(weights.astype(state.weights.dtype), key))
 
   return base.guarded_transformation(
-      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
+      num_tasks, method, init_fn, step)
 

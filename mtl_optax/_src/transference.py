@@ -22,7 +22,7 @@ the transpose, ``D[a][b] = Z[b][a]`` (outer key: the receiving task).
   momentum as in the official CelebA code, weight decay as in the official
   Taskonomy code, optional division by the learning rate as in both codes).
 * :func:`track_affinity`: a transformation that accumulates the running mean
-  of ``Z`` every ``every`` steps (``lax.cond``: nothing is evaluated on the
+  of ``Z`` every ``update_every`` steps (``lax.cond``: nothing is evaluated on the
   other steps) and passes the stacked gradients through to an aggregator, or
   runs one itself (``inner``).
 * :func:`select_task_groups`: TAG's network selection from averaged
@@ -47,6 +47,7 @@ import optax
 
 from mtl_optax._src import aggregators
 from mtl_optax._src import base
+from mtl_optax._src import deprecation
 from mtl_optax._src import validation
 # The node that hides a wrapped method's state from optax.tree.get.
 
@@ -320,7 +321,7 @@ class TrackAffinityState(NamedTuple):
     last_affinity: ``(K, K)`` the last finite ``Z`` computed.
     count: number of look-aheads averaged into ``affinity``.
     step: number of finite updates seen (look-ahead when
-      ``step % every == 0``).
+      ``step % update_every == 0``).
     inner_state: the wrapped method's state, held opaquely (hidden from
       ``optax.tree.get``); it is ``inner_state.value``.
   """
@@ -357,10 +358,34 @@ def _require(params: Any, loss_fn: Any, method: str) -> None:
                      "tx.update(grads, state, params, loss_fn=...).")
 
 
+def _tracked_affinity(state: TrackAffinityState, update_every: Any,
+                      measure_z: Callable[[], jax.Array]):
+  """``(affinity, last_affinity, count)`` after this step: ``Z`` is measured
+  and averaged in on due steps only (a ``lax.cond``), and only if finite."""
+
+  def measure(_):
+    z = measure_z()
+    finite = jnp.all(jnp.isfinite(z))
+    count = state.count + finite.astype(jnp.int32)
+    mean = state.affinity + (z - state.affinity) / jnp.maximum(
+        count, 1).astype(z.dtype)
+    return (jnp.where(finite, mean, state.affinity),
+            jnp.where(finite, z, state.last_affinity), count)
+
+  def skip(_):
+    return state.affinity, state.last_affinity, state.count
+
+  if validation.is_concrete(update_every) and int(update_every) == 1:
+    return measure(None)
+  due = state.step % jnp.asarray(update_every, state.step.dtype) == 0
+  return jax.lax.cond(due, measure, skip, None)
+
+
+@deprecation.renamed_arguments(every="update_every")
 def track_affinity(
     num_tasks: int,
     lr: float | jax.Array,
-    every: int = 10,
+    update_every: int = 10,
     *,
     inner: Optional[optax.GradientTransformation] = None,
     shared_mask: Any = None,
@@ -373,9 +398,10 @@ def track_affinity(
   Fifty et al., TAG, NeurIPS 2021 (arXiv:2109.04617), building on
   Transference (arXiv:2010.15413): ``Z_hat = (1/T) sum_t Z^t`` with ``Z^t``
   from :func:`task_affinity` (plain SGD look-ahead of step ``lr``), computed
-  every ``every`` steps (TAG's efficient default: 10) on the step's batch.
+  every ``update_every`` steps (TAG's efficient default: 10) on the step's
+  batch.
 
-  On steps where ``step % every != 0`` a ``lax.cond`` skips the look-ahead
+  On steps where ``step % update_every != 0`` a ``lax.cond`` skips the look-ahead
   entirely (under ``jax.vmap`` a ``cond`` runs both branches). The look-ahead
   needs the ``loss_fn`` extra argument (``params -> (K,)`` losses on the
   current batch) and ``params``; ``loss_fn`` is evaluated at ``K + 1`` points
@@ -408,8 +434,11 @@ def track_affinity(
 
   Args:
     num_tasks: number of tasks K.
-    lr: look-ahead learning rate (use the optimiser's). Injectable.
-    every: period of the look-ahead in steps (first at step 0).
+    lr: look-ahead learning rate (use the optimiser's). Injectable. It keeps
+      the name ``lr`` of :func:`task_affinity`: it is not an inner solver's
+      step size but the training optimiser's own learning rate, mimicked.
+    update_every: period of the look-ahead in steps (first at step 0;
+      formerly ``every``, a deprecated alias).
     inner: optional aggregator built for ``num_tasks`` to run after tracking.
     shared_mask: which leaves the look-ahead moves, as in
       :func:`task_affinity` (a pytree, not a callable).
@@ -425,7 +454,7 @@ def track_affinity(
     >>> import jax.numpy as jnp, numpy as np, optax, mtl_optax as mo
     >>> targets = jnp.array([[1., 0.], [2., 0.], [-1., 0.]])
     >>> loss_fn = lambda w: jnp.sum((w - targets) ** 2, axis=1)
-    >>> tx = optax.chain(mo.track_affinity(3, lr=0.1, every=2),
+    >>> tx = optax.chain(mo.track_affinity(3, lr=0.1, update_every=2),
     ...                  mo.linear_scalarization(3), optax.sgd(0.1))
     >>> w = jnp.zeros(2)
     >>> state = tx.init(w)
@@ -441,9 +470,11 @@ def track_affinity(
   method = "track_affinity"
   num_tasks = validation.check_num_tasks(num_tasks, method)
   validation.check_nonnegative(lr, "lr", method)
-  if validation.is_concrete(every) and (
-      isinstance(every, bool) or int(every) != every or int(every) < 1):
-    raise ValueError(f"{method}: every must be an int >= 1, got {every!r}.")
+  if validation.is_concrete(update_every) and (
+      isinstance(update_every, bool) or int(update_every) != update_every
+      or int(update_every) < 1):
+    raise ValueError(f"{method}: update_every must be an int >= 1, got "
+                     f"{update_every!r}.")
   if inner is not None:
     _check_inner(inner, method)
 
@@ -471,25 +502,10 @@ def track_affinity(
                                       **extra_args)
       weights = _weights_of(inner_state, num_tasks, method).astype(dtype)
 
-    def measure(_):
-      z = _affinity(loss_fn, params, updates, lr, flags, None, 0.0,
-                    weight_decay, normalize_by_lr, None, num_tasks,
-                    method).astype(dtype)
-      finite = jnp.all(jnp.isfinite(z))
-      count = state.count + finite.astype(jnp.int32)
-      mean = state.affinity + (z - state.affinity) / jnp.maximum(
-          count, 1).astype(dtype)
-      return (jnp.where(finite, mean, state.affinity),
-              jnp.where(finite, z, state.last_affinity), count)
-
-    def skip(_):
-      return state.affinity, state.last_affinity, state.count
-
-    if validation.is_concrete(every) and int(every) == 1:
-      affinity, last, count = measure(None)
-    else:
-      due = state.step % jnp.asarray(every, state.step.dtype) == 0
-      affinity, last, count = jax.lax.cond(due, measure, skip, None)
+    affinity, last, count = _tracked_affinity(
+        state, update_every, lambda: _affinity(
+            loss_fn, params, updates, lr, flags, None, 0.0, weight_decay,
+            normalize_by_lr, None, num_tasks, method).astype(dtype))
     new_state = TrackAffinityState(weights, affinity, last, count,
                                    state.step + 1, base.Opaque(inner_state))
     finite = base.all_finite(updates) & base.all_finite(weights)
@@ -678,8 +694,7 @@ def it_mtl(
     ok = jnp.all(jnp.isfinite(out[0])) if with_base else jnp.array(True)
     if extra_args.get("task_losses") is not None:
       ok &= jnp.all(jnp.isfinite(jnp.asarray(extra_args["task_losses"])))
-    update = jax.tree.map(lambda u: jnp.where(ok, u, jnp.nan).astype(u.dtype),
-                          update)
+    update = base.nan_unless(ok, update)
     wins = state.wins + jax.nn.one_hot(choice, num_candidates, dtype=jnp.int32)
     new_state = ITMTLState(weights[choice], choice, scores.astype(dtype), wins,
                            base.Opaque(tuple(new_states)))

@@ -16,6 +16,7 @@ build on ``base.guarded_transformation`` instead of
 from __future__ import annotations
 
 from typing import Any, NamedTuple, Sequence
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ import optax
 
 from mtl_optax._src import aggregators
 from mtl_optax._src import base
+from mtl_optax._src import deprecation
 from mtl_optax._src import loss_weighting
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
@@ -38,40 +40,21 @@ __all__ = [
 ]
 
 
-# The state of :func:`constant`: ``weights``, the fixed weights.
+# The state of the deprecated :func:`constant` (that of
+# :func:`mtl_optax.linear_scalarization`), kept importable.
 ConstantState = aggregators.WeightsState
 
 
 def constant(num_tasks: int, weights: Sequence[float] | jax.Array
              ) -> optax.GradientTransformationExtraArgs:
-  """A fixed, user-given combination of the task gradients.
-
-  ``d = sum_i w_i g_i`` with ``w`` used exactly as given (not normalised,
-  signs allowed), as TorchJD's ``Constant``. Output scale: whatever ``w``
-  makes it; weights summing to 1 give the scale of ``g0``. The weights are
-  injectable with ``optax.inject_hyperparams``. Reads the gradients once (no
-  Gram matrix). :func:`mtl_optax.linear_scalarization` is the same map with
-  the mean ``1/K`` as default.
-
-  Args:
-    num_tasks: number of tasks K.
-    weights: ``(K,)`` task weights.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` with :class:`ConstantState`.
-
-  Example (TorchJD's ``Constant([1, 2])`` on J = [[-4, 1, 1], [6, 1, 1]]):
-    >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
-    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
-    >>> tx = mo.constant(2, jnp.array([1., 2.]))
-    >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)))
-    >>> print(np.asarray(update, np.float64).round(4))
-    [8. 3. 3.]
-  """
-  method = "constant"
+  """Deprecated alias of :func:`mtl_optax.linear_scalarization` with given
+  weights: ``constant(K, w)`` is ``linear_scalarization(K, w)``."""
+  warnings.warn("mo.constant(num_tasks, weights) is deprecated: use "
+                "mo.linear_scalarization(num_tasks, weights).",
+                DeprecationWarning, stacklevel=2)
   if weights is None:
-    raise ValueError(f"{method}: weights (shape ({num_tasks},)) are required.")
-  return aggregators.fixed_weighting(num_tasks, weights, method)
+    raise ValueError(f"constant: weights (shape ({num_tasks},)) are required.")
+  return aggregators.linear_scalarization(num_tasks, weights)
 
 
 # RLW is one method on both paths (stacked gradients and the single-backward
@@ -96,20 +79,25 @@ class EMAWeightsState(NamedTuple):
   inner_state: Any
 
 
-def ema_weights(inner: optax.GradientTransformation, num_tasks: int,
-                alpha: float = 0.9) -> optax.GradientTransformationExtraArgs:
+def _is_transformation(value: Any) -> bool:
+  return hasattr(value, "init") and hasattr(value, "update")
+
+
+@deprecation.renamed_arguments(alpha="decay")
+def ema_weights(num_tasks: int, inner: optax.GradientTransformation,
+                decay: float = 0.9) -> optax.GradientTransformationExtraArgs:
   """CR-MOGM: exponential moving average over another method's task weights.
 
   Zhou, Zhang, Jiang, Tsang, Li & Yang, "On the Convergence of Stochastic
   Multi-Objective Gradient Manipulation and Beyond", NeurIPS 2022: the
   weights ``w_hat_k`` returned by the wrapped method at step ``k`` are
-  smoothed as ``w_k = alpha w_{k-1} + (1 - alpha) w_hat_k`` with
+  smoothed as ``w_k = decay w_{k-1} + (1 - decay) w_hat_k`` with
   ``w_0 = w_hat_1`` (so the first step equals the wrapped method), and the
   update is ``d = sum_i w_k[i] g_i``. Output scale: that of the wrapped
-  method's weights (e.g. convex weights of MGDA: ``g0`` scale). ``alpha = 0``
-  reproduces the wrapped method; ``alpha = 1`` freezes the first weights.
-  Defaults follow TorchJD's ``CRMOGMWeighting`` (``alpha = 0.9``); the paper's
-  Corollary 1 lets ``alpha`` grow towards 1 as the learning rate decays: use
+  method's weights (e.g. convex weights of MGDA: ``g0`` scale). ``decay = 0``
+  reproduces the wrapped method; ``decay = 1`` freezes the first weights.
+  Defaults follow TorchJD's ``CRMOGMWeighting`` (its ``alpha = 0.9``); the
+  paper's Corollary 1 lets ``decay`` grow towards 1 as the learning rate decays: use
   ``optax.inject_hyperparams`` for a schedule.
 
   .. math::
@@ -125,16 +113,20 @@ def ema_weights(inner: optax.GradientTransformation, num_tasks: int,
   weighted sum is dead code and costs nothing.
 
   Args:
-    inner: the wrapped transformation, built for the same ``num_tasks``.
     num_tasks: number of tasks K.
-    alpha: weight of the previous average, in [0, 1]. Injectable.
+    inner: the wrapped transformation, built for the same ``num_tasks``.
+      The former order ``ema_weights(inner, num_tasks)`` still works, with a
+      DeprecationWarning.
+    decay: weight of the previous average (optax's EMA ``decay``), in
+      [0, 1]. Injectable. Formerly ``alpha`` (same meaning), a deprecated
+      alias.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`EMAWeightsState`.
 
   Example (MGDA on two alternating batches):
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
-    >>> tx = mo.ema_weights(mo.mgda(2), 2, alpha=0.5)
+    >>> tx = mo.ema_weights(2, mo.mgda(2), decay=0.5)
     >>> state = tx.init(jnp.zeros(3))
     >>> for grads in ([[-4., 1., 1.], [6., 1., 1.]], [[1., 0., 0.], [0., 1., 0.]]):
     ...   update, state = tx.update(jnp.array(grads), state)
@@ -143,12 +135,17 @@ def ema_weights(inner: optax.GradientTransformation, num_tasks: int,
     [0.55 0.45]
   """
   method = "ema_weights"
-  if not (hasattr(inner, "init") and hasattr(inner, "update")):
+  if _is_transformation(num_tasks) and not _is_transformation(inner):
+    warnings.warn("ema_weights(inner, num_tasks) is deprecated: use "
+                  "ema_weights(num_tasks, inner) (num_tasks first).",
+                  DeprecationWarning, stacklevel=2)
+    num_tasks, inner = inner, num_tasks
+  if not _is_transformation(inner):
     raise TypeError(f"{method}: inner must be an optax transformation (e.g. "
                     f"mo.mgda(num_tasks)), got {type(inner).__name__}. Note "
-                    "the argument order: ema_weights(inner, num_tasks).")
+                    "the argument order: ema_weights(num_tasks, inner).")
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  validation.check_probability(alpha, "alpha", method)
+  validation.check_probability(decay, "decay", method)
 
   def inner_weights(inner_state):
     weights = optax.tree.get(inner_state, "weights")
@@ -177,14 +174,14 @@ def ema_weights(inner: optax.GradientTransformation, num_tasks: int,
     _, inner_state = inner.update(updates, state.inner_state.value, params,
                                   **extra_args)
     fresh = inner_weights(inner_state).astype(state.weights.dtype)
-    a = jnp.asarray(alpha, state.weights.dtype)
+    a = jnp.asarray(decay, state.weights.dtype)
     smoothed = jnp.where(state.count == 0, fresh,
                          a * state.weights + (1 - a) * fresh)
     return (tree_math.weighted_task_sum(smoothed, updates),
             EMAWeightsState(smoothed, state.count + 1, base.Opaque(inner_state)))
 
   return base.guarded_transformation(
-      num_tasks, method, init_fn, base.finite_if_weights_and_update_are(step))
+      num_tasks, method, init_fn, step)
 
 
 # --- private helpers shared with surgery.py, stochastic.py, robust.py ---

@@ -15,10 +15,10 @@ CASES = [
     MethodCase("aligned_mtl", mo.aligned_mtl),
     MethodCase("config", mo.config),
     MethodCase("nash_mtl", mo.nash_mtl,
-               {"update_weights_every": 1, "optim_niter": 20,
+               {"update_every": 1, "max_iter": 20,
                 "max_norm": 1.0}),
     MethodCase("nash_mtl_every2_unclipped", mo.nash_mtl,
-               {"update_weights_every": 2, "optim_niter": 20,
+               {"update_every": 2, "max_iter": 20,
                 "max_norm": 0.0}),
     MethodCase("fairgrad", mo.fairgrad, {"alpha": 1.0, "max_iter": 50}),
 ]

@@ -14,7 +14,7 @@ from tests.conftest import MethodCase
 
 @dataclasses.dataclass(frozen=True)
 class WrapperCase(MethodCase):
-  """A wrapper ``factory(inner, num_tasks, ...)``: the inner method is rebuilt
+  """A wrapper ``factory(num_tasks, inner, ...)``: the inner method is rebuilt
   for every K (``kwargs['inner']`` is the K = 3 instance that
   ``optax.inject_hyperparams`` receives as a non-numeric argument)."""
   inner_factory: Callable = None
@@ -35,7 +35,7 @@ def _with_second_batch(params, task_losses, loss_fn):
 
 
 CASES = [
-    MethodCase("gradvac", mo.gradvac, {"beta": 0.5, "seed": 2},
+    MethodCase("gradvac", mo.gradvac, {"decay": 0.5, "seed": 2},
                deterministic=False),
     # Random sign choices promise no per-task descent on a given run.
     MethodCase("graddrop", mo.graddrop, {"seed": 1, "leak": 0.0},
@@ -46,27 +46,29 @@ CASES = [
                min_tasks=3, trains_every_task=False),
     MethodCase("excess_mtl", mo.excess_mtl,
                {"robust_step_size": 0.5, "warmup_steps": 1}),
-    # With LibMTL's inner step (lr=5) the 20 projected steps jump between
+    # With LibMTL's inner step (learning_rate=5) the 20 projected steps jump between
     # vertices of the simplex and one task's loss rises on the test problem;
     # a smaller inner step converges and then trains every task.
-    MethodCase("sdmgrad", mo.sdmgrad, {"lam": 0.3, "lr": 0.5,
-                                       "num_iters": 20}),
-    MethodCase("sdmgrad_two_batches", mo.sdmgrad, {"lam": 0.3, "lr": 5.0},
+    MethodCase("sdmgrad", mo.sdmgrad, {"lam": 0.3, "learning_rate": 0.5,
+                                       "max_iter": 20}),
+    MethodCase("sdmgrad_two_batches", mo.sdmgrad, {"lam": 0.3, "learning_rate": 5.0},
                extra_args=_with_second_batch, trains_every_task=False),
-    MethodCase("modo", mo.modo, {"gamma": 0.1, "rho": 0.1}),
-    MethodCase("modo_two_batches", mo.modo, {"gamma": 0.1, "rho": 0.1},
+    MethodCase("modo", mo.modo, {"learning_rate": 0.1, "rho": 0.1}),
+    MethodCase("modo_two_batches", mo.modo, {"learning_rate": 0.1, "rho": 0.1},
                extra_args=_with_second_batch),
     # MoCo weights loss-scaled unit directions with near-uniform (softmax)
     # weights: the task with the largest loss dominates, and on the test
     # problem another task's loss rises slightly.
-    MethodCase("moco", mo.moco, {"beta": 0.5, "gamma": 0.1, "rho": 0.0},
+    MethodCase("moco", mo.moco, {"decay": 0.5, "learning_rate": 0.1,
+                                 "rho": 0.0},
                trains_every_task=False),
     MethodCase("random_weighting", mo.random_weighting, {"seed": 4},
                deterministic=False),
     # A tuple is not injected: injected ``weights`` would put a second
     # ``weights`` entry (the hyper-parameter) in the state, which
     # optax.tree.get then refuses (tests/test_weightings.py covers it).
-    MethodCase("constant", mo.constant, {"weights": (0.2, 0.3, 0.5)},
+    MethodCase("linear_scalarization_weights", mo.linear_scalarization,
+               {"weights": (0.2, 0.3, 0.5)},
                permutation_equivariant=False, min_tasks=3,
                trains_every_task=False),
     MethodCase("krum", mo.krum, {"n_byzantine": 0, "n_selected": 2},
@@ -74,7 +76,7 @@ CASES = [
     MethodCase("trimmed_mean", mo.trimmed_mean, {"trim_number": 1},
                min_tasks=3),
     WrapperCase("ema_weights_mgda", mo.ema_weights,
-                {"inner": mo.mgda(3), "alpha": 0.7},
+                {"inner": mo.mgda(3), "decay": 0.7},
                 inner_factory=mo.mgda),
 ]
 

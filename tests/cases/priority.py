@@ -4,6 +4,6 @@ import mtl_optax as mo
 from tests.conftest import MethodCase
 
 CASES = [
-    MethodCase("pcd", mo.pcd, {"tau": 0.2, "beta": 0.9, "eps": 1e-8},
+    MethodCase("pcd", mo.pcd, {"tau": 0.2, "decay": 0.9, "eps": 1e-8},
                permutation_equivariant=False),
 ]

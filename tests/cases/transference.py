@@ -40,7 +40,7 @@ class CandidatesCase(MethodCase):
 
 CASES = [
     WrapperCase("track_affinity_mean", mo.track_affinity,
-                {"lr": 0.1, "every": 2, "inner": mo.linear_scalarization(3)},
+                {"lr": 0.1, "update_every": 2, "inner": mo.linear_scalarization(3)},
                 inner_factory=mo.linear_scalarization, extra_args=_extras),
     # The default candidates include PCGrad, which is randomised.
     MethodCase("it_mtl", mo.it_mtl, {"lookahead_lr": 0.1, "seed": 1},
