@@ -175,8 +175,13 @@ def ldc_mtl(num_tasks: int, penalty: float = 0.05,
     del step
     grad = jax.grad(total, argnums=1)(losses, state.logits, state)
     delta, opt_state = opt.update(grad, state.logits_opt_state, state.logits)
-    return LDCMTLState(coeffs, optax.apply_updates(state.logits, delta),
-                       opt_state, initial(state, losses),
+    # A step that overflows the optimizer's moments (losses ~1e19 and up in
+    # float32) is skipped, so the router keeps adapting afterwards.
+    logits, opt_state = keep_if(
+        base.all_finite((delta, opt_state)),
+        (optax.apply_updates(state.logits, delta), opt_state),
+        (state.logits, state.logits_opt_state))
+    return LDCMTLState(coeffs, logits, opt_state, initial(state, losses),
                        jnp.minimum(state.count + 1, 1))
 
   return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
@@ -364,7 +369,9 @@ def auto_lambda(num_tasks: int, virtual_lr: float = 0.1,
     stepped = state._replace(meta_weights=optax.apply_updates(lam, delta),
                              meta_opt_state=opt_state)
     # An overflowing look-ahead must not poison lambda: skip the meta-update.
-    return keep_if(base.all_finite(stepped.meta_weights), stepped, state)
+    # Also the meta-optimizer's moments: an overflowing look-ahead (or one
+    # that overflows Adam's second moment) skips the meta-update.
+    return keep_if(base.all_finite(stepped), stepped, state)
 
   def update_fn(updates, state, params=None, **extra_args):
     validation.check_task_losses(extra_args.get("task_losses"), num_tasks,
