@@ -39,7 +39,7 @@ TARGET = 1.5  # target: no method slower than 1.5x MGDA
 METHODS = {
     "mgda": mo.mgda,
     "linear_scalarization": mo.linear_scalarization,
-    "constant": lambda k: mo.constant(k, np.linspace(1.0, 2.0, k)),
+    "constant": lambda k: mo.linear_scalarization(k, np.linspace(1.0, 2.0, k)),
     "random_weighting": mo.random_weighting,
     "cagrad": lambda k: mo.cagrad(k, c=0.4),
     "pcgrad": mo.pcgrad,

@@ -7,12 +7,12 @@ same jitted training step is timed
 * plain: ``value_and_task_grads`` + ``linear_scalarization`` + SGD;
 * with ``mo.track_affinity(K, lr, every=1)`` in front (a look-ahead of K + 1
   points every step);
-* with ``every=10`` (TAG's efficient default; ``lax.cond`` skips the other
+* with ``update_every=10`` (TAG's efficient default; ``lax.cond`` skips the other
   nine steps);
 * for reference, ``mo.it_mtl`` (mean and PCGrad candidates, 2 look-aheads).
 
 Each variant runs ``steps`` steps inside one jitted ``lax.scan`` (so the
-``every=10`` cadence is amortised over the scan). The variants are timed
+``update_every=10`` cadence is amortised over the scan). The variants are timed
 interleaved after a warm-up call (compilation excluded); the table reports
 the minimum over repeats per step (the least disturbed by other processes on
 a shared machine; medians are in the JSON) and its ratio to the plain step,
@@ -108,7 +108,7 @@ def bench(sizes, steps, repeats, batch, width):
             mo.track_affinity(num_tasks, LR, every=1, shared_mask=shared),
             mo.linear_scalarization(num_tasks), optax.sgd(LR)),
         "every_10": optax.chain(
-            mo.track_affinity(num_tasks, LR, every=10, shared_mask=shared),
+            mo.track_affinity(num_tasks, LR, update_every=10, shared_mask=shared),
             mo.linear_scalarization(num_tasks), optax.sgd(LR)),
         "it_mtl": optax.chain(mo.it_mtl(num_tasks, lookahead_lr=LR),
                               optax.sgd(LR)),

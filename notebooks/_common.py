@@ -127,7 +127,7 @@ def stacked_methods(cagrad_cs: Sequence[float] = (0.4,)) -> list[Method]:
       ("Trimmed mean", "trimmed_mean", {}, False, 3),
       ("M-ConFIG (direction)", "momentum_config", {"normalize": False}, False,
        2),
-      ("PSMGD (R=4)", "psmgd", {"period": 4}, False, 2),
+      ("PSMGD (R=4)", "psmgd", {"update_every": 4}, False, 2),
       ("Auto-Lambda", "auto_lambda", {"virtual_lr": 1e-3}, True, 2),
   ]
   for name, attr, kwargs, uses_losses, min_tasks in optional:
@@ -136,7 +136,7 @@ def stacked_methods(cagrad_cs: Sequence[float] = (0.4,)) -> list[Method]:
           k, **kw), uses_losses=uses_losses, min_tasks=min_tasks))
   if hasattr(mo, "ema_weights"):
     out.append(Method("CR-MOGM (EMA of MGDA)",
-                      lambda k: mo.ema_weights(mo.mgda(k), k)))
+                      lambda k: mo.ema_weights(k, mo.mgda(k))))
   return out
 
 
@@ -149,7 +149,7 @@ def loss_weighting_methods() -> list[Method]:
       ("STCH", "stch", {}),
       ("GLS", "gls", {}),
       ("IMTL-L", "imtl_l", {}),
-      ("RLW", "random_loss_weighting", {}),
+      ("RLW", "random_weighting", {}),
       ("SI-LS (log losses)", "scale_invariant", {}),
       ("GradNorm", "gradnorm", {}),
       ("COSMOS", "cosmos", {}),
