@@ -242,7 +242,7 @@ class GramVectorState(NamedTuple):
 
 class JvpState(NamedTuple):
   """Estimator state of ``estimator='jvp'``: ``spread_shape`` as in
-  :class:`GramVectorState` (exact products need no radius)."""
+  ``GramVectorState`` (exact products need no radius)."""
   spread_shape: jax.Array
 
 
@@ -295,10 +295,10 @@ class MarigoldState(NamedTuple):
       ``learning_rate`` (0 at the estimated optimum).
     count: ``()`` number of ``update`` calls.
     key: PRNG key (probe and random directions).
-    estimator_state: :class:`GramVectorState`, :class:`JvpState`,
-      :class:`ResidualFeedbackState`, or ``optax.EmptyState()`` (two-point
+    estimator_state: ``GramVectorState``, ``JvpState``,
+      ``ResidualFeedbackState``, or ``optax.EmptyState()`` (two-point
       random directions).
-    criterion_state: :class:`CAGradCriterionState` (CAGrad) or
+    criterion_state: ``CAGradCriterionState`` (CAGrad) or
       ``optax.EmptyState()``.
 
   The former flat fields ``spread_shape``, ``radius_scale``, ``direction``,
