@@ -43,6 +43,14 @@ _SLOW_TESTS = (
     "tests/test_marigold.py::test_random_directions_exact_for_mgda_and_tightens_with_q_for_cagrad",
     "tests/test_flax_utils.py::test_linen_training_lowers_every_task",
     "tests/test_aggregators.py::test_mgda_output_is_min_norm_and_common_descent",
+    "tests/test_momentum.py::test_psmgd_reuses_mgda_weights_between_solves",
+    "tests/test_flax_utils.py::test_nnx_chunked_task_grads_and_train_step_equal_vmap",
+    "tests/test_marigold.py::test_jvp_estimator_converges_to_the_exact_weights_without_bias",
+    "tests/test_marigold.py::test_lookahead_criterion_converges_to_its_exact_minimiser",
+    "tests/test_cagrad.py::test_cagrad_fast_solves_the_papers_surrogate_problem",
+    "tests/test_bargaining.py::test_degenerate_inputs_are_reported_not_averaged",
+    "tests/test_stochastic.py::test_old_spellings_warn_and_convert",
+    "tests/test_flax_utils.py::test_nnx_weighted_grad_is_weighted_sum_of_task_grads",
 )
 
 
