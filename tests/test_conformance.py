@@ -42,7 +42,7 @@ def _allclose(a, b, rtol=1e-5, atol=1e-6):
 #: 25 s of CPU there. Every other method takes the core checks (jit equals
 #: eager, shapes and dtypes, the errors) by default and the rest under
 #: ``-m slow``.
-REPRESENTATIVE = {"mgda", "upgrad", "famo"}
+REPRESENTATIVE = {"mgda", "famo"}
 #: Degenerate inputs of the default run (on the representative methods).
 REPRESENTATIVE_INPUTS = {"all_zero", "huge", "k_equals_1"}
 _SLOW = pytest.mark.slow
