@@ -128,6 +128,7 @@ def stacked_methods(cagrad_cs: Sequence[float] = (0.4,)) -> list[Method]:
       ("M-ConFIG (direction)", "momentum_config", {"normalize": False}, False,
        2),
       ("PSMGD (R=4)", "psmgd", {"update_every": 4}, False, 2),
+      ("PCD (left digit primary)", "pcd", {}, False, 2),
       ("Auto-Lambda", "auto_lambda", {"virtual_lr": 1e-3}, True, 2),
   ]
   for name, attr, kwargs, uses_losses, min_tasks in optional:
