@@ -319,18 +319,22 @@ class TrackAffinityState(NamedTuple):
     affinity: ``(K, K)`` running mean of ``Z`` over the look-ahead steps
       (``Z[i, j]``: effect of a step on ``i`` on task ``j``).
     last_affinity: ``(K, K)`` the last finite ``Z`` computed.
-    count: number of look-aheads averaged into ``affinity``.
-    step: number of finite updates seen (look-ahead when
-      ``step % update_every == 0``).
+    num_averaged: number of look-aheads averaged into ``affinity`` (this
+      field was called ``count`` before; ``count`` is now the step counter).
+    count: number of finite updates seen (look-ahead when
+      ``count % update_every == 0``; formerly ``step``, a deprecated
+      read-only alias).
     inner_state: the wrapped method's state, held opaquely (hidden from
       ``optax.tree.get``); it is ``inner_state.value``.
   """
   weights: jax.Array
   affinity: jax.Array
   last_affinity: jax.Array
+  num_averaged: jax.Array
   count: jax.Array
-  step: jax.Array
   inner_state: Any
+
+  step = deprecation.renamed_field("count", "step")
 
 
 def _check_inner(inner: Any, method: str, what: str = "inner") -> None:
@@ -360,24 +364,25 @@ def _require(params: Any, loss_fn: Any, method: str) -> None:
 
 def _tracked_affinity(state: TrackAffinityState, update_every: Any,
                       measure_z: Callable[[], jax.Array]):
-  """``(affinity, last_affinity, count)`` after this step: ``Z`` is measured
-  and averaged in on due steps only (a ``lax.cond``), and only if finite."""
+  """``(affinity, last_affinity, num_averaged)`` after this step: ``Z`` is
+  measured and averaged in on due steps only (a ``lax.cond``), and only if
+  finite."""
 
   def measure(_):
     z = measure_z()
     finite = jnp.all(jnp.isfinite(z))
-    count = state.count + finite.astype(jnp.int32)
+    num_averaged = state.num_averaged + finite.astype(jnp.int32)
     mean = state.affinity + (z - state.affinity) / jnp.maximum(
-        count, 1).astype(z.dtype)
+        num_averaged, 1).astype(z.dtype)
     return (jnp.where(finite, mean, state.affinity),
-            jnp.where(finite, z, state.last_affinity), count)
+            jnp.where(finite, z, state.last_affinity), num_averaged)
 
   def skip(_):
-    return state.affinity, state.last_affinity, state.count
+    return state.affinity, state.last_affinity, state.num_averaged
 
   if validation.is_concrete(update_every) and int(update_every) == 1:
     return measure(None)
-  due = state.step % jnp.asarray(update_every, state.step.dtype) == 0
+  due = state.count % jnp.asarray(update_every, state.count.dtype) == 0
   return jax.lax.cond(due, measure, skip, None)
 
 
@@ -401,7 +406,7 @@ def track_affinity(
   every ``update_every`` steps (TAG's efficient default: 10) on the step's
   batch.
 
-  On steps where ``step % update_every != 0`` a ``lax.cond`` skips the look-ahead
+  On steps where ``count % update_every != 0`` a ``lax.cond`` skips the look-ahead
   entirely (under ``jax.vmap`` a ``cond`` runs both branches). The look-ahead
   needs the ``loss_fn`` extra argument (``params -> (K,)`` losses on the
   current batch) and ``params``; ``loss_fn`` is evaluated at ``K + 1`` points
@@ -462,7 +467,8 @@ def track_affinity(
     ...   losses, grads = mo.value_and_task_grads(loss_fn)(w)
     ...   updates, state = tx.update(grads, state, w, loss_fn=loss_fn)
     ...   w = optax.apply_updates(w, updates)
-    >>> print(int(state[0].count), np.asarray(state[0].affinity, np.float64).round(4))
+    >>> print(int(state[0].num_averaged),
+    ...       np.asarray(state[0].affinity, np.float64).round(4))
     2 [[ 0.36    0.1776 -0.3501]
      [ 0.6759  0.36   -0.8042]
      [-0.5996 -0.2558  0.36  ]]
@@ -502,12 +508,12 @@ def track_affinity(
                                       **extra_args)
       weights = _weights_of(inner_state, num_tasks, method).astype(dtype)
 
-    affinity, last, count = _tracked_affinity(
+    affinity, last, num_averaged = _tracked_affinity(
         state, update_every, lambda: _affinity(
             loss_fn, params, updates, lr, flags, None, 0.0, weight_decay,
             normalize_by_lr, None, num_tasks, method).astype(dtype))
-    new_state = TrackAffinityState(weights, affinity, last, count,
-                                   state.step + 1, base.Opaque(inner_state))
+    new_state = TrackAffinityState(weights, affinity, last, num_averaged,
+                                   state.count + 1, base.Opaque(inner_state))
     finite = base.all_finite(updates) & base.all_finite(weights)
     if inner is not None:
       finite &= base.all_finite(out)
