@@ -76,6 +76,8 @@ class _RenamingSignature(inspect.Signature):
   __slots__ = ("_factory_name", "_table", "_factory_signature")
 
   def bind(self, *args, **kwargs):
+    if getattr(self, "_table", None) is None:  # a copy made by .replace()
+      return super().bind(*args, **kwargs)
     kwargs = _new_spellings(self._factory_name, self._table, kwargs,
                             stacklevel=3)
     return self._factory_signature.bind(*args, **kwargs)
