@@ -162,11 +162,6 @@ def _weights_state(state_type):
   return lambda num_tasks, dtype: state_type(_uniform(num_tasks, dtype))
 
 
-def _keyed_start(seed: int, make: Callable) -> Callable:
-  return lambda num_tasks, dtype: make(num_tasks, dtype,
-                                       jax.random.PRNGKey(seed))
-
-
 def _preference(pref_vector, num_tasks, dtype, default):
   if pref_vector is None:
     return jnp.full((num_tasks,), default, dtype)
@@ -302,12 +297,15 @@ def upgrad(gram: Gram, state: Optional[dual_cone.DualConeState] = None, *,
      w = \\sum_i v^{(i)}, \\qquad v^{(i)} = \\arg\\min_{v \\ge p_i e_i}
      v^\\top \\Big( \\frac{G}{\\operatorname{tr} G} + \\epsilon I \\Big) v
 
-  Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
+  Example (TorchJD's test matrix, ``G = J J^T``: the update conflicts with
+  no task, ``J d = G w >= 0``):
     >>> import jax.numpy as jnp, numpy as np
     >>> from mtl_optax import gram_weightings as gw
-    >>> jac = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
-    >>> print(np.asarray(gw.upgrad(jac @ jac.T).weights, np.float64).round(4))
-    [1.1109 0.7894]
+    >>> gram = jnp.array([[18., -22.], [-22., 38.]])
+    >>> w = gw.upgrad(gram).weights
+    >>> print(np.asarray(w, np.float64).round(4),
+    ...       np.asarray(gram @ w, np.float64).round(4))
+    [1.1109 0.7894] [2.6291 5.5581]
   """
   return _dual_cone("upgrad", dual_cone.upgrad_weights, gram, state,
                     pref_vector, reg_eps, max_iter, tol)
@@ -327,11 +325,14 @@ def dualproj(gram: Gram, state: Optional[dual_cone.DualConeState] = None, *,
      w = \\arg\\min_{v \\ge p} v^\\top \\Big( \\frac{G}{\\operatorname{tr} G}
      + \\epsilon I \\Big) v
 
-  Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
+  Example (TorchJD's test matrix; the weights do not change when the Gram
+  matrix is scaled by 1e20):
     >>> import jax.numpy as jnp, numpy as np
     >>> from mtl_optax import gram_weightings as gw
-    >>> jac = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
-    >>> print(np.asarray(gw.dualproj(jac @ jac.T).weights, np.float64).round(4))
+    >>> for scale in (1.0, 1e20):
+    ...   gram = scale * jnp.array([[18., -22.], [-22., 38.]])
+    ...   print(np.asarray(gw.dualproj(gram).weights, np.float64).round(4))
+    [0.6109 0.5   ]
     [0.6109 0.5   ]
   """
   return _dual_cone("dualproj", dual_cone.dualproj_weights, gram, state,
@@ -361,12 +362,15 @@ def imtl_g(gram: Gram, state: Optional[aggregators.WeightsState] = None
 
      w = \\frac{G^+ n}{\\mathbf{1}^\\top G^+ n}, \\qquad n_i = \\sqrt{G_{ii}}
 
-  Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
+  Example (a :class:`NormalizedGram` input; the update's projections onto
+  the unit gradients, ``(G w)_i / sqrt(G_ii)``, are equal):
     >>> import jax.numpy as jnp, numpy as np
     >>> from mtl_optax import gram_weightings as gw
-    >>> jac = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
-    >>> print(np.asarray(gw.imtl_g(jac @ jac.T).weights, np.float64).round(4))
-    [0.5923 0.4077]
+    >>> gram = jnp.array([[18., -22.], [-22., 38.]])
+    >>> w = gw.imtl_g(gw.normalize_gram(gram)).weights
+    >>> print(np.asarray(w, np.float64).round(4), np.asarray(
+    ...     gram @ w / jnp.sqrt(jnp.diag(gram)), np.float64).round(4))
+    [0.5923 0.4077] [0.3991 0.3991]
   """
   return _memoryless("imtl_g", gram, state, aggregators.WeightsState,
                      closed_form.imtl_g_weights)
@@ -386,13 +390,13 @@ def aligned_mtl(gram: Gram, state: Optional[aggregators.WeightsState] = None,
      w = B p, \\qquad B = \\sqrt{s}\\, V \\Lambda^{-1/2} V^\\top, \\qquad
      G = V \\Lambda V^\\top
 
-  Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
+  Example (orthogonal gradients of norms 3 and 1: ``d = w @ J = (1/2,
+  1/2)``, both aligned to the smallest norm):
     >>> import jax.numpy as jnp, numpy as np
     >>> from mtl_optax import gram_weightings as gw
-    >>> jac = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
-    >>> out = gw.aligned_mtl(jac @ jac.T)
+    >>> out = gw.aligned_mtl(jnp.diag(jnp.array([9., 1.])), scale_mode="min")
     >>> print(np.asarray(out.weights, np.float64).round(4))
-    [0.5591 0.4083]
+    [0.1667 0.5   ]
   """
   if scale_mode not in closed_form.SCALE_MODES:
     raise ValueError(f"gram_weightings.aligned_mtl: scale_mode must be one "
@@ -421,8 +425,8 @@ def config(gram: Gram, state: Optional[aggregators.WeightsState] = None, *,
     >>> import jax.numpy as jnp, numpy as np
     >>> from mtl_optax import gram_weightings as gw
     >>> jac = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
-    >>> out = gw.config(jac @ jac.T)
-    >>> print(np.asarray(out.weights @ jac, np.float64).round(4))
+    >>> d = gw.config(jac @ jac.T).weights @ jac
+    >>> print(np.asarray(d, np.float64).round(4))
     [0.0794 1.0353 1.0353]
   """
   return _memoryless(
@@ -490,19 +494,16 @@ def nash_mtl(gram: Gram, state: Optional[bargaining.NashMTLState] = None, *,
      \\text{max_norm} \\;(\\text{if } \\text{max_norm} > 0)
 
   Example (TorchJD's test matrix; TorchJD's update is [0.0542, 0.7061,
-  0.7061]):
+  0.7061]; the state's ``alpha`` solves ``alpha_i (G alpha)_i = 1``):
     >>> import jax.numpy as jnp, numpy as np
     >>> from mtl_optax import gram_weightings as gw
     >>> jac = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
     >>> out = gw.nash_mtl(jac @ jac.T)
-    >>> print(np.asarray(out.weights @ jac, np.float64).round(4))
-    [0.0542 0.7061 0.7061]
+    >>> alpha = out.state.alpha
+    >>> print(np.asarray(out.weights @ jac, np.float64).round(4),
+    ...       np.asarray(alpha * (jac @ jac.T @ alpha), np.float64).round(4))
+    [0.0542 0.7061 0.7061] [1. 1.]
   """
-  def initial(num_tasks, dtype):
-    return bargaining.NashMTLState(
-        jnp.ones((num_tasks,), dtype), jnp.ones((num_tasks,), dtype),
-        jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
-
   def rule(normalized, state):
     g = normalized.gram
     rms = normalized.rms_norm.astype(g.dtype)
@@ -518,7 +519,8 @@ def nash_mtl(gram: Gram, state: Optional[bargaining.NashMTLState] = None, *,
     return weights, bargaining.NashMTLState(weights, alpha, state.count + 1,
                                             residual)
 
-  return _run("nash_mtl", gram, state, initial, rule)
+  return _run("nash_mtl", gram, state, bargaining.nash_mtl_initial_state,
+              rule)
 
 
 def fairgrad(gram: Gram, state: Optional[bargaining.FairGradState] = None, *,
@@ -534,12 +536,15 @@ def fairgrad(gram: Gram, state: Optional[bargaining.FairGradState] = None, *,
 
      G w = w^{-1/\\alpha} \\;\\text{(element-wise)}
 
-  Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
+  Example (TorchJD's test matrix, then 4 times it: the weights scale by
+  ``4**(-1/2)``):
     >>> import jax.numpy as jnp, numpy as np
     >>> from mtl_optax import gram_weightings as gw
-    >>> jac = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
-    >>> print(np.asarray(gw.fairgrad(jac @ jac.T).weights, np.float64).round(4))
-    [0.5915 0.4071]
+    >>> gram = jnp.array([[18., -22.], [-22., 38.]])
+    >>> w1, w4 = gw.fairgrad(gram).weights, gw.fairgrad(4 * gram).weights
+    >>> print(np.asarray(w1, np.float64).round(4),
+    ...       np.asarray(w4 / w1, np.float64).round(4))
+    [0.5915 0.4071] [0.5 0.5]
   """
   def initial(num_tasks, dtype):
     return bargaining.FairGradState(_uniform(num_tasks, dtype),
@@ -578,9 +583,8 @@ def pcgrad(gram: Gram, state: Optional[aggregators.PCGradState] = None, *,
     coeffs = aggregators.pcgrad_coefficients(normalized.gram, subkey)
     return coeffs, aggregators.PCGradState(coeffs, key)
 
-  return _run("pcgrad", gram, state, _keyed_start(
-      seed, lambda k, dtype, key: aggregators.PCGradState(
-          _uniform(k, dtype), key)), rule)
+  return _run("pcgrad", gram, state, lambda k, dtype: (
+      aggregators.pcgrad_initial_state(k, dtype, seed)), rule)
 
 
 @deprecation.renamed_arguments(beta=("decay", lambda beta: 1 - beta))
@@ -594,13 +598,15 @@ def gradvac(gram: Gram, state: Optional[surgery.GradVacState] = None, *,
   1 - decay``, a deprecated alias that converts); orders come from the
   state's key. Scale-invariant. State: :class:`mtl_optax.GradVacState`.
 
-  Example (TorchJD's test matrix; TorchJD sums, giving twice the update):
+  Example (TorchJD's test matrix; TorchJD sums, giving twice the update; the
+  new targets are the cosines' EMA):
     >>> import jax.numpy as jnp, numpy as np
     >>> from mtl_optax import gram_weightings as gw
     >>> jac = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
     >>> out = gw.gradvac(jac @ jac.T)
-    >>> print(np.asarray(out.weights @ jac, np.float64).round(4))
-    [0.2924 1.9006 1.9006]
+    >>> print(np.asarray(out.weights @ jac, np.float64).round(4),
+    ...       np.asarray(out.state.targets[0, 1], np.float64).round(4))
+    [0.2924 1.9006 1.9006] -0.4206
   """
   def rule(normalized, state):
     key, subkey = jax.random.split(state.key)
@@ -608,9 +614,8 @@ def gradvac(gram: Gram, state: Optional[surgery.GradVacState] = None, *,
         normalized.gram, state.targets, decay, subkey)
     return coeffs, surgery.GradVacState(coeffs, targets, key)
 
-  return _run("gradvac", gram, state, _keyed_start(
-      seed, lambda k, dtype, key: surgery.GradVacState(
-          _uniform(k, dtype), jnp.zeros((k, k), dtype), key)), rule)
+  return _run("gradvac", gram, state, lambda k, dtype: (
+      surgery.gradvac_initial_state(k, dtype, seed)), rule)
 
 
 # --- priorities ---
@@ -629,12 +634,13 @@ def pcd(gram: Gram, state: Optional[priority.PCDState] = None, *,
   (exactly for ``eps = 0``), with ``||sum_i c_i g_i|| = ||g_1||``. State:
   :class:`mtl_optax.PCDState`.
 
-  Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
+  Example (TorchJD's test matrix, twice, the state passed on):
     >>> import jax.numpy as jnp, numpy as np
     >>> from mtl_optax import gram_weightings as gw
-    >>> jac = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
-    >>> print(np.asarray(gw.pcd(jac @ jac.T).weights, np.float64).round(4))
-    [1.8481 1.0954]
+    >>> gram = jnp.array([[18., -22.], [-22., 38.]])
+    >>> out = gw.pcd(gram, gw.pcd(gram).state)
+    >>> print(int(out.state.count), np.asarray(out.weights, np.float64).round(4))
+    2 [1.8481 1.0954]
   """
   def rule(normalized, state):
     return priority.pcd_weights(normalized, state, tau, decay, eps, max_iter)

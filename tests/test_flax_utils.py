@@ -439,7 +439,7 @@ def test_nnx_train_step_lookahead_method_inside_partition():
   for _ in range(10):
     step(model, opt, x, y)
   tracked = nnx.as_pure(opt.opt_state)[0].inner_states["shared"].inner_state[0]
-  assert int(tracked.count) == 5
+  assert int(tracked.num_averaged) == 5
   z = np.asarray(tracked.affinity)
   assert np.all(np.isfinite(z)) and np.all(np.diag(z) > 0)
   assert np.all(np.asarray(nnx_losses(model, x, y)) < np.asarray(first))

@@ -256,7 +256,7 @@ def test_track_affinity_passes_through_and_averages_every_n_steps():
       expected.append(np.asarray(z))
     w = optax.apply_updates(w, updates)
   track = state[0]
-  assert int(track.count) == 3 and int(track.step) == steps
+  assert int(track.num_averaged) == 3 and int(track.count) == steps
   np.testing.assert_allclose(track.affinity, np.mean(expected, axis=0),
                              rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(track.last_affinity, expected[-1], rtol=1e-5,
@@ -281,7 +281,9 @@ def test_track_affinity_skips_the_lookahead_with_cond():
   first = np.asarray(state.affinity)
   _, state = tx.update(2 * grads, state, w, loss_fn=loss_fn)
   np.testing.assert_array_equal(state.affinity, first)
-  assert int(state.count) == 1 and int(state.step) == 2
+  assert int(state.num_averaged) == 1 and int(state.count) == 2
+  with pytest.warns(DeprecationWarning, match=r"step is deprecated: use \.count"):
+    assert int(state.step) == 2
 
 
 def test_track_affinity_wrapping_inner_and_partition():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import mtl_optax as mo
@@ -115,3 +116,51 @@ def test_validators_are_lenient_with_traced_values_only():
     validation.check_probability(x, "x", "m")
     return x
   jax.jit(traced)(-1.0)
+
+
+# Old keyword spellings through optax.inject_hyperparams: (factory, the old
+# keywords, the same arguments under the new names, the static arguments).
+INJECTED_OLD_SPELLINGS = {
+    "sdmgrad": (mo.sdmgrad, {"lr": 0.3, "num_iters": 4},
+                {"learning_rate": 0.3, "max_iter": 4}, ("max_iter",)),
+    "gradvac": (mo.gradvac, {"beta": 0.25}, {"decay": 0.75}, ()),
+    "nash_mtl": (mo.nash_mtl, {"optim_niter": 7}, {"max_iter": 7},
+                 ("max_iter", "update_every")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INJECTED_OLD_SPELLINGS))
+def test_inject_hyperparams_accepts_old_spellings(name):
+  factory, old, new, static = INJECTED_OLD_SPELLINGS[name]
+  static = ("num_tasks",) + static
+  grads = jnp.array([[1.0, 0.5, -2.0], [-1.0, 2.0, 0.5]])
+  params = jnp.zeros(3)
+
+  def run(**kwargs):
+    tx = optax.inject_hyperparams(factory, static_args=static)(2, **kwargs)
+    state = tx.init(params)
+    update, _ = tx.update(grads, state, params)
+    return update, state.hyperparams
+
+  with pytest.warns(DeprecationWarning, match="is deprecated: use"):
+    old_update, old_hyperparams = run(**old)
+  new_update, new_hyperparams = run(**new)
+  np.testing.assert_array_equal(np.asarray(old_update),
+                                np.asarray(new_update))
+  # The injected hyper-parameters are the new names, holding the value given.
+  assert sorted(old_hyperparams) == sorted(new_hyperparams)
+  assert not set(old) & set(old_hyperparams)
+  for key, value in new.items():
+    if key in new_hyperparams:
+      np.testing.assert_allclose(np.asarray(old_hyperparams[key]), value,
+                                 rtol=1e-6)
+
+
+def test_renamed_arguments_signature_lists_old_names_keyword_only():
+  import inspect  # pylint: disable=g-import-not-at-top
+  params = inspect.signature(mo.nash_mtl).parameters
+  assert params["max_iter"].default == 100
+  for old in ("optim_niter", "update_weights_every"):
+    assert params[old].kind is inspect.Parameter.KEYWORD_ONLY
+  with pytest.raises(TypeError, match="got both"):
+    inspect.signature(mo.nash_mtl).bind(2, optim_niter=3, max_iter=4)

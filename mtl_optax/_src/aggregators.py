@@ -224,6 +224,13 @@ def pcgrad_coefficients(gram: jax.Array, key: jax.Array) -> jax.Array:
   return jnp.mean(coeffs, axis=0)
 
 
+def pcgrad_initial_state(num_tasks: int, dtype, seed: int) -> PCGradState:
+  """PCGrad's initial state (of the factory and of the Gram-weighting
+  layer): uniform weights and ``PRNGKey(seed)``."""
+  return PCGradState(base.uniform_weights(num_tasks, dtype),
+                     jax.random.PRNGKey(seed))
+
+
 def pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """PCGrad: project away conflicting components, then average.
 
@@ -259,13 +266,11 @@ def pcgrad(num_tasks: int, seed: int = 0) -> optax.GradientTransformationExtraAr
   num_tasks = validation.check_num_tasks(num_tasks, method)
   validation.check_seed(seed, method)
 
-  def init_state(dtype):
-    return PCGradState(base.uniform_weights(num_tasks, dtype),
-                       jax.random.PRNGKey(seed))
-
   from mtl_optax import gram_weightings  # pylint: disable=g-import-not-at-top
 
   def rule(context, state):
     return gram_weightings.pcgrad(tree_math.NormalizedGram(context.gram, context.rms_norm), state)
 
-  return base.task_weighting_transformation(num_tasks, method, init_state, rule)
+  return base.task_weighting_transformation(
+      num_tasks, method,
+      lambda dtype: pcgrad_initial_state(num_tasks, dtype, seed), rule)

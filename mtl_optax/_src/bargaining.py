@@ -18,7 +18,7 @@ scale-free one by a closed-form factor (the solution of
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +116,14 @@ class NashMTLState(NamedTuple):
   step = deprecation.renamed_field("count", "step")
 
 
+def nash_mtl_initial_state(num_tasks: int, dtype: Any) -> NashMTLState:
+  """Nash-MTL's initial state (of the factory and of the Gram-weighting
+  layer): ``alpha = weights = 1``, no step yet, zero residual."""
+  return NashMTLState(jnp.ones((num_tasks,), dtype),
+                      jnp.ones((num_tasks,), dtype),
+                      jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
+
+
 @deprecation.renamed_arguments(update_weights_every="update_every",
                                optim_niter="max_iter")
 def nash_mtl(num_tasks: int, update_every: int = 1,
@@ -181,25 +189,21 @@ def nash_mtl(num_tasks: int, update_every: int = 1,
     An ``optax.GradientTransformationExtraArgs`` with :class:`NashMTLState`.
 
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]; TorchJD's
-  NashMTL gives [0.0542, 0.7061, 0.7061]):
+  NashMTL gives the same update [0.0542, 0.7061, 0.7061]; the bargaining
+  equations ``alpha_i (G alpha)_i = 1`` hold):
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
-    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
-    >>> tx = mo.nash_mtl(2)
-    >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)))
+    >>> jac = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
+    >>> update, state = mo.nash_mtl(2).update(jac, mo.nash_mtl(2).init(jac[0]))
+    >>> alpha = state.alpha
     >>> print(np.asarray(update, np.float64).round(4),
-    ...       np.asarray(state.alpha, np.float64).round(4))
-    [0.0542 0.7061 0.7061] [0.5915 0.4071]
+    ...       np.asarray(alpha * (jac @ jac.T @ alpha), np.float64).round(4))
+    [0.0542 0.7061 0.7061] [1. 1.]
   """
   method = "nash_mtl"
   num_tasks = validation.check_num_tasks(num_tasks, method)
   validation.check_positive_int(update_every, "update_every", method)
   validation.check_positive_int(max_iter, "max_iter", method)
   validation.check_nonnegative(max_norm, "max_norm", method)
-
-  def init_state(dtype):
-    return NashMTLState(jnp.ones((num_tasks,), dtype),
-                        jnp.ones((num_tasks,), dtype),
-                        jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
 
   from mtl_optax import gram_weightings  # pylint: disable=g-import-not-at-top
 
@@ -209,7 +213,9 @@ def nash_mtl(num_tasks: int, update_every: int = 1,
         update_every=update_every, max_iter=max_iter,
         max_norm=max_norm, tol=tol)
 
-  return base.task_weighting_transformation(num_tasks, method, init_state, rule)
+  return base.task_weighting_transformation(
+      num_tasks, method,
+      lambda dtype: nash_mtl_initial_state(num_tasks, dtype), rule)
 
 
 class FairGradState(NamedTuple):
@@ -267,14 +273,14 @@ def fairgrad(num_tasks: int, alpha: float = 1.0, max_iter: int = 50,
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`FairGradState`.
 
-  Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
+  Example (``alpha = 2``: the weights solve ``G w = w^(-1/2)``):
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
-    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
-    >>> tx = mo.fairgrad(2, alpha=1.0)
-    >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)))
-    >>> print(np.asarray(update, np.float64).round(4),
-    ...       np.asarray(state.weights, np.float64).round(4))
-    [0.0766 0.9985 0.9985] [0.5915 0.4071]
+    >>> jac = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
+    >>> tx = mo.fairgrad(2, alpha=2.0)
+    >>> w = tx.update(jac, tx.init(jnp.zeros(3)))[1].weights
+    >>> print(np.asarray(jac @ jac.T @ w, np.float64).round(4),
+    ...       np.asarray(w ** -0.5, np.float64).round(4))
+    [1.4565 1.7693] [1.4565 1.7693]
   """
   method = "fairgrad"
   num_tasks = validation.check_num_tasks(num_tasks, method)

@@ -116,14 +116,14 @@ def imtl_g(num_tasks: int) -> optax.GradientTransformationExtraArgs:
     An ``optax.GradientTransformationExtraArgs`` with
     :class:`~mtl_optax.WeightsState`.
 
-  Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
+  Example (the update projects equally onto every unit gradient):
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
     >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
     >>> tx = mo.imtl_g(2)
-    >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)))
-    >>> print(np.asarray(update, np.float64).round(4),
-    ...       np.asarray(state.weights, np.float64).round(4))
-    [0.0767 1.     1.    ] [0.5923 0.4077]
+    >>> update, _ = tx.update(grads, tx.init(jnp.zeros(3)))
+    >>> unit = grads / jnp.linalg.norm(grads, axis=1, keepdims=True)
+    >>> print(np.asarray(unit @ update, np.float64).round(4))
+    [0.3991 0.3991]
   """
   method = "imtl_g"
   num_tasks = validation.check_num_tasks(num_tasks, method)
@@ -199,14 +199,15 @@ def aligned_mtl(num_tasks: int, scale_mode: str = "min",
     An ``optax.GradientTransformationExtraArgs`` with
     :class:`~mtl_optax.WeightsState`.
 
-  Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
+  Example (orthogonal gradients of norms 3 and 1, both rescaled to the
+  smallest, 1, with ``scale_mode='min'``):
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
-    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
-    >>> tx = mo.aligned_mtl(2)
-    >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)))
+    >>> tx = mo.aligned_mtl(2, scale_mode="min")
+    >>> update, state = tx.update(jnp.diag(jnp.array([3., 1.])),
+    ...                           tx.init(jnp.zeros(2)))
     >>> print(np.asarray(update, np.float64).round(4),
     ...       np.asarray(state.weights, np.float64).round(4))
-    [0.2133 0.9673 0.9673] [0.5591 0.4083]
+    [0.5 0.5] [0.1667 0.5   ]
   """
   method = "aligned_mtl"
   num_tasks = validation.check_num_tasks(num_tasks, method)
@@ -279,14 +280,14 @@ def config(num_tasks: int, pref_vector: base.PrefVector = None
     An ``optax.GradientTransformationExtraArgs`` with
     :class:`~mtl_optax.WeightsState` (``d = sum_i weights[i] g_i``).
 
-  Example (TorchJD's test matrix; TorchJD gives K times this update,
-  [0.1588, 2.0706, 2.0706]):
+  Example (the update makes the same angle with both gradients):
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
-    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
-    >>> tx = mo.config(2)
-    >>> update, _ = tx.update(grads, tx.init(jnp.zeros(3)))
-    >>> print(np.asarray(update, np.float64).round(4))
-    [0.0794 1.0353 1.0353]
+    >>> grads = jnp.array([[1., 0.], [-0.5, 1.]])
+    >>> update, _ = mo.config(2).update(grads, mo.config(2).init(grads[0]))
+    >>> cosines = (grads @ update / jnp.linalg.norm(update)
+    ...            / jnp.linalg.norm(grads, axis=1))
+    >>> print(np.asarray(cosines, np.float64).round(4))
+    [0.5257 0.5257]
   """
   method = "config"
   num_tasks = validation.check_num_tasks(num_tasks, method)

@@ -143,14 +143,15 @@ def upgrad(num_tasks: int, pref_vector: base.PrefVector = None,
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`DualConeState`.
 
-  Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
+  Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]: the update
+  conflicts with neither task, ``J d >= 0``):
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
-    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
+    >>> jac = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
     >>> tx = mo.upgrad(2)
-    >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)))
-    >>> print(np.asarray(update, np.float64).round(4),
+    >>> d, state = tx.update(jac, tx.init(jnp.zeros(3)))
+    >>> print(np.asarray(jac @ d, np.float64).round(4),
     ...       np.asarray(state.weights, np.float64).round(4))
-    [0.2929 1.9004 1.9004] [1.1109 0.7894]
+    [2.6291 5.5581] [1.1109 0.7894]
   """
   return _dual_cone_method("upgrad", num_tasks, pref_vector, reg_eps,
                            max_iter, tol, upgrad_weights)
@@ -193,14 +194,15 @@ def dualproj(num_tasks: int, pref_vector: base.PrefVector = None,
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`DualConeState`.
 
-  Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]):
+  Example (the mean gradient is kept when it conflicts with no task, and
+  projected when it does):
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
-    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
-    >>> tx = mo.dualproj(2)
-    >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)))
-    >>> print(np.asarray(update, np.float64).round(4),
-    ...       np.asarray(state.weights, np.float64).round(4))
-    [0.5563 1.1109 1.1109] [0.6109 0.5   ]
+    >>> tx = mo.dualproj(2, reg_eps=0.0)
+    >>> for jac in ([[1., 0.], [0., 1.]], [[1., 0.], [-2., 1.]]):
+    ...   d, _ = tx.update(jnp.array(jac), tx.init(jnp.zeros(2)))
+    ...   print(np.asarray(d, np.float64).round(4))
+    [0.5 0.5]
+    [0.  0.5]
   """
   return _dual_cone_method("dualproj", num_tasks, pref_vector, reg_eps,
                            max_iter, tol, dualproj_weights)

@@ -321,10 +321,9 @@ def nnx_value_and_gram_weighted_grad(
   state, and at most ``chunk_size`` per-task gradients are alive at once.
 
   Args:
-    fn: ``(model, *args) -> (K,)`` task losses.
-    tx: the whole transformation of the ``nnx.Optimizer``.
-    wrt: NNX filter of the differentiated variables (default ``nnx.Param``).
-    has_aux: whether ``fn`` returns ``(losses, aux)``.
+    fn, tx, wrt, has_aux: as in :func:`nnx_value_and_weighted_grad` (the
+      ``(K,)`` task losses of ``(model, *args)``, the optimizer's whole
+      transformation, the NNX filter of the differentiated variables).
     shared: optional mask of the shared leaves (the Gram matrix is over
       them; the heads get the gradient of the summed loss).
     chunk_size: per-task gradients alive at once (default 1: the memory of

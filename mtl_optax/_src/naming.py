@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -80,7 +81,9 @@ def printable(factory: Callable[..., Any]) -> Callable[..., Any]:
   def wrapped(*args, **kwargs):
     tx = factory(*args, **kwargs)
     try:
-      bound = signature.bind(*args, **kwargs)
+      with warnings.catch_warnings():  # the factory warned already
+        warnings.simplefilter("ignore", DeprecationWarning)
+        bound = signature.bind(*args, **kwargs)
     except TypeError:
       return tx
     bound.apply_defaults()

@@ -289,14 +289,14 @@ def pcd(num_tasks: int, tau: float | Sequence[float] | jax.Array = 0.02,
     An ``optax.GradientTransformationExtraArgs`` with :class:`PCDState`.
 
   Example (TorchJD's test matrix J = [[-4, 1, 1], [6, 1, 1]]: task 2 gets
-  2 % of its normalised progress):
+  2 % of its normalised progress, and ``||d|| = ||g_1||``):
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
-    >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
+    >>> jac = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
     >>> tx = mo.pcd(2)
-    >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)))
-    >>> print(np.asarray(update, np.float64).round(4),
-    ...       np.asarray(state.weights, np.float64).round(4))
-    [-0.82    2.9434  2.9434] [1.8481 1.0954]
+    >>> d, state = tx.update(jac, tx.init(jnp.zeros(3)))
+    >>> print(np.asarray(state.weights, np.float64).round(4),
+    ...       np.linalg.norm(d).round(4), np.linalg.norm(jac[0]).round(4))
+    [1.8481 1.0954] 4.2426 4.2426
   """
   method = "pcd"
   num_tasks = validation.check_num_tasks(num_tasks, method)

@@ -101,11 +101,14 @@ def cosmos(num_tasks: int, lambda_: float = 1.0,
     A :class:`~mtl_optax.LossWeightingTransformation` with
     :class:`~mtl_optax.LossWeightsState`.
 
-  Example:
+  Example (losses on the preference ray keep ``c = r``; others are pulled
+  towards it):
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
     >>> tx = mo.cosmos(2, lambda_=1.0, pref_vector=[0.8, 0.2])
-    >>> c = tx.loss_weights(tx.init(jnp.zeros(1)), jnp.array([1., 1.]))
-    >>> print(np.asarray(c, np.float64).round(4))
+    >>> for losses in ([4., 1.], [1., 1.]):
+    ...   c = tx.loss_weights(tx.init(jnp.zeros(1)), jnp.array(losses))
+    ...   print(np.asarray(c, np.float64).round(4))
+    [0.8 0.2]
     [0.5428 0.4572]
   """
   method = "cosmos"

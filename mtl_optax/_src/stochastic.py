@@ -283,16 +283,17 @@ def sdmgrad(num_tasks: int, lam: float = 0.3,
     An ``optax.GradientTransformationExtraArgs`` with :class:`SDMGradState`.
 
   Example (single batch, the fallback ``A = J J^T``; LibMTL's inner step
-  ``learning_rate = 5`` overshoots to a vertex, a smaller one converges, here to MGDA's
-  weights [0.6, 0.4] since they are reachable as ``(w + lam/K) / (1 + lam)``):
+  ``learning_rate = 5`` overshoots to a vertex, a smaller one converges, here
+  to MGDA's weights [0.6, 0.4] since they are reachable as ``(w + lam/K) /
+  (1 + lam)``):
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
     >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
     >>> for lr in (5.0, None):
     ...   tx = mo.sdmgrad(2, learning_rate=lr)
     ...   update, state = tx.update(grads, tx.init(jnp.zeros(3)))
-    ...   print(np.asarray(state.weights, np.float64).round(4))
-    [0.1154 0.8846]
-    [0.6 0.4]
+    ...   print(lr, np.asarray(state.weights, np.float64).round(4))
+    5.0 [0.1154 0.8846]
+    None [0.6 0.4]
   """
   method = "sdmgrad"
   num_tasks = validation.check_num_tasks(num_tasks, method)
@@ -389,15 +390,17 @@ def modo(num_tasks: int, learning_rate: float = 1e-3, rho: float = 0.1
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`MoDoState`.
 
-  Example (two mini-batches; a large step size to make the step visible):
+  Example (two mini-batches; a large step size to make the step visible; the
+  weights stay on the simplex):
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
     >>> grads = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
     >>> grads_2 = jnp.array([[-3., 1., 2.], [5., 0., 1.]])
     >>> tx = mo.modo(2, learning_rate=0.01)
     >>> update, state = tx.update(grads, tx.init(jnp.zeros(3)),
     ...                           second_task_grads=grads_2)
-    >>> print(np.asarray(state.weights, np.float64).round(4))
-    [0.55 0.45]
+    >>> print(np.asarray(state.weights, np.float64).round(4),
+    ...       round(float(state.weights.sum()), 4))
+    [0.55 0.45] 1.0
   """
   method = "modo"
   num_tasks = validation.check_num_tasks(num_tasks, method)

@@ -105,6 +105,15 @@ def gradvac_coefficients(gram: jax.Array, targets: jax.Array,
   return jnp.mean(coeffs, axis=0), targets
 
 
+def gradvac_initial_state(num_tasks: int, dtype, seed: int) -> GradVacState:
+  """GradVac's initial state (of the factory and of the Gram-weighting
+  layer): uniform weights, zero targets (PCGrad's first step) and
+  ``PRNGKey(seed)``."""
+  return GradVacState(base.uniform_weights(num_tasks, dtype),
+                      jnp.zeros((num_tasks, num_tasks), dtype),
+                      jax.random.PRNGKey(seed))
+
+
 @deprecation.renamed_arguments(beta=("decay", lambda beta: 1 - beta))
 def gradvac(num_tasks: int, decay: float = 0.5, seed: int = 0
             ) -> optax.GradientTransformationExtraArgs:
@@ -162,17 +171,14 @@ def gradvac(num_tasks: int, decay: float = 0.5, seed: int = 0
   validation.check_probability(decay, "decay", method)
   validation.check_seed(seed, method)
 
-  def init_state(dtype):
-    return GradVacState(base.uniform_weights(num_tasks, dtype),
-                        jnp.zeros((num_tasks, num_tasks), dtype),
-                        jax.random.PRNGKey(seed))
-
   from mtl_optax import gram_weightings  # pylint: disable=g-import-not-at-top
 
   def rule(context, state):
     return gram_weightings.gradvac(tree_math.NormalizedGram(context.gram, context.rms_norm), state, decay=decay)
 
-  return base.task_weighting_transformation(num_tasks, method, init_state, rule)
+  return base.task_weighting_transformation(
+      num_tasks, method,
+      lambda dtype: gradvac_initial_state(num_tasks, dtype, seed), rule)
 
 
 class GradDropState(NamedTuple):

@@ -319,18 +319,22 @@ class TrackAffinityState(NamedTuple):
     affinity: ``(K, K)`` running mean of ``Z`` over the look-ahead steps
       (``Z[i, j]``: effect of a step on ``i`` on task ``j``).
     last_affinity: ``(K, K)`` the last finite ``Z`` computed.
-    count: number of look-aheads averaged into ``affinity``.
-    step: number of finite updates seen (look-ahead when
-      ``step % update_every == 0``).
+    num_averaged: number of look-aheads averaged into ``affinity`` (this
+      field was called ``count`` before; ``count`` is now the step counter).
+    count: number of finite updates seen (look-ahead when
+      ``count % update_every == 0``; formerly ``step``, a deprecated
+      read-only alias).
     inner_state: the wrapped method's state, held opaquely (hidden from
       ``optax.tree.get``); it is ``inner_state.value``.
   """
   weights: jax.Array
   affinity: jax.Array
   last_affinity: jax.Array
+  num_averaged: jax.Array
   count: jax.Array
-  step: jax.Array
   inner_state: Any
+
+  step = deprecation.renamed_field("count", "step")
 
 
 def _check_inner(inner: Any, method: str, what: str = "inner") -> None:
@@ -350,35 +354,67 @@ def _weights_of(state: Any, num_tasks: int, method: str) -> jax.Array:
   return weights
 
 
-def _require(params: Any, loss_fn: Any, method: str) -> None:
+def _checked_loss_fn(params: Any, extra_args: dict, method: str) -> Callable:
+  """The ``loss_fn`` extra argument, checked and guarded (its losses at the
+  look-ahead points); the look-ahead needs ``params`` too."""
+  loss_fn = extra_args.get("loss_fn")
   validation.check_loss_fn(loss_fn, method)
   if params is None:
     raise ValueError(f"{method}: update needs params (the look-ahead points "
                      "are displacements of params): call "
                      "tx.update(grads, state, params, loss_fn=...).")
+  return base.guard_loss_fn(loss_fn, params, method)
 
 
 def _tracked_affinity(state: TrackAffinityState, update_every: Any,
                       measure_z: Callable[[], jax.Array]):
-  """``(affinity, last_affinity, count)`` after this step: ``Z`` is measured
-  and averaged in on due steps only (a ``lax.cond``), and only if finite."""
+  """``(affinity, last_affinity, num_averaged)`` after this step: ``Z`` is
+  measured and averaged in on due steps only (a ``lax.cond``), and only if
+  finite."""
 
   def measure(_):
     z = measure_z()
     finite = jnp.all(jnp.isfinite(z))
-    count = state.count + finite.astype(jnp.int32)
+    num_averaged = state.num_averaged + finite.astype(jnp.int32)
     mean = state.affinity + (z - state.affinity) / jnp.maximum(
-        count, 1).astype(z.dtype)
+        num_averaged, 1).astype(z.dtype)
     return (jnp.where(finite, mean, state.affinity),
-            jnp.where(finite, z, state.last_affinity), count)
+            jnp.where(finite, z, state.last_affinity), num_averaged)
 
   def skip(_):
-    return state.affinity, state.last_affinity, state.count
+    return state.affinity, state.last_affinity, state.num_averaged
 
   if validation.is_concrete(update_every) and int(update_every) == 1:
     return measure(None)
-  due = state.step % jnp.asarray(update_every, state.step.dtype) == 0
+  due = state.count % jnp.asarray(update_every, state.count.dtype) == 0
   return jax.lax.cond(due, measure, skip, None)
+
+
+def _track_affinity_init(inner: Any, params: Any, num_tasks: int,
+                         method: str) -> TrackAffinityState:
+  """The initial state: zero affinities and counters, and the wrapped
+  method's state and weights (uniform without ``inner``)."""
+  dtype = base.state_dtype(params)
+  zeros = jnp.zeros((num_tasks, num_tasks), dtype)
+  if inner is None:
+    inner_state, weights = (), base.uniform_weights(num_tasks, dtype)
+  else:
+    inner_state = inner.init(params)
+    weights = _weights_of(inner_state, num_tasks, method).astype(dtype)
+  return TrackAffinityState(weights, zeros, zeros, jnp.zeros((), jnp.int32),
+                            jnp.zeros((), jnp.int32), base.Opaque(inner_state))
+
+
+def _inner_step(inner: Any, updates: Any, state: TrackAffinityState,
+                params: Any, extra_args: dict, num_tasks: int, method: str):
+  """``(output, inner_state, weights)`` of the wrapped method's step; without
+  ``inner``, the stacked gradients pass through and the weights stay."""
+  if inner is None:
+    return updates, (), state.weights
+  out, inner_state = inner.update(updates, state.inner_state.value, params,
+                                  **extra_args)
+  weights = _weights_of(inner_state, num_tasks, method)
+  return out, inner_state, weights.astype(state.affinity.dtype)
 
 
 @deprecation.renamed_arguments(every="update_every")
@@ -395,17 +431,15 @@ def track_affinity(
 ) -> optax.GradientTransformationExtraArgs:
   """Tracks TAG's average inter-task affinity during training.
 
-  Fifty et al., TAG, NeurIPS 2021 (arXiv:2109.04617), building on
-  Transference (arXiv:2010.15413): ``Z_hat = (1/T) sum_t Z^t`` with ``Z^t``
-  from :func:`task_affinity` (plain SGD look-ahead of step ``lr``), computed
-  every ``update_every`` steps (TAG's efficient default: 10) on the step's
-  batch.
-
-  On steps where ``step % update_every != 0`` a ``lax.cond`` skips the look-ahead
-  entirely (under ``jax.vmap`` a ``cond`` runs both branches). The look-ahead
-  needs the ``loss_fn`` extra argument (``params -> (K,)`` losses on the
-  current batch) and ``params``; ``loss_fn`` is evaluated at ``K + 1`` points
-  in one vmapped call (the current point and the K look-aheads).
+  Fifty et al., TAG, NeurIPS 2021 (arXiv:2109.04617), after Transference
+  (arXiv:2010.15413): ``Z_hat = (1/T) sum_t Z^t``, with ``Z^t`` from
+  :func:`task_affinity` (plain SGD look-ahead of step ``lr``) on the step's
+  batch every ``update_every`` steps (TAG's efficient default: 10); on the
+  other steps (``count % update_every != 0``) a ``lax.cond`` skips the
+  look-ahead (under ``jax.vmap`` a ``cond`` runs both branches). The
+  look-ahead needs ``params`` and the ``loss_fn`` extra argument (``params ->
+  (K,)`` losses on the current batch), evaluated at ``K + 1`` points (the
+  current one and the K look-aheads) in one vmapped call.
 
   .. math::
 
@@ -434,9 +468,8 @@ def track_affinity(
 
   Args:
     num_tasks: number of tasks K.
-    lr: look-ahead learning rate (use the optimiser's). Injectable. It keeps
-      the name ``lr`` of :func:`task_affinity`: it is not an inner solver's
-      step size but the training optimiser's own learning rate, mimicked.
+    lr: look-ahead learning rate, the optimiser's own (hence ``lr`` as in
+      :func:`task_affinity`, not an inner step size). Injectable.
     update_every: period of the look-ahead in steps (first at step 0;
       formerly ``every``, a deprecated alias).
     inner: optional aggregator built for ``num_tasks`` to run after tracking.
@@ -456,13 +489,13 @@ def track_affinity(
     >>> loss_fn = lambda w: jnp.sum((w - targets) ** 2, axis=1)
     >>> tx = optax.chain(mo.track_affinity(3, lr=0.1, update_every=2),
     ...                  mo.linear_scalarization(3), optax.sgd(0.1))
-    >>> w = jnp.zeros(2)
-    >>> state = tx.init(w)
+    >>> w, state = jnp.zeros(2), tx.init(jnp.zeros(2))
     >>> for _ in range(3):
     ...   losses, grads = mo.value_and_task_grads(loss_fn)(w)
     ...   updates, state = tx.update(grads, state, w, loss_fn=loss_fn)
     ...   w = optax.apply_updates(w, updates)
-    >>> print(int(state[0].count), np.asarray(state[0].affinity, np.float64).round(4))
+    >>> print(int(state[0].num_averaged),
+    ...       np.asarray(state[0].affinity, np.float64).round(4))
     2 [[ 0.36    0.1776 -0.3501]
      [ 0.6759  0.36   -0.8042]
      [-0.5996 -0.2558  0.36  ]]
@@ -470,50 +503,28 @@ def track_affinity(
   method = "track_affinity"
   num_tasks = validation.check_num_tasks(num_tasks, method)
   validation.check_nonnegative(lr, "lr", method)
-  if validation.is_concrete(update_every) and (
-      isinstance(update_every, bool) or int(update_every) != update_every
-      or int(update_every) < 1):
-    raise ValueError(f"{method}: update_every must be an int >= 1, got "
-                     f"{update_every!r}.")
+  validation.check_positive_int(update_every, "update_every", method)
   if inner is not None:
     _check_inner(inner, method)
 
-  def init_fn(params):
-    dtype = base.state_dtype(params)
-    zeros = jnp.zeros((num_tasks, num_tasks), dtype)
-    if inner is None:
-      inner_state, weights = (), base.uniform_weights(num_tasks, dtype)
-    else:
-      inner_state = inner.init(params)
-      weights = _weights_of(inner_state, num_tasks, method).astype(dtype)
-    return TrackAffinityState(weights, zeros, zeros, jnp.zeros((), jnp.int32),
-                              jnp.zeros((), jnp.int32), base.Opaque(inner_state))
-
   def step(updates, state, params, extra_args):
-    loss_fn = extra_args.get("loss_fn")
-    _require(params, loss_fn, method)
-    loss_fn = base.guard_loss_fn(loss_fn, params, method)
+    loss_fn = _checked_loss_fn(params, extra_args, method)
     flags = _shared_flags(shared_mask, params, shared_label, method)
-    dtype = state.affinity.dtype
-    if inner is None:
-      out, inner_state, weights = updates, (), state.weights
-    else:
-      out, inner_state = inner.update(updates, state.inner_state.value, params,
-                                      **extra_args)
-      weights = _weights_of(inner_state, num_tasks, method).astype(dtype)
-
-    affinity, last, count = _tracked_affinity(
+    out, inner_state, weights = _inner_step(inner, updates, state, params,
+                                            extra_args, num_tasks, method)
+    affinity, last, num_averaged = _tracked_affinity(
         state, update_every, lambda: _affinity(
             loss_fn, params, updates, lr, flags, None, 0.0, weight_decay,
-            normalize_by_lr, None, num_tasks, method).astype(dtype))
-    new_state = TrackAffinityState(weights, affinity, last, count,
-                                   state.step + 1, base.Opaque(inner_state))
-    finite = base.all_finite(updates) & base.all_finite(weights)
-    if inner is not None:
-      finite &= base.all_finite(out)
-    return out, new_state, finite
+            normalize_by_lr, None, num_tasks, method).astype(
+                state.affinity.dtype))
+    new_state = TrackAffinityState(weights, affinity, last, num_averaged,
+                                   state.count + 1, base.Opaque(inner_state))
+    return out, new_state, base.all_finite((updates, weights, out))
 
-  return base.guarded_transformation(num_tasks, method, init_fn, step)
+  return base.guarded_transformation(
+      num_tasks, method,
+      lambda params: _track_affinity_init(inner, params, num_tasks, method),
+      step)
 
 
 # --------------------------------------------------------------------------
@@ -560,6 +571,80 @@ class ITMTLState(NamedTuple):
 
 
 CRITERIA = ("transference", "loss")
+
+
+def _it_mtl_candidates(candidates: Any, num_tasks: int, seed: int,
+                       method: str) -> tuple:
+  """The candidates as a non-empty tuple of transformations; default the
+  paper's pair, the mean gradient and PCGrad."""
+  if candidates is None:
+    candidates = (aggregators.linear_scalarization(num_tasks),
+                  aggregators.pcgrad(num_tasks, seed=seed))
+  candidates = tuple(candidates)
+  if not candidates:
+    raise ValueError(f"{method}: candidates must not be empty.")
+  for c in candidates:
+    _check_inner(c, method, "every candidate")
+  return candidates
+
+
+def _it_mtl_init(candidates: tuple, params: Any, num_tasks: int,
+                 method: str) -> ITMTLState:
+  """The initial state: uniform weights, no wins, the candidates' states
+  (each checked to have ``(K,)`` weights)."""
+  dtype = base.state_dtype(params)
+  states = tuple(c.init(params) for c in candidates)
+  for s in states:
+    _weights_of(s, num_tasks, method)
+  num_candidates = len(candidates)
+  return ITMTLState(base.uniform_weights(num_tasks, dtype),
+                    jnp.zeros((), jnp.int32),
+                    jnp.zeros((num_candidates,), dtype),
+                    jnp.zeros((num_candidates,), jnp.int32), base.Opaque(states))
+
+
+def _proposals(candidates: tuple, updates: Any, states: tuple, params: Any,
+               extra_args: dict, num_tasks: int, method: str):
+  """``(stacked, weights, new_states)``: every candidate's update stacked on
+  a leading axis C, their ``(C, K)`` weights and their new states."""
+  proposals, new_states = [], []
+  for c, s in zip(candidates, states):
+    d, s = c.update(updates, s, params, **extra_args)
+    proposals.append(d)
+    new_states.append(s)
+  weights = jnp.stack([_weights_of(s, num_tasks, method) for s in new_states])
+  stacked = jax.tree.map(lambda *d: jnp.stack(d), *proposals)
+  return stacked, weights, new_states
+
+
+def _best_candidate(loss_fn: Callable, params: Any, stacked: Any,
+                    lookahead_lr: Any, criterion: str, num_tasks: int,
+                    method: str):
+  """``(choice, scores, ok)`` for the candidates' proposals ``stacked``
+  (leading axis C): the look-aheads ``params - lookahead_lr d_c`` scored in
+  one vmapped ``loss_fn`` call; ``ok`` is False when the losses at the
+  current point are not finite (``criterion='transference'``)."""
+  leaves = jax.tree.leaves(stacked)
+  displacements = [
+      -jnp.asarray(lookahead_lr, jnp.result_type(jnp.float32, d.dtype))
+      * d.astype(jnp.result_type(jnp.float32, d.dtype)) for d in leaves]
+  with_base = criterion == "transference"
+  out = _lookahead_losses(loss_fn, params, [True] * len(leaves),
+                          displacements, leaves[0].shape[0], with_base)
+  if out.shape[1] != num_tasks:
+    raise ValueError(f"{method}: loss_fn returns {out.shape[1]} task losses "
+                     f"but the gradients have {num_tasks} tasks.")
+  acc = jnp.result_type(jnp.float32, out.dtype)
+  after = out[1:] if with_base else out
+  terms = _transference(out[0], after) if with_base else after.astype(acc)
+  scores, usable = _scores(terms, after, acc)
+  key = -scores if with_base else scores
+  choice = jnp.argmin(jnp.where(usable, key, jnp.inf)).astype(jnp.int32)
+  # Non-finite losses at the current point are non-finite input: NaN update
+  # (apply_if_finite skips it), state kept. Look-aheads that all overflow
+  # (finite but huge steps) leave the first candidate, as documented.
+  ok = jnp.all(jnp.isfinite(out[0])) if with_base else jnp.array(True)
+  return choice, scores, ok
 
 
 def it_mtl(
@@ -635,63 +720,20 @@ def it_mtl(
   if criterion not in CRITERIA:
     raise ValueError(f"{method}: criterion must be one of {CRITERIA}, got "
                      f"{criterion!r}.")
-  if candidates is None:
-    candidates = (aggregators.linear_scalarization(num_tasks),
-                  aggregators.pcgrad(num_tasks, seed=seed))
-  candidates = tuple(candidates)
-  if not candidates:
-    raise ValueError(f"{method}: candidates must not be empty.")
-  for c in candidates:
-    _check_inner(c, method, "every candidate")
+  candidates = _it_mtl_candidates(candidates, num_tasks, seed, method)
   num_candidates = len(candidates)
 
-  def init_fn(params):
-    dtype = base.state_dtype(params)
-    states = tuple(c.init(params) for c in candidates)
-    for s in states:
-      _weights_of(s, num_tasks, method)
-    return ITMTLState(base.uniform_weights(num_tasks, dtype),
-                      jnp.zeros((), jnp.int32),
-                      jnp.zeros((num_candidates,), dtype),
-                      jnp.zeros((num_candidates,), jnp.int32), base.Opaque(states))
-
   def step(updates, state, params, extra_args):
-    loss_fn = extra_args.get("loss_fn")
-    _require(params, loss_fn, method)
     _check_stacked_on(updates, params, method, "updates")
-    loss_fn = base.guard_loss_fn(loss_fn, params, method)
+    loss_fn = _checked_loss_fn(params, extra_args, method)
     dtype = state.weights.dtype
-    proposals, new_states = [], []
-    for c, s in zip(candidates, state.candidate_states.value):
-      d, s = c.update(updates, s, params, **extra_args)
-      proposals.append(d)
-      new_states.append(s)
-    weights = jnp.stack([_weights_of(s, num_tasks, method).astype(dtype)
-                         for s in new_states])
-    stacked = jax.tree.map(lambda *d: jnp.stack(d), *proposals)
-    leaves = jax.tree.leaves(stacked)
-    displacements = [
-        -jnp.asarray(lookahead_lr, jnp.result_type(jnp.float32, d.dtype))
-        * d.astype(jnp.result_type(jnp.float32, d.dtype)) for d in leaves]
-    flags = [True] * len(leaves)
-    with_base = criterion == "transference"
-    out = _lookahead_losses(loss_fn, params, flags, displacements,
-                            num_candidates, with_base)
-    if out.shape[1] != num_tasks:
-      raise ValueError(f"{method}: loss_fn returns {out.shape[1]} task losses "
-                       f"but the gradients have {num_tasks} tasks.")
-    acc = jnp.result_type(jnp.float32, out.dtype)
-    after = out[1:] if with_base else out
-    terms = (_transference(out[0], after) if with_base
-             else after.astype(acc))
-    scores, usable = _scores(terms, after, acc)
-    key = -scores if with_base else scores
-    choice = jnp.argmin(jnp.where(usable, key, jnp.inf)).astype(jnp.int32)
+    stacked, weights, new_states = _proposals(
+        candidates, updates, state.candidate_states.value, params, extra_args,
+        num_tasks, method)
+    weights = weights.astype(dtype)
+    choice, scores, ok = _best_candidate(
+        loss_fn, params, stacked, lookahead_lr, criterion, num_tasks, method)
     update = jax.tree.map(lambda d: d[choice], stacked)
-    # Non-finite losses at the current point are non-finite input: NaN update
-    # (apply_if_finite skips it), state kept. Look-aheads that all overflow
-    # (finite but huge steps) leave the first candidate, as documented.
-    ok = jnp.all(jnp.isfinite(out[0])) if with_base else jnp.array(True)
     if extra_args.get("task_losses") is not None:
       ok &= jnp.all(jnp.isfinite(jnp.asarray(extra_args["task_losses"])))
     update = base.nan_unless(ok, update)
@@ -701,7 +743,9 @@ def it_mtl(
     finite = base.all_finite(update) & base.all_finite(new_state.weights)
     return update, new_state, finite
 
-  return base.guarded_transformation(num_tasks, method, init_fn, step)
+  return base.guarded_transformation(
+      num_tasks, method,
+      lambda params: _it_mtl_init(candidates, params, num_tasks, method), step)
 
 
 # --------------------------------------------------------------------------
@@ -759,6 +803,63 @@ def _member_scores(z: np.ndarray, singleton_score: float) -> np.ndarray:
   scores = sums / np.maximum(sizes - 1, 1)
   scores = np.where(sizes == 1, singleton_score, scores)
   return np.where(member, scores, -np.inf)
+
+
+def _best_supersets(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """``(best, best_superset)`` over subset bitmasks P: ``best[P]`` is the
+  maximum over supersets S of P of ``sum_{a in P} s_S(a)``, attained at
+  ``S = best_superset[P]`` (``O(3^K)``)."""
+  k = scores.shape[1]
+  best = np.full(1 << k, -np.inf)
+  best_superset = np.zeros(1 << k, np.int64)
+  best[0] = 0.0
+  for s in range(1, 1 << k):
+    members = [a for a in range(k) if s >> a & 1]
+    bits = ((np.arange(1 << len(members))[:, None] >> np.arange(len(members)))
+            & 1)
+    subs = bits @ (1 << np.array(members, np.int64))
+    sums = bits @ scores[s, members]
+    better = sums > best[subs]
+    best[subs[better]] = sums[better]
+    best_superset[subs[better]] = s
+  return best, best_superset
+
+
+def _best_partition(best: np.ndarray, budget: int) -> list:
+  """The blocks (bitmasks) of the partition of all tasks into at most
+  ``budget`` blocks maximising ``sum_P best[P]``; fewer blocks win ties
+  (``O(budget 3^K)``)."""
+  k = int(best.shape[0]).bit_length() - 1
+  # f[m][U]: best sum over partitions of U into <= m blocks (block holding
+  # U's lowest task is chosen first, so each partition is seen once).
+  f = np.full((budget + 1, 1 << k), -np.inf)
+  f[:, 0] = 0.0
+  choice = np.zeros((budget + 1, 1 << k), np.int64)
+  for m in range(1, budget + 1):
+    for u in range(1, 1 << k):
+      low = u & -u
+      rest = u ^ low
+      top, top_block = f[m - 1][u], 0  # fewer blocks win ties
+      q = rest
+      while True:
+        block = q | low
+        value = best[block] + f[m - 1][u ^ block]
+        if value > top:
+          top, top_block = value, block
+        if q == 0:
+          break
+        q = (q - 1) & rest
+      f[m][u] = top
+      choice[m][u] = top_block
+  blocks, u, m = [], (1 << k) - 1, budget
+  while u:
+    while m > 1 and f[m - 1][u] >= f[m][u]:
+      m -= 1
+    block = choice[m][u]
+    blocks.append(block)
+    u ^= block
+    m -= 1
+  return blocks
 
 
 def select_task_groups(
@@ -823,53 +924,9 @@ def select_task_groups(
     raise ValueError(f"{method}: the exact search is O(3^K); K = {k} > 16 is "
                      "too large.")
   budget = min(int(budget), k)
-  full = (1 << k) - 1
   scores = _member_scores(z, singleton_score)
-
-  # best[P] = max over supersets S of P of sum_{a in P} s_S(a); arg[P] = S.
-  best = np.full(1 << k, -np.inf)
-  best_superset = np.zeros(1 << k, np.int64)
-  best[0] = 0.0
-  for s in range(1, 1 << k):
-    members = [a for a in range(k) if s >> a & 1]
-    bits = ((np.arange(1 << len(members))[:, None] >> np.arange(len(members)))
-            & 1)
-    subs = bits @ (1 << np.array(members, np.int64))
-    sums = bits @ scores[s, members]
-    better = sums > best[subs]
-    best[subs[better]] = sums[better]
-    best_superset[subs[better]] = s
-
-  # f[m][U]: best sum over partitions of U into <= m blocks (block holding
-  # U's lowest task is chosen first, so each partition is seen once).
-  f = np.full((budget + 1, 1 << k), -np.inf)
-  f[:, 0] = 0.0
-  choice = np.zeros((budget + 1, 1 << k), np.int64)
-  for m in range(1, budget + 1):
-    for u in range(1, 1 << k):
-      low = u & -u
-      rest = u ^ low
-      top, top_block = f[m - 1][u], 0  # fewer blocks win ties
-      q = rest
-      while True:
-        block = q | low
-        value = best[block] + f[m - 1][u ^ block]
-        if value > top:
-          top, top_block = value, block
-        if q == 0:
-          break
-        q = (q - 1) & rest
-      f[m][u] = top
-      choice[m][u] = top_block
-  # Recover the blocks, then the groups (distinct best supersets).
-  blocks, u, m = [], full, budget
-  while u:
-    while m > 1 and f[m - 1][u] >= f[m][u]:
-      m -= 1
-    block = choice[m][u]
-    blocks.append(block)
-    u ^= block
-    m -= 1
+  best, best_superset = _best_supersets(scores)
+  blocks = _best_partition(best, budget)
   group_masks = sorted({int(best_superset[b]) for b in blocks},
                        key=lambda s: [a for a in range(k) if s >> a & 1])
   group_scores = scores[group_masks]  # (G, K)
