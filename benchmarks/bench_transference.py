@@ -5,7 +5,7 @@ batch 256, squared error) trained with plain SGD on the mean gradient. The
 same jitted training step is timed
 
 * plain: ``value_and_task_grads`` + ``linear_scalarization`` + SGD;
-* with ``mo.track_affinity(K, lr, every=1)`` in front (a look-ahead of K + 1
+* with ``mo.track_affinity(K, lr, update_every=1)`` in front (a look-ahead of K + 1
   points every step);
 * with ``update_every=10`` (TAG's efficient default; ``lax.cond`` skips the other
   nine steps);
@@ -105,7 +105,7 @@ def bench(sizes, steps, repeats, batch, width):
         "plain": optax.chain(mo.linear_scalarization(num_tasks),
                              optax.sgd(LR)),
         "every_1": optax.chain(
-            mo.track_affinity(num_tasks, LR, every=1, shared_mask=shared),
+            mo.track_affinity(num_tasks, LR, update_every=1, shared_mask=shared),
             mo.linear_scalarization(num_tasks), optax.sgd(LR)),
         "every_10": optax.chain(
             mo.track_affinity(num_tasks, LR, update_every=10, shared_mask=shared),
