@@ -515,10 +515,10 @@ def _gradnorm_task_norms(step: base.LossStep, num_tasks: int,
       "...)), or give update stacked per-task gradients.")
 
 
-def _gradnorm_advance(state: "GradNormState", losses: jax.Array,
+def _gradnorm_advance(state: GradNormState, losses: jax.Array,
                       coeffs: jax.Array, norms: jax.Array,
                       opt: optax.GradientTransformation,
-                      alpha: Any) -> "GradNormState":
+                      alpha: Any) -> GradNormState:
   """One GradNorm step of the weights ``w``: the optimizer on
   ``sign(G_i - Gbar r_i^alpha) n_i``, clipped at 0, renormalised to sum K;
   skipped (``state`` kept) when it is not finite."""
@@ -682,7 +682,7 @@ def _famo_log_gap(losses: jax.Array, min_losses: Any, eps: Any
   return jnp.log(_positive(losses - lmin, eps))
 
 
-def _famo_pending_logits(state: "FAMOState", delta: jax.Array,
+def _famo_pending_logits(state: FAMOState, delta: jax.Array,
                          logits_opt: optax.GradientTransformation
                          ) -> tuple[jax.Array, Any]:
   """The logit step for the move that took ``L_{t-1}`` to ``L_t``, ``delta
