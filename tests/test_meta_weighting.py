@@ -65,6 +65,28 @@ def test_auto_lambda_single_backward_path():
     tx.update(grad, state, theta, task_losses=losses)
 
 
+def test_auto_lambda_loss_weights_after_a_single_backward_step():
+  """After a single-backward update (the meta-step follows the model step),
+  tx.loss_weights gives the next update's coefficients lambda / (K init),
+  the ones the probe of value_and_weighted_grad reads."""
+  rec = DATA["auto_lambda"]
+  train = _quadratic_losses(rec["x_train"], rec["y_train"])
+  val = _quadratic_losses(rec["x_val"], rec["y_val"])
+  tx = mo.auto_lambda(3, virtual_lr=rec["lr"], meta_lr=0.1, weight_init=0.5)
+  theta = jnp.asarray(rec["theta0"], jnp.float32)
+  losses, grad = mo.value_and_weighted_grad(train, tx)(tx.init(theta), theta)
+  _, state = tx.update(grad, tx.init(theta), theta, task_losses=losses,
+                       loss_fn=val, train_loss_fn=train)
+  expected = np.asarray(state.meta_weights) / (3 * 0.5)
+  assert not np.allclose(state.weights, expected)  # the meta-step moved
+  np.testing.assert_allclose(tx.loss_weights(state, losses), expected,
+                             rtol=1e-6)
+  _, probed = tx.update(jnp.zeros_like(theta), state, theta,
+                        task_losses=losses, weighting_probe=True)
+  np.testing.assert_allclose(probed.weights, expected, rtol=1e-6)
+  np.testing.assert_array_equal(probed.meta_weights, state.meta_weights)
+
+
 def test_auto_lambda_primary_tasks():
   targets = jnp.array([[1.0, 0.0], [0.0, 1.0]])
   losses_fn = lambda p: 0.5 * jnp.sum((p - targets) ** 2, axis=1)

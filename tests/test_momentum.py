@@ -68,6 +68,33 @@ def test_momentum_config_keeps_state_on_nan():
     np.testing.assert_array_equal(a, b)
 
 
+def test_momentum_config_second_moment_cannot_overflow():
+  """The normalised update is invariant to the gradients' scale (eps = 0):
+  at 1e25, where the squared pseudo gradients overflow float32, the update
+  and the state stay those of the unit scale, times the scale."""
+  rng = np.random.default_rng(3)
+  grads = rng.normal(size=(6, 2, 3)).astype(np.float32)
+  params = jnp.zeros(3)
+  runs = []
+  for scale in (1.0, 1e25):
+    tx = mo.momentum_config(2, eps=0.0)
+    state, updates = tx.init(params), []
+    for n in range(len(grads)):
+      update, state = tx.update(jnp.asarray(grads[n] * scale), state, params)
+      updates.append(update)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+    runs.append((np.asarray(updates), state))
+  (unit, unit_state), (big, big_state) = runs
+  np.testing.assert_allclose(big, unit, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(big_state.second_moment_root,
+                             1e25 * unit_state.second_moment_root, rtol=1e-5)
+  # The old field name: the second moment itself, with a warning.
+  with pytest.warns(DeprecationWarning, match="second_moment_root"):
+    second = unit_state.second_moment
+  np.testing.assert_allclose(second,
+                             np.square(unit_state.second_moment_root))
+
+
 def _psmgd_oracle(stacked_seq, period):
   """Weights re-solved (MGDA) on steps 0, R, 2R, ...; reused in between."""
   mgda = mo.mgda(stacked_seq.shape[1])

@@ -164,3 +164,31 @@ def test_renamed_arguments_signature_lists_old_names_keyword_only():
     assert params[old].kind is inspect.Parameter.KEYWORD_ONLY
   with pytest.raises(TypeError, match="got both"):
     inspect.signature(mo.nash_mtl).bind(2, optim_niter=3, max_iter=4)
+
+
+# The same checks through the single-backward builder option (one ordinary
+# gradient or stacked ones), for loss weightings and M-ConFIG alike.
+SINGLE_BACKWARD = {
+    "famo": lambda k: mo.famo(k),
+    "psmgd": lambda k: mo.psmgd(k),
+    "momentum_config": lambda k: mo.momentum_config(k),
+    "marigold": lambda k: mo.marigold(k),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SINGLE_BACKWARD))
+def test_single_backward_methods_refuse_integer_leaves_and_foreign_states(
+    name):
+  params = {"a": jnp.zeros(3), "n": jnp.zeros(2)}
+  tx, losses = SINGLE_BACKWARD[name](2), jnp.ones(2)
+  grads = {"a": jnp.ones((2, 3)), "n": jnp.array([[1, 2], [2, 1]])}
+  with pytest.raises(TypeError, match=r"\['n'\].*int32.*floating"):
+    tx.update(grads, tx.init(params), params, task_losses=losses)
+  state = SINGLE_BACKWARD[name](3).init(params)
+  stacked = jax.tree.map(lambda p: jnp.ones((2, *p.shape)), params)
+  with pytest.raises(ValueError, match=r"state.*\(3,\).*\(2,\).*num_tasks=2"):
+    tx.update(stacked, state, params, task_losses=losses)
+  # An ordinary gradient without params: the error says to pass them.
+  with pytest.raises(ValueError, match="pass params|needs params"):
+    tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params),
+              task_losses=losses)

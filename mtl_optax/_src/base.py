@@ -1,10 +1,16 @@
 """The one place that turns a weighting rule into an optax transformation.
 
 Most methods in the library compute per-task coefficients ``c`` (from the
-Gram matrix, their state, or the extra arguments) and return the update
-``sum_i c_i g_i``. :func:`task_weighting_transformation` owns everything
-around that rule: the trace-time checks, the single Gram pass, the weighted
-sum and the optax plumbing, so each method's module contains only its math.
+Gram matrix, their state, the losses or the extra arguments) and return the
+update ``sum_i c_i g_i``. :func:`guarded_transformation` is the one builder:
+it owns the trace-time checks, the stacked-or-not decision, the probe
+protocol of loss weightings, the finiteness guard and the keep-the-old-state
+select. Its two specialisations add the rest:
+:func:`task_weighting_transformation` (Gram weightings: the single Gram
+pass and the weighted sum) and
+:func:`loss_weighting_transformation` (loss weightings: one ordinary
+gradient or the weighted sum of stacked ones, coefficients from the state
+and the losses), so each method's module contains only its math.
 """
 
 from __future__ import annotations
@@ -94,16 +100,63 @@ def is_unstacked(updates: Any, params: Any) -> bool:
       jnp.shape(u) == jnp.shape(p) for u, p in zip(u_leaves, p_leaves))
 
 
+def stacked_or_unstacked(updates: Any, params: Any, num_tasks: int,
+                         method: str) -> bool:
+  """True for stacked per-task gradients, False for one ordinary gradient
+  shaped like ``params`` (the single-backward path).
+
+  Raises the library's clear shape error for anything else, with the hint
+  to pass ``params`` when they are missing.
+  """
+  hint = ("" if params is not None else
+          " On the single-backward path (mo.value_and_weighted_grad) pass "
+          "params to update so that an ordinary gradient is recognised.")
+  if is_stacked(updates, params, num_tasks):
+    try:
+      validation.check_task_axis(updates, num_tasks, method)
+    except ValueError as err:
+      raise ValueError(str(err) + hint) from None
+    return True
+  if is_unstacked(updates, params):
+    return False
+  validation.check_task_axis(updates, num_tasks, method)
+  raise ValueError(
+      f"{method}: updates are neither one gradient shaped like params nor "
+      f"stacked per-task gradients with a leading axis of size {num_tasks}.")
+
+
+def _checked_input(updates, state, params, extra_args, num_tasks, method,
+                   accepts_gram, accepts_unstacked) -> bool:
+  """The builder's trace-time checks of ``update``'s input; whether the
+  updates are stacked."""
+  stacked = True
+  if accepts_unstacked:
+    # A loss weighting: a ``gram`` extra argument (the Gram-first path,
+    # where the gradient is an ordinary one) is not read.
+    stacked = stacked_or_unstacked(updates, params, num_tasks, method)
+  elif extra_args.get(GRAM_ARG) is None:
+    validation.check_task_axis(updates, num_tasks, method)
+    validation.check_stacked_like_params(updates, params, num_tasks, method)
+  else:
+    check_gram_arg(extra_args[GRAM_ARG], num_tasks, method, accepts_gram)
+  validation.check_float_leaves(updates, method)
+  validation.check_state_tasks(state, num_tasks, method)
+  return stacked
+
+
 def guarded_transformation(
     num_tasks: int,
     method: str,
     init_fn: Callable[[Any], NamedTuple],
-    step: Callable[[Any, NamedTuple, Any, dict], tuple],
+    step: Callable[..., tuple],
     requires_task_losses: bool = False,
     accepts_gram: bool = False,
     passes_unstacked_through: bool = False,
+    accepts_unstacked: bool = False,
+    probe: Optional[Callable[[NamedTuple, dict], NamedTuple]] = None,
+    requires_params: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """The one builder: the optax plumbing every stacked-gradient method shares.
+  """The one builder: the optax plumbing every method shares.
 
   Around ``step(updates, state, params, extra_args) -> (update, new_state,
   finite)`` it does the trace-time checks (leading task axis, floating-point
@@ -119,29 +172,50 @@ def guarded_transformation(
   finite when the new ``weights`` and the update are (methods that compute
   the update themselves rather than from a Gram matrix).
 
-  With ``accepts_gram`` the method also runs on the Gram-first path: given
-  the extra argument ``gram`` (:data:`GRAM_ARG`), ``updates`` is one ordinary
-  gradient (no task axis) and ``step`` must take its coefficients from the
-  given Gram matrix. With ``passes_unstacked_through``, one ordinary gradient
-  (shaped like ``params``) is returned unchanged, state and all (the heads'
-  rule :func:`mtl_optax.task_sum`).
+  Options:
+
+  * ``accepts_gram``: the method also runs on the Gram-first path: given
+    the extra argument ``gram`` (:data:`GRAM_ARG`), ``updates`` is one
+    ordinary gradient (no task axis) and ``step`` must take its coefficients
+    from the given Gram matrix.
+  * ``passes_unstacked_through``: one ordinary gradient (shaped like
+    ``params``) is returned unchanged, state and all (the heads' rule
+    :func:`mtl_optax.task_sum`).
+  * ``accepts_unstacked``: ``updates`` may also be one ordinary gradient
+    shaped like ``params`` (the single-backward path; recognised only when
+    ``params`` is given, and the error says so); ``step`` is then called as
+    ``step(updates, state, params, extra_args, stacked)`` with ``stacked``
+    a Python bool. A ``gram`` extra argument is not read.
+  * ``probe``: ``(state, extra_args) -> state`` makes the result a
+    :class:`LossWeightingTransformation`: called with
+    ``weighting_probe=True`` (:data:`PROBE_ARG`), ``update`` returns its
+    input unchanged and ``probe``'s state, whose ``weights`` are the
+    coefficients the real update on this state would use (nothing else
+    advanced). ``task_losses`` is checked before.
+  * ``requires_params``: ``update`` without ``params`` is a trace-time
+    error, this text saying why.
   """
 
   def update_fn(updates, state, params=None, **extra_args):
     if passes_unstacked_through and is_unstacked(updates, params):
       return updates, state
-    if extra_args.get(GRAM_ARG) is None:
-      validation.check_task_axis(updates, num_tasks, method)
-      validation.check_stacked_like_params(updates, params, num_tasks, method)
-    else:
-      check_gram_arg(extra_args[GRAM_ARG], num_tasks, method, accepts_gram)
-    validation.check_float_leaves(updates, method)
-    validation.check_state_tasks(state, num_tasks, method)
-    validation.check_task_losses(extra_args.get("task_losses"), num_tasks,
-                                 method, required=requires_task_losses)
+    losses = extra_args.get("task_losses")
+    if probe is not None:
+      validation.check_task_losses(losses, num_tasks, method,
+                                   required=requires_task_losses)
+      if extra_args.get(PROBE_ARG):
+        return updates, probe(state, extra_args)
+    if requires_params is not None and params is None:
+      raise ValueError(f"{method}: update needs params ({requires_params}).")
+    stacked = _checked_input(updates, state, params, extra_args, num_tasks,
+                             method, accepts_gram, accepts_unstacked)
+    if probe is None:
+      validation.check_task_losses(losses, num_tasks, method,
+                                   required=requires_task_losses)
     if not jax.tree.leaves(updates):
       return updates, state
-    out = step(updates, state, params, extra_args)
+    out = (step(updates, state, params, extra_args, stacked)
+           if accepts_unstacked else step(updates, state, params, extra_args))
     if len(out) == 2:
       update, new_state = out
       finite = all_finite(new_state.weights) & all_finite(update)
@@ -149,6 +223,8 @@ def guarded_transformation(
       update, new_state, finite = out
     return update, keep_if_finite(finite, new_state, state)
 
+  if probe is not None:
+    return LossWeightingTransformation(init_fn, update_fn)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -302,11 +378,119 @@ class LossWeightingTransformation(optax.GradientTransformationExtraArgs):
     return probed.weights
 
 
-def loss_weighting_transformation(init_fn, update_fn
-                                  ) -> LossWeightingTransformation:
-  """Builds a :class:`LossWeightingTransformation`; ``update_fn`` must honour
-  :data:`PROBE_ARG`."""
-  return LossWeightingTransformation(init_fn, update_fn)
+class LossStep(NamedTuple):
+  """What a loss weighting's state-advance rules may read besides the
+  losses: the updates, whether they are stacked, ``params`` and every extra
+  argument."""
+  updates: Any
+  stacked: bool
+  params: Any
+  extra_args: dict
+
+
+def weighted_sum_in_range(coeffs: jax.Array, stacked: Any,
+                          like: Any = None) -> tuple[Any, jax.Array]:
+  """``sum_i c_i g_i`` in the dtypes of ``like`` (default ``stacked``),
+  computed in float32 or wider, never overflowing for finite input.
+
+  Reciprocal-loss coefficients (``1 / (L + eps)`` for a zero loss) can exceed
+  the range of float16 gradients, or times large gradients that of float32.
+  The sum is taken with ``c / max|c|`` and multiplied back by ``max|c|``, or
+  by less where a leaf would then pass half its dtype's largest value: the
+  direction is kept and the length capped. NaN/inf stay non-finite.
+
+  Returns:
+    The update and ``r <= 1`` (1 when nothing was capped): the update is
+    ``sum_i (r c_i) g_i``.
+  """
+  like = stacked if like is None else like
+  peak = jnp.max(jnp.abs(coeffs))
+  safe = jnp.where(peak > 0, peak, 1.0)
+  acc = jnp.result_type(tree_math.accumulation_dtype(stacked), coeffs.dtype)
+  unit = tree_math.weighted_task_sum(
+      coeffs.astype(acc) / safe, jax.tree.map(lambda g: g.astype(acc), stacked))
+  factor = safe.astype(acc)
+  for y, g in zip(jax.tree.leaves(unit), jax.tree.leaves(like)):
+    if np.size(y):
+      room = jnp.asarray(jnp.finfo(g.dtype).max / 2, acc)
+      top = jnp.max(jnp.abs(y))
+      factor = jnp.minimum(factor, jnp.where(top > 0, room / top, factor))
+  out = jax.tree.map(lambda y, g: (y * factor).astype(g.dtype), unit, like)
+  return out, (factor / safe).astype(coeffs.dtype)
+
+
+def loss_weighting_transformation(
+    num_tasks: int,
+    method: str,
+    init_state: Callable[[jnp.dtype], NamedTuple],
+    coefficients: Callable[[NamedTuple, jax.Array], jax.Array],
+    advance: Callable[[NamedTuple, jax.Array, jax.Array, LossStep],
+                      NamedTuple],
+    prepare: Optional[Callable[[NamedTuple, jax.Array, Optional[LossStep]],
+                               NamedTuple]] = None,
+    requires_task_losses: bool = True,
+    requires_params: Optional[str] = None,
+) -> LossWeightingTransformation:
+  """Builds a loss weighting from its rules: the single-backward
+  specialisation of :func:`guarded_transformation`.
+
+  ``update`` takes one ordinary gradient (returned as it is) or stacked
+  per-task gradients (returned as ``sum_i c_i g_i``, never overflowing, see
+  :func:`weighted_sum_in_range`; ``weights`` records the coefficients
+  used), and honours the probe protocol (:data:`PROBE_ARG`). Non-finite
+  losses make the update NaN; a non-finite step keeps the previous state.
+
+  Args:
+    num_tasks: K, already validated.
+    method: public name, for error messages.
+    init_state: ``dtype -> State`` (a NamedTuple with a ``weights`` field).
+    coefficients: ``(state, losses) -> c`` (K,): the loss weights of this step.
+    advance: ``(state, losses, c, step) -> new_state``.
+    prepare: optional ``(state, losses, step) -> state``, the part of the
+      state advance that the coefficients depend on (FAMO's pending logit
+      step, PSMGD's solve); run once per ``update``, before the other two
+      rules, and by the probe with ``step=None``.
+    requires_task_losses: False for rules that do not read the losses
+      (RLW): a missing ``task_losses`` then stands for zeros.
+    requires_params: see :func:`guarded_transformation`.
+
+  Returns:
+    A :class:`LossWeightingTransformation`.
+  """
+  register_loss_weighting_state(type(init_state(jnp.float32)))
+
+  def init_fn(params):
+    return init_state(state_dtype(params))
+
+  def losses_of(state, extra_args):
+    task_losses = extra_args.get("task_losses")
+    if task_losses is None:
+      task_losses = jnp.zeros((num_tasks,))
+    return jnp.asarray(task_losses).astype(state.weights.dtype)
+
+  def probe(state, extra_args):
+    losses = losses_of(state, extra_args)
+    prepared = state if prepare is None else prepare(state, losses, None)
+    return state._replace(weights=coefficients(prepared, losses))
+
+  def step(updates, state, params, extra_args, stacked):
+    losses = losses_of(state, extra_args)
+    context = LossStep(updates, stacked, params, extra_args)
+    prepared = state if prepare is None else prepare(state, losses, context)
+    coeffs = coefficients(prepared, losses)
+    new_state = advance(prepared, losses, coeffs, context)
+    out = updates
+    if stacked:
+      out, capped = weighted_sum_in_range(coeffs, updates)
+      new_state = new_state._replace(weights=coeffs * capped)
+    losses_ok = jnp.all(jnp.isfinite(losses))
+    out = nan_unless(losses_ok, out)
+    finite = losses_ok & jnp.all(jnp.isfinite(coeffs)) & all_finite(out)
+    return out, new_state, finite
+
+  return guarded_transformation(
+      num_tasks, method, init_fn, step, requires_task_losses,
+      accepts_unstacked=True, probe=probe, requires_params=requires_params)
 
 
 def is_stacked(updates: Any, params: Any, num_tasks: int) -> bool:

@@ -92,13 +92,6 @@ _LOG_SCALE_BOUND = 10.0
 # --------------------------------------------------------------------------
 
 
-class _Step(NamedTuple):
-  """What a state-advance rule may read besides the losses."""
-  updates: Any
-  stacked: bool
-  extra_args: dict
-
-
 def renamed_field(new: str) -> property:
   """A read-only state attribute under a field's old name, warning that it is
   deprecated (the field itself is ``new``)."""
@@ -140,70 +133,6 @@ def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
   return jnp.where(den > 0, jnp.clip(ratio, -big, big), 1.0)
 
 
-def _updates_are_stacked(updates: Any, params: Any, num_tasks: int,
-                         method: str) -> bool:
-  """True for stacked per-task gradients, False for one ordinary gradient.
-
-  Raises the library's clear shape error for anything else.
-  """
-  hint = ("" if params is not None else
-          " On the single-backward path (mo.value_and_weighted_grad) pass "
-          "params to update so that an ordinary gradient is recognised.")
-  if base.is_stacked(updates, params, num_tasks):
-    try:
-      validation.check_task_axis(updates, num_tasks, method)
-    except ValueError as err:
-      raise ValueError(str(err) + hint) from None
-    return True
-  u_leaves = jax.tree.leaves(updates)
-  p_leaves = jax.tree.leaves(params)
-  if len(u_leaves) == len(p_leaves) and all(
-      jnp.shape(u) == jnp.shape(p) for u, p in zip(u_leaves, p_leaves)):
-    return False
-  validation.check_task_axis(updates, num_tasks, method)
-  raise ValueError(
-      f"{method}: updates are neither one gradient shaped like params nor "
-      f"stacked per-task gradients with a leading axis of size {num_tasks}.")
-
-
-def _weighted_sum_in_range(coeffs: jax.Array, stacked: Any,
-                           like: Any = None) -> tuple[Any, jax.Array]:
-  """``sum_i c_i g_i`` in the dtypes of ``like`` (default ``stacked``),
-  computed in float32 or wider, never overflowing for finite input.
-
-  Reciprocal-loss coefficients (``1 / (L + eps)`` for a zero loss) can exceed
-  the range of float16 gradients, or times large gradients that of float32.
-  The sum is taken with ``c / max|c|`` and multiplied back by ``max|c|``, or
-  by less where a leaf would then pass half its dtype's largest value: the
-  direction is kept and the length capped. NaN/inf stay non-finite.
-
-  Returns:
-    The update and ``r <= 1`` (1 when nothing was capped): the update is
-    ``sum_i (r c_i) g_i``.
-  """
-  like = stacked if like is None else like
-  peak = jnp.max(jnp.abs(coeffs))
-  safe = jnp.where(peak > 0, peak, 1.0)
-  acc = jnp.result_type(tree_math.accumulation_dtype(stacked), coeffs.dtype)
-  unit = tree_math.weighted_task_sum(
-      coeffs.astype(acc) / safe, jax.tree.map(lambda g: g.astype(acc), stacked))
-  factor = safe.astype(acc)
-  for y, g in zip(jax.tree.leaves(unit), jax.tree.leaves(like)):
-    if np.size(y):
-      room = jnp.asarray(jnp.finfo(g.dtype).max / 2, acc)
-      top = jnp.max(jnp.abs(y))
-      factor = jnp.minimum(factor, jnp.where(top > 0, room / top, factor))
-  out = jax.tree.map(lambda y, g: (y * factor).astype(g.dtype), unit, like)
-  return out, (factor / safe).astype(coeffs.dtype)
-
-
-def keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
-  """``new`` where ``ok``, else ``old``, leaf by leaf in ``old``'s dtypes (a
-  skipped step keeps the previous state; jit carries keep fixed dtypes)."""
-  return jax.tree.map(
-      lambda n, o: jnp.where(ok, jnp.asarray(n).astype(o.dtype), o), new, old)
-
-
 def inner_optimizer(optimizer: Optional[optax.GradientTransformation],
                     learning_rate: Any, method: str
                     ) -> optax.GradientTransformation:
@@ -211,68 +140,6 @@ def inner_optimizer(optimizer: Optional[optax.GradientTransformation],
   ``optax.adam(learning_rate)`` (``learning_rate`` checked >= 0)."""
   validation.check_nonnegative(learning_rate, "learning_rate", method)
   return optimizer if optimizer is not None else optax.adam(learning_rate)
-
-
-def _nan_unless(ok: jax.Array, tree: Any) -> Any:
-  return jax.tree.map(lambda u: jnp.where(ok, u, jnp.nan).astype(u.dtype),
-                      tree)
-
-
-def _loss_weighting(
-    num_tasks: int,
-    method: str,
-    init_state: Callable[[jnp.dtype], NamedTuple],
-    coefficients: Callable[[NamedTuple, jax.Array], jax.Array],
-    advance: Callable[[NamedTuple, jax.Array, jax.Array, _Step], NamedTuple],
-    prepare: Optional[Callable[[NamedTuple, jax.Array], NamedTuple]] = None,
-    requires_task_losses: bool = True,
-) -> base.LossWeightingTransformation:
-  """Builds a loss weighting from its rules.
-
-  Args:
-    num_tasks: K, already validated.
-    method: public name, for error messages.
-    init_state: ``dtype -> State`` (a NamedTuple with a ``weights`` field).
-    coefficients: ``(state, losses) -> c`` (K,): the loss weights of this step.
-    advance: ``(state, losses, c, step) -> new_state``.
-    prepare: optional ``(state, losses) -> state``, the part of the state
-      advance that the coefficients depend on (FAMO's pending logit step);
-      run once per ``update``, before the other two rules.
-    requires_task_losses: False for rules that do not read the losses
-      (RLW): a missing ``task_losses`` then stands for zeros.
-  """
-  base.register_loss_weighting_state(type(init_state(jnp.float32)))
-
-  def init_fn(params):
-    return init_state(base.state_dtype(params))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    task_losses = extra_args.get("task_losses")
-    validation.check_task_losses(task_losses, num_tasks, method,
-                                 required=requires_task_losses)
-    if task_losses is None:
-      task_losses = jnp.zeros((num_tasks,))
-    losses = jnp.asarray(task_losses).astype(state.weights.dtype)
-    prepared = state if prepare is None else prepare(state, losses)
-    if extra_args.get(base.PROBE_ARG):
-      # The coefficients this update would use, nothing advanced.
-      return updates, state._replace(weights=coefficients(prepared, losses))
-    stacked = _updates_are_stacked(updates, params, num_tasks, method)
-    if not jax.tree.leaves(updates):
-      return updates, state
-    coeffs = coefficients(prepared, losses)
-    new_state = advance(prepared, losses, coeffs,
-                        _Step(updates, stacked, extra_args))
-    out = updates
-    if stacked:
-      out, capped = _weighted_sum_in_range(coeffs, updates)
-      new_state = new_state._replace(weights=coeffs * capped)
-    losses_ok = jnp.all(jnp.isfinite(losses))
-    out = _nan_unless(losses_ok, out)
-    finite = losses_ok & jnp.all(jnp.isfinite(coeffs)) & base.all_finite(out)
-    return out, keep_if(finite, new_state, state)
-
-  return base.loss_weighting_transformation(init_fn, update_fn)
 
 
 class LossWeightsState(NamedTuple):
@@ -292,8 +159,9 @@ def _memoryless(num_tasks, method, rule):
     del state, losses, step
     return LossWeightsState(coeffs)
 
-  return _loss_weighting(num_tasks, method, init_state,
-                         lambda state, losses: rule(losses), advance)
+  return base.loss_weighting_transformation(
+      num_tasks, method, init_state, lambda state, losses: rule(losses),
+      advance)
 
 
 # --------------------------------------------------------------------------
@@ -344,11 +212,12 @@ def _learned_scale(num_tasks, method, init_log_scale, learning_rate, optimizer,
     # would freeze s for ever: such an inner step is skipped, s and the
     # optimizer state are kept (the model update still takes this step).
     ok = base.all_finite(opt_state) & base.all_finite(new_s)
-    new_s, opt_state = keep_if(ok, (new_s, opt_state),
-                                    (s, state.log_scales_opt_state))
+    new_s, opt_state = base.keep_if_finite(ok, (new_s, opt_state),
+                                           (s, state.log_scales_opt_state))
     return LearnedScaleState(coeffs, new_s, opt_state)
 
-  return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
+  return base.loss_weighting_transformation(num_tasks, method, init_state,
+                                            coefficients, advance)
 
 
 def uncertainty_weighting(
@@ -467,13 +336,12 @@ def imtl_l(
     log_scale_bound: bound on ``|s|`` (> 0). Injectable.
 
   Returns:
-    A :class:`~mtl_optax.LossWeightingTransformation` with
-    :class:`LearnedScaleState`.
+    A loss weighting (:class:`~mtl_optax.LossWeightingTransformation`)
+    whose state is a :class:`LearnedScaleState`.
 
   Example:
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
-    >>> tx = mo.imtl_l(2, learning_rate=0.1)
-    >>> params = jnp.zeros(2)
+    >>> tx, params = mo.imtl_l(2, learning_rate=0.1), jnp.zeros(2)
     >>> state = tx.init(params)
     >>> for losses in ([2., .5], [1.5, .5]):  # s moves towards -log L
     ...   _, state = tx.update(jnp.ones(2), state, params,
@@ -600,7 +468,8 @@ def dwa(num_tasks: int, temperature: float = 2.0, update_every: int = 1
         jnp.where(done, jnp.minimum(state.num_periods + 1, 2),
                   state.num_periods))
 
-  return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
+  return base.loss_weighting_transformation(num_tasks, method, init_state,
+                                            coefficients, advance)
 
 
 # --------------------------------------------------------------------------
@@ -626,6 +495,58 @@ class GradNormState(NamedTuple):
   count: jax.Array
   task_weights_opt_state: Any
   step = renamed_field("count")
+
+
+def _gradnorm_task_norms(step: base.LossStep, num_tasks: int,
+                         method: str) -> jax.Array:
+  """GradNorm's per-task norms ``n_i``: of ``layer_grads`` if given, else of
+  the stacked updates; a clear error on the single-backward path without
+  ``layer_grads``."""
+  layer = step.extra_args.get("layer_grads")
+  if layer is not None:
+    validation.check_task_axis(layer, num_tasks, method, what="layer_grads")
+    return tree_math.task_norms(layer)
+  if step.stacked:
+    return tree_math.task_norms(step.updates)
+  raise ValueError(
+      f"{method}: per-task gradient norms are needed. On the single-backward "
+      "path pass the extra argument layer_grads (stacked per-task gradients "
+      f"of the unweighted losses w.r.t. a shared layer, leaves ({num_tasks}, "
+      "...)), or give update stacked per-task gradients.")
+
+
+def _gradnorm_advance(state: GradNormState, losses: jax.Array,
+                      coeffs: jax.Array, norms: jax.Array,
+                      opt: optax.GradientTransformation,
+                      alpha: Any) -> GradNormState:
+  """One GradNorm step of the weights ``w``: the optimizer on
+  ``sign(G_i - Gbar r_i^alpha) n_i``, clipped at 0, renormalised to sum K;
+  skipped (``state`` kept) when it is not finite."""
+  w = state.task_weights
+  num_tasks = w.shape[0]
+  dtype = w.dtype
+  norms = norms.astype(dtype)
+  initial = jnp.where(state.count == 0, losses, state.initial_losses)
+  ltilde = _safe_ratio(jnp.maximum(losses, 0.0), initial)
+  mean_l = jnp.mean(ltilde)
+  r = jnp.where(mean_l > 0, ltilde / jnp.where(mean_l > 0, mean_l, 1.0), 1.0)
+  g = w * norms
+  target = jnp.mean(g) * r ** jnp.asarray(alpha, dtype)
+  grad = jnp.sign(g - target) * norms  # d L_grad / d w, target constant
+  delta, opt_state = opt.update(grad, state.task_weights_opt_state, w)
+  w_new = jnp.maximum(optax.apply_updates(w, delta), 0.0)
+  total = jnp.sum(w_new)
+  w_new = jnp.where(total > 0, num_tasks * w_new / jnp.where(
+      total > 0, total, 1.0), jnp.ones_like(w_new))
+  new_state = GradNormState(coeffs, w_new, initial,
+                            jnp.minimum(state.count + 1, 1), opt_state)
+  # Non-finite layer gradients (possible even when the update is finite,
+  # layer_grads being a separate input) must not poison w: keep the state.
+  # Nor may huge finite norms (>~ 2e19 in float32), which overflow Adam's
+  # second moment and would freeze w for ever: that inner step is skipped.
+  ok = (jnp.all(jnp.isfinite(norms)) & base.all_finite(opt_state)
+        & base.all_finite(w_new))
+  return base.keep_if_finite(ok, new_state, state)
 
 
 def gradnorm(
@@ -719,50 +640,13 @@ def gradnorm(
     return GradNormState(w / num_tasks, w, jnp.ones((num_tasks,), dtype),
                          jnp.zeros((), jnp.int32), opt.init(w))
 
-  def coefficients(state, losses):
-    del losses
-    return state.task_weights / num_tasks
-
-  def task_norms(step):
-    layer = step.extra_args.get("layer_grads")
-    if layer is not None:
-      validation.check_task_axis(layer, num_tasks, method, what="layer_grads")
-      return tree_math.task_norms(layer)
-    if step.stacked:
-      return tree_math.task_norms(step.updates)
-    raise ValueError(
-        f"{method}: per-task gradient norms are needed. On the single-backward "
-        "path pass the extra argument layer_grads (stacked per-task gradients "
-        f"of the unweighted losses w.r.t. a shared layer, leaves ({num_tasks}, "
-        "...)), or give update stacked per-task gradients.")
-
   def advance(state, losses, coeffs, step):
-    w = state.task_weights
-    dtype = w.dtype
-    norms = task_norms(step).astype(dtype)
-    initial = jnp.where(state.count == 0, losses, state.initial_losses)
-    ltilde = _safe_ratio(jnp.maximum(losses, 0.0), initial)
-    mean_l = jnp.mean(ltilde)
-    r = jnp.where(mean_l > 0, ltilde / jnp.where(mean_l > 0, mean_l, 1.0), 1.0)
-    g = w * norms
-    target = jnp.mean(g) * r ** jnp.asarray(alpha, dtype)
-    grad = jnp.sign(g - target) * norms  # d L_grad / d w, target constant
-    delta, opt_state = opt.update(grad, state.task_weights_opt_state, w)
-    w_new = jnp.maximum(optax.apply_updates(w, delta), 0.0)
-    total = jnp.sum(w_new)
-    w_new = jnp.where(total > 0, num_tasks * w_new / jnp.where(
-        total > 0, total, 1.0), jnp.ones_like(w_new))
-    new_state = GradNormState(coeffs, w_new, initial,
-                              jnp.minimum(state.count + 1, 1), opt_state)
-    # Non-finite layer gradients (possible even when the update is finite,
-    # layer_grads being a separate input) must not poison w: keep the state.
-    # Nor may huge finite norms (>~ 2e19 in float32), which overflow Adam's
-    # second moment and would freeze w for ever: that inner step is skipped.
-    ok = (jnp.all(jnp.isfinite(norms)) & base.all_finite(opt_state)
-          & base.all_finite(w_new))
-    return keep_if(ok, new_state, state)
+    norms = _gradnorm_task_norms(step, num_tasks, method)
+    return _gradnorm_advance(state, losses, coeffs, norms, opt, alpha)
 
-  return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
+  return base.loss_weighting_transformation(
+      num_tasks, method, init_state,
+      lambda state, losses: state.task_weights / num_tasks, advance)
 
 
 # --------------------------------------------------------------------------
@@ -788,6 +672,68 @@ class FAMOState(NamedTuple):
   prev_losses: jax.Array
   count: jax.Array
   step = renamed_field("count")
+
+
+def _famo_log_gap(losses: jax.Array, min_losses: Any, eps: Any
+                  ) -> jax.Array:
+  """``log D = log(max(L - Lmin, 0) + eps)``."""
+  lmin = (jnp.zeros_like(losses) if min_losses is None
+          else jnp.asarray(min_losses, losses.dtype))
+  return jnp.log(_positive(losses - lmin, eps))
+
+
+def _famo_pending_logits(state: FAMOState, delta: jax.Array,
+                         logits_opt: optax.GradientTransformation
+                         ) -> tuple[jax.Array, Any]:
+  """The logit step for the move that took ``L_{t-1}`` to ``L_t``, ``delta
+  = log D(L_{t-1}) - log D(L_t)`` (none at ``t = 0``): logits and their
+  optimizer state."""
+  z = jax.nn.softmax(state.logits)
+  grad = z * (delta - jnp.dot(z, delta))  # J_softmax(xi)^T delta
+  step, opt_state = logits_opt.update(grad, state.logits_opt_state,
+                                      state.logits)
+  logits = optax.apply_updates(state.logits, step)
+  first = state.count == 0
+  return (jnp.where(first, state.logits, logits),
+          jax.tree.map(lambda new, old: jnp.where(first, old, new),
+                       opt_state, state.logits_opt_state))
+
+
+def _famo_transformation(num_tasks: int, method: str,
+                         logits_opt: optax.GradientTransformation,
+                         min_losses: Any, eps: Any
+                         ) -> base.LossWeightingTransformation:
+  """FAMO's rules: the pending logit step (``prepare``), ``c = softmax(log z
+  - log D)`` and the loss memory."""
+  def init_state(dtype):
+    logits = jnp.zeros((num_tasks,), dtype)
+    return FAMOState(base.uniform_weights(num_tasks, dtype), logits,
+                     logits_opt.init(logits), jnp.ones((num_tasks,), dtype),
+                     jnp.zeros((), jnp.int32))
+
+  def log_gap(losses):
+    return _famo_log_gap(losses, min_losses, eps)
+
+  def prepare(state, losses, step):
+    # The pending logit step, taken once per update (coefficients and
+    # advance below read its result).
+    del step
+    logits, opt_state = _famo_pending_logits(state, log_gap(state.prev_losses)
+                                             - log_gap(losses), logits_opt)
+    return state._replace(logits=logits, logits_opt_state=opt_state)
+
+  def coefficients(prepared, losses):
+    # z_i / D_i normalised, in log space so that 1/D cannot overflow.
+    return jax.nn.softmax(jax.nn.log_softmax(prepared.logits)
+                          - log_gap(losses))
+
+  def advance(prepared, losses, coeffs, step):
+    del step
+    return FAMOState(coeffs, prepared.logits, prepared.logits_opt_state,
+                     losses, jnp.minimum(prepared.count + 1, 1))
+
+  return base.loss_weighting_transformation(num_tasks, method, init_state,
+                                            coefficients, advance, prepare)
 
 
 @deprecation.renamed_arguments(w_lr="learning_rate", gamma="weight_decay")
@@ -870,48 +816,7 @@ def famo(num_tasks: int, learning_rate: float = 0.025,
   logits_opt = optax.chain(optax.add_decayed_weights(weight_decay),
                            optax.adam(learning_rate))
 
-  def init_state(dtype):
-    logits = jnp.zeros((num_tasks,), dtype)
-    return FAMOState(base.uniform_weights(num_tasks, dtype), logits,
-                     logits_opt.init(logits), jnp.ones((num_tasks,), dtype),
-                     jnp.zeros((), jnp.int32))
-
-  def log_gap(losses):
-    lmin = (jnp.zeros_like(losses) if min_losses is None
-            else jnp.asarray(min_losses, losses.dtype))
-    return jnp.log(_positive(losses - lmin, eps))
-
-  def pending_logits(state, losses):
-    """The logit step for the move that took L_{t-1} to L_t (none at t=0)."""
-    delta = log_gap(state.prev_losses) - log_gap(losses)
-    z = jax.nn.softmax(state.logits)
-    grad = z * (delta - jnp.dot(z, delta))  # J_softmax(xi)^T delta
-    step, opt_state = logits_opt.update(grad, state.logits_opt_state,
-                                        state.logits)
-    logits = optax.apply_updates(state.logits, step)
-    first = state.count == 0
-    return (jnp.where(first, state.logits, logits),
-            jax.tree.map(lambda new, old: jnp.where(first, old, new),
-                         opt_state, state.logits_opt_state))
-
-  def prepare(state, losses):
-    # The pending logit step, taken once per update (coefficients and
-    # advance below read its result).
-    logits, opt_state = pending_logits(state, losses)
-    return state._replace(logits=logits, logits_opt_state=opt_state)
-
-  def coefficients(prepared, losses):
-    # z_i / D_i normalised, in log space so that 1/D cannot overflow.
-    return jax.nn.softmax(jax.nn.log_softmax(prepared.logits)
-                          - log_gap(losses))
-
-  def advance(prepared, losses, coeffs, step):
-    del step
-    return FAMOState(coeffs, prepared.logits, prepared.logits_opt_state,
-                     losses, jnp.minimum(prepared.count + 1, 1))
-
-  return _loss_weighting(num_tasks, method, init_state, coefficients, advance,
-                         prepare)
+  return _famo_transformation(num_tasks, method, logits_opt, min_losses, eps)
 
 
 # --------------------------------------------------------------------------
@@ -986,9 +891,9 @@ def stch(num_tasks: int, mu: float = 1.0, warmup_steps: int = 0,
     >>> state = tx.init(params)
     >>> _, state = tx.update(params, state, params,
     ...                      task_losses=jnp.array([2., 1.]))
-    >>> print(np.asarray(tx.loss_weights(state, jnp.array([1., 1.])),
-    ...                  np.float64).round(4))
-    [0.3333 0.6667]
+    >>> c = tx.loss_weights(state, jnp.array([1., 1.]))
+    >>> print(state.nadir, np.asarray(c, np.float64).round(4))
+    [2. 1.] [0.3333 0.6667]
   """
   method = "stch"
   num_tasks = validation.check_num_tasks(num_tasks, method)
@@ -1027,7 +932,8 @@ def stch(num_tasks: int, mu: float = 1.0, warmup_steps: int = 0,
     return STCHState(coeffs, jnp.minimum(state.count + 1, phase_end),
                      jnp.where(in_nadir, nadir, state.nadir))
 
-  return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
+  return base.loss_weighting_transformation(num_tasks, method, init_state,
+                                            coefficients, advance)
 
 
 # --------------------------------------------------------------------------
@@ -1065,9 +971,9 @@ def gls(num_tasks: int, eps: float = 1e-8) -> base.LossWeightingTransformation:
 
   Example:
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
-    >>> tx = mo.gls(2)
-    >>> c = tx.loss_weights(tx.init(jnp.zeros(1)), jnp.array([1., 4.]))
-    >>> print(np.asarray(c, np.float64).round(4))
+    >>> tx, losses = mo.gls(2), jnp.array([1., 4.])  # G = 2
+    >>> print(np.asarray(tx.loss_weights(tx.init(jnp.zeros(1)), losses),
+    ...                  np.float64).round(4))
     [1.   0.25]
   """
   method = "gls"
@@ -1103,11 +1009,11 @@ def scale_invariant(num_tasks: int, eps: float = 1e-8
 
   Args:
     num_tasks: number of tasks K.
-    eps: added to the clamped losses. Injectable.
+    eps: the guard's offset of the clamped losses (injectable).
 
   Returns:
-    A :class:`~mtl_optax.LossWeightingTransformation` with
-    :class:`LossWeightsState`.
+    A loss weighting (:class:`~mtl_optax.LossWeightingTransformation`)
+    whose state is a :class:`LossWeightsState`.
 
   Example:
     >>> import jax.numpy as jnp, numpy as np, mtl_optax as mo
@@ -1178,8 +1084,8 @@ def random_weighting(num_tasks: int, seed: int = 0
     [2.0031 1.     1.    ]
   """
   method = "random_weighting"
-  num_tasks = validation.check_num_tasks(num_tasks, method)
   validation.check_seed(seed, method)
+  num_tasks = validation.check_num_tasks(num_tasks, method)
 
   def init_state(dtype):
     return RandomWeightingState(base.uniform_weights(num_tasks, dtype),
@@ -1195,8 +1101,9 @@ def random_weighting(num_tasks: int, seed: int = 0
     key, _ = jax.random.split(state.key)
     return RandomWeightingState(coeffs, key)
 
-  return _loss_weighting(num_tasks, method, init_state, coefficients, advance,
-                         requires_task_losses=False)
+  return base.loss_weighting_transformation(num_tasks, method, init_state,
+                                            coefficients, advance,
+                                            requires_task_losses=False)
 
 
 def random_loss_weighting(num_tasks: int, seed: int = 0
@@ -1289,9 +1196,9 @@ def db_mtl(num_tasks: int, decay: float = 0.9, beta_sigma: float = 0.0,
   """
   method = "db_mtl"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  validation.check_nonnegative(decay, "decay", method)
-  validation.check_nonnegative(beta_sigma, "beta_sigma", method)
-  validation.check_nonnegative(eps, "eps", method)
+  for name, value in (("decay", decay), ("beta_sigma", beta_sigma),
+                      ("eps", eps)):
+    validation.check_nonnegative(value, name, method)
 
   def init_fn(params):
     def zeros(p):
@@ -1321,11 +1228,11 @@ def db_mtl(num_tasks: int, decay: float = 0.9, beta_sigma: float = 0.0,
     peak = jnp.max(norms)
     alpha = jnp.where(norms > 0, jnp.clip(
         peak / jnp.where(norms > 0, norms, 1.0), 0.0, big), 0.0) / num_tasks
-    out, capped = _weighted_sum_in_range(alpha, buffer, updates)
+    out, capped = base.weighted_sum_in_range(alpha, buffer, updates)
     # A +-inf loss would be clamped (-inf) or give a zero term (+inf): make
     # the update NaN instead, for optax.apply_if_finite, and keep the state.
     losses_ok = jnp.all(jnp.isfinite(losses))
-    out = _nan_unless(losses_ok, out)
+    out = base.nan_unless(losses_ok, out)
     finite = losses_ok & jnp.all(jnp.isfinite(alpha)) & base.all_finite(out)
     return out, DBMTLState(alpha * capped, count, buffer), finite
 

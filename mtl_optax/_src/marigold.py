@@ -981,24 +981,6 @@ def _estimator(estimator: str, residual_feedback: bool) -> _Estimator:
 # The transformation.
 
 
-def _stacked(updates, params, num_tasks) -> bool:
-  """Whether ``updates`` are stacked per-task gradients (clear errors else)."""
-  if params is None:
-    raise ValueError(f"{_METHOD}: update needs params (the look-ahead points "
-                     "are displacements of params).")
-  u_leaves, p_leaves = jax.tree.leaves(updates), jax.tree.leaves(params)
-  if len(u_leaves) == len(p_leaves) and all(
-      jnp.shape(u) == jnp.shape(p) for u, p in zip(u_leaves, p_leaves)):
-    return False
-  validation.check_task_axis(updates, num_tasks, _METHOD)
-  if len(u_leaves) != len(p_leaves) or not all(
-      jnp.shape(u)[1:] == jnp.shape(p) for u, p in zip(u_leaves, p_leaves)):
-    raise ValueError(
-        f"{_METHOD}: updates are neither one gradient shaped like params nor "
-        f"stacked per-task gradients (leading axis {num_tasks}) over params.")
-  return True
-
-
 def _checked_shape(loss_fn, num_tasks):
   """``loss_fn`` that raises at trace time unless it returns ``(K,)`` losses
   (a scalar would broadcast silently, K + 1 losses fail deep inside)."""
@@ -1083,29 +1065,17 @@ def _compute(cfg, estimator, update_every, updates, state, params,
   new_state = new_state._replace(weights=state.next_weights,
                                  count=optax.safe_increment(state.count))
   losses_ok = jnp.all(jnp.isfinite(ctx.base_losses))
-  finite = losses_ok & base.all_finite(direction)
-  for leaf in jax.tree.leaves(new_state):
-    if jnp.issubdtype(leaf.dtype, jnp.floating):
-      finite &= jnp.all(jnp.isfinite(leaf))
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                           new_state, state)
-  out = direction
-  if task_losses is not None:
-    out = jax.tree.map(lambda u: jnp.where(losses_ok, u, jnp.nan).astype(
-        u.dtype), out)
-  return out, new_state
+  finite = losses_ok & base.all_finite(direction) & base.all_finite(new_state)
+  out = direction if task_losses is None else base.nan_unless(losses_ok,
+                                                              direction)
+  return out, new_state, finite
 
 
-def _update(cfg, estimator, update_every, updates, state, params=None,
-            **extra_args):
+def _step(cfg, estimator, update_every, updates, state, params, extra_args,
+          stacked):
+  """One update after the builder's checks: ``(update, new_state,
+  finite)``."""
   task_losses = extra_args.get("task_losses")
-  validation.check_task_losses(task_losses, cfg.num_tasks, _METHOD)
-  if extra_args.get(base.PROBE_ARG):
-    # The probe reads ``weights``: the coefficients of this step's loss.
-    return updates, state._replace(weights=state.next_weights)
-  stacked = _stacked(updates, params, cfg.num_tasks)
-  if not jax.tree.leaves(updates):
-    return updates, state
   loss_fn = extra_args.get("loss_fn")
   if estimator.needs_loss_fn(cfg, stacked):
     validation.check_loss_fn(loss_fn, _METHOD)
@@ -1115,6 +1085,12 @@ def _update(cfg, estimator, update_every, updates, state, params=None,
     loss_fn = None
   return _compute(cfg, estimator, update_every, updates, state, params,
                   task_losses, loss_fn, stacked)
+
+
+def _probed_state(state, extra_args):
+  """The probe reads ``weights``: the coefficients of this step's loss."""
+  del extra_args
+  return state._replace(weights=state.next_weights)
 
 
 def _checked_arguments(criterion, estimator, difference, update_every,
@@ -1267,6 +1243,8 @@ def marigold(num_tasks: int, criterion: str = "mgda",
                 lookahead_lr, decay, num_directions, bool(residual_feedback),
                 difference == "central", radius_tolerance)
   parts = _estimator(estimator, bool(residual_feedback))
-  return base.loss_weighting_transformation(
-      functools.partial(_init, cfg, parts, seed),
-      functools.partial(_update, cfg, parts, update_every))
+  return base.guarded_transformation(
+      num_tasks, _METHOD, functools.partial(_init, cfg, parts, seed),
+      functools.partial(_step, cfg, parts, update_every),
+      accepts_unstacked=True, probe=_probed_state,
+      requires_params="the look-ahead points are displacements of params")

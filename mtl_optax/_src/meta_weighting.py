@@ -13,6 +13,7 @@ parameters of an upper-level problem, stepped by their own optimizer inside
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
@@ -23,13 +24,9 @@ import optax
 from mtl_optax._src import base
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
-from mtl_optax._src.loss_weighting import _loss_weighting
 from mtl_optax._src.loss_weighting import _safe_ratio
-from mtl_optax._src.loss_weighting import renamed_field
-from mtl_optax._src.loss_weighting import _updates_are_stacked
 from mtl_optax._src.loss_weighting import inner_optimizer
-from mtl_optax._src.loss_weighting import keep_if
-from mtl_optax._src.momentum import _with_update
+from mtl_optax._src.loss_weighting import renamed_field
 
 __all__ = ("AutoLambdaState", "LDCMTLState", "auto_lambda", "ldc_mtl")
 
@@ -146,14 +143,15 @@ def ldc_mtl(num_tasks: int, penalty: float = 0.05,
     >>> for losses in ([1., 1.], [1., 0.5], [1., 0.5]):
     ...   _, state = tx.update(params, state, params,
     ...                        task_losses=jnp.array(losses))
-    >>> print(np.asarray(jax.nn.softmax(state.logits), np.float64).round(4),
-    ...       np.asarray(state.weights, np.float64).round(4))
-    [0.4206 0.5794] [0.6943 0.2686]
+    >>> print(np.asarray(jax.nn.softmax(state.logits), np.float64).round(4))
+    [0.4206 0.5794]
+    >>> print(np.asarray(state.weights, np.float64).round(4))
+    [0.6943 0.2686]
   """
   method = "ldc_mtl"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  validation.check_nonnegative(penalty, "penalty", method)
   opt = inner_optimizer(optimizer, learning_rate, method)
+  validation.check_nonnegative(penalty, "penalty", method)
 
   def init_state(dtype):
     logits = jnp.zeros((num_tasks,), dtype)
@@ -177,14 +175,15 @@ def ldc_mtl(num_tasks: int, penalty: float = 0.05,
     delta, opt_state = opt.update(grad, state.logits_opt_state, state.logits)
     # A step that overflows the optimizer's moments (losses ~1e19 and up in
     # float32) is skipped, so the router keeps adapting afterwards.
-    logits, opt_state = keep_if(
+    logits, opt_state = base.keep_if_finite(
         base.all_finite((delta, opt_state)),
         (optax.apply_updates(state.logits, delta), opt_state),
         (state.logits, state.logits_opt_state))
     return LDCMTLState(coeffs, logits, opt_state, initial(state, losses),
                        jnp.minimum(state.count + 1, 1))
 
-  return _loss_weighting(num_tasks, method, init_state, coefficients, advance)
+  return base.loss_weighting_transformation(num_tasks, method, init_state,
+                                            coefficients, advance)
 
 
 # --------------------------------------------------------------------------
@@ -239,6 +238,62 @@ def _directional_derivatives(updates, stacked, params, direction, extra_args,
         "gradients.")
   train_loss_fn = base.guard_loss_fn(train_loss_fn, params, method)
   return jax.jvp(train_loss_fn, (params,), (direction,))[1]
+
+
+def _meta_step(step, state, opt, mask, virtual_lr, weight_init, method):
+  """Auto-Lambda's meta-update of ``lambda``: the virtual step from
+  ``step.params`` along ``sum_i lambda_i g_i``, the primary tasks' held-out
+  loss there, and one step of ``opt`` on ``-alpha <g_i, grad V(theta')>``.
+  Skipped (``state`` kept) when it is not finite."""
+  num_tasks = mask.shape[0]
+  params, updates, extra_args = step.params, step.updates, step.extra_args
+  loss_fn = extra_args.get("loss_fn")
+  validation.check_loss_fn(loss_fn, method)
+  loss_fn = base.guard_loss_fn(loss_fn, params, method)
+  dtype = state.meta_weights.dtype
+  lam = state.meta_weights
+  if step.stacked:
+    virtual_grad = tree_math.weighted_task_sum(lam, updates)
+  else:  # the gradient of sum_i c_i L_i, c = lambda / (K weight_init)
+    factor = num_tasks * jnp.asarray(weight_init, dtype)
+    virtual_grad = jax.tree.map(lambda g: g * factor.astype(g.dtype), updates)
+  alpha = jnp.asarray(virtual_lr, dtype)
+  moved = jax.tree.map(lambda p, g: p - alpha.astype(p.dtype) * g, params,
+                       virtual_grad)
+  primary = jnp.asarray(mask, dtype)
+  direction = jax.grad(lambda p: jnp.dot(primary, loss_fn(p).astype(dtype))
+                       )(moved)
+  derivatives = _directional_derivatives(updates, step.stacked, params,
+                                         direction, extra_args, num_tasks,
+                                         method)
+  meta_grad = (-alpha * derivatives.astype(dtype)).astype(dtype)
+  delta, opt_state = opt.update(meta_grad, state.meta_opt_state, lam)
+  stepped = state._replace(meta_weights=optax.apply_updates(lam, delta),
+                           meta_opt_state=opt_state)
+  # An overflowing look-ahead (or one that overflows the meta-optimizer's
+  # moments) must not poison lambda: skip the meta-update.
+  return base.keep_if_finite(base.all_finite(stepped), stepped, state)
+
+
+def _meta_step_in_order(meta_step):
+  """Auto-Lambda's ``prepare`` and ``advance`` rules: on stacked gradients
+  the meta-step comes first and the update uses the new weights (the
+  official order); on the single-backward path the gradient was taken with
+  the current weights, which the state records, then the meta-step."""
+  def prepare(state, losses, step):
+    del losses
+    if step is not None and step.stacked:
+      return meta_step(step, state)
+    return state
+
+  def advance(state, losses, coeffs, step):
+    del losses
+    new_state = state._replace(weights=coeffs)
+    if not step.stacked:
+      new_state = meta_step(step, new_state)
+    return new_state
+
+  return prepare, advance
 
 
 def auto_lambda(num_tasks: int, virtual_lr: float = 0.1,
@@ -322,8 +377,8 @@ def auto_lambda(num_tasks: int, virtual_lr: float = 0.1,
   """
   method = "auto_lambda"
   num_tasks = validation.check_num_tasks(num_tasks, method)
-  validation.check_nonnegative(virtual_lr, "virtual_lr", method)
-  validation.check_nonnegative(meta_lr, "meta_lr", method)
+  for name, value in (("virtual_lr", virtual_lr), ("meta_lr", meta_lr)):
+    validation.check_nonnegative(value, name, method)
   validation.check_positive(weight_init, "weight_init", method)
   mask = _primary_mask(primary_tasks, num_tasks, method)
   opt = meta_optimizer if meta_optimizer is not None else optax.adam(meta_lr)
@@ -337,61 +392,9 @@ def auto_lambda(num_tasks: int, virtual_lr: float = 0.1,
     return state.meta_weights / (num_tasks * jnp.asarray(weight_init,
                                                          losses.dtype))
 
-  def advance(state, losses, coeffs, step):
-    del losses, step
-    return state._replace(weights=coeffs)
-
-  weighting = _loss_weighting(num_tasks, method, init_state, coefficients,
-                              advance)
-
-  def meta_step(updates, stacked, state, params, extra_args):
-    loss_fn = extra_args.get("loss_fn")
-    validation.check_loss_fn(loss_fn, method)
-    loss_fn = base.guard_loss_fn(loss_fn, params, method)
-    dtype = state.meta_weights.dtype
-    lam = state.meta_weights
-    if stacked:
-      virtual_grad = tree_math.weighted_task_sum(lam, updates)
-    else:  # the gradient of sum_i c_i L_i, c = lambda / (K weight_init)
-      factor = num_tasks * jnp.asarray(weight_init, dtype)
-      virtual_grad = jax.tree.map(lambda g: g * factor.astype(g.dtype),
-                                  updates)
-    alpha = jnp.asarray(virtual_lr, dtype)
-    moved = jax.tree.map(lambda p, g: p - alpha.astype(p.dtype) * g, params,
-                         virtual_grad)
-    primary = jnp.asarray(mask, dtype)
-    direction = jax.grad(lambda p: jnp.dot(primary, loss_fn(p).astype(dtype))
-                         )(moved)
-    derivatives = _directional_derivatives(updates, stacked, params, direction,
-                                           extra_args, num_tasks, method)
-    meta_grad = (-alpha * derivatives.astype(dtype)).astype(dtype)
-    delta, opt_state = opt.update(meta_grad, state.meta_opt_state, lam)
-    stepped = state._replace(meta_weights=optax.apply_updates(lam, delta),
-                             meta_opt_state=opt_state)
-    # An overflowing look-ahead must not poison lambda: skip the meta-update.
-    # Also the meta-optimizer's moments: an overflowing look-ahead (or one
-    # that overflows Adam's second moment) skips the meta-update.
-    return keep_if(base.all_finite(stepped), stepped, state)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    validation.check_task_losses(extra_args.get("task_losses"), num_tasks,
-                                 method, required=True)
-    stacked = _updates_are_stacked(updates, params, num_tasks, method)
-    if not jax.tree.leaves(updates):
-      return updates, state
-    if params is None:
-      raise ValueError(f"{method}: update needs params (the virtual step "
-                       "starts from them).")
-    if extra_args.get(base.PROBE_ARG):
-      return weighting.update(updates, state, params, **extra_args)
-    if stacked:  # the official order: meta-step, then the weighted update
-      stepped = meta_step(updates, stacked, state, params, extra_args)
-      out, new_state = weighting.update(updates, stepped, params, **extra_args)
-    else:  # the gradient was taken with the current lambda: record it
-      out, new_state = weighting.update(updates, state, params, **extra_args)
-      new_state = meta_step(updates, stacked, new_state, params, extra_args)
-    ok = (base.all_finite(out) & base.all_finite(new_state.meta_weights)
-          & base.all_finite(new_state.weights))
-    return out, keep_if(ok, new_state, state)
-
-  return _with_update(weighting, update_fn)
+  prepare, advance = _meta_step_in_order(functools.partial(
+      _meta_step, opt=opt, mask=mask, virtual_lr=virtual_lr,
+      weight_init=weight_init, method=method))
+  return base.loss_weighting_transformation(
+      num_tasks, method, init_state, coefficients, advance, prepare,
+      requires_params="the virtual step starts from them")

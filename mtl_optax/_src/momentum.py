@@ -16,7 +16,8 @@ recognised).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +29,6 @@ from mtl_optax._src import solvers
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 from mtl_optax._src.closed_form import config_weights
-from mtl_optax._src.loss_weighting import _loss_weighting
-from mtl_optax._src.loss_weighting import _updates_are_stacked
-from mtl_optax._src.loss_weighting import keep_if
 
 __all__ = ("MomentumConfigState", "PSMGDState", "momentum_config", "psmgd")
 
@@ -67,8 +65,11 @@ class MomentumConfigState(NamedTuple):
     momenta: tree with leaves ``(K, *shape)``: the per-task momenta ``m_i``.
     direction_momentum: tree shaped like params: the pseudo first moment
       ``(1 - beta_1^t) d`` of the last normalised update (normalise only).
-    second_moment: tree shaped like params: the EMA ``s`` of the squared
-      pseudo gradients (normalise only).
+    second_moment_root: tree shaped like params: ``sqrt(s)``, the root of
+      the EMA ``s`` of the squared pseudo gradients (normalise only). Kept
+      as a root so that it cannot overflow while the update is
+      representable; ``second_moment`` (``s`` itself) is its deprecated
+      read-only form.
     count: ``()`` int32, updates since every task was seen (``t``).
   """
   weights: jax.Array
@@ -76,28 +77,104 @@ class MomentumConfigState(NamedTuple):
   task_counts: jax.Array
   momenta: Any
   direction_momentum: Any
-  second_moment: Any
+  second_moment_root: Any
   count: jax.Array
+
+  @property
+  def second_moment(self):
+    warnings.warn("MomentumConfigState.second_moment is deprecated: read "
+                  ".second_moment_root (its square root, which cannot "
+                  "overflow).", DeprecationWarning, stacklevel=2)
+    return jax.tree.map(jnp.square, self.second_moment_root)
 
 
 def _normalise_like_adam(direction, state, count, beta_1, beta_2, eps):
   """M-ConFIG's second moment: the pseudo gradient whose EMA would be the
-  direction, its squared EMA ``s``, and ``d / (sqrt(s_hat) + eps)``."""
+  direction, the root ``r = sqrt(s)`` of its squared EMA, and
+  ``d / (sqrt(s_hat) + eps)``.
+
+  ``r_new = hypot(sqrt(beta_2) r, sqrt(1 - beta_2) g)`` is
+  ``sqrt(beta_2 s + (1 - beta_2) g^2)`` without forming ``g^2``, which
+  overflows float32 for pseudo gradients above ~1e19.
+  """
   t = count.astype(jnp.float32)
   b1 = jnp.asarray(beta_1, jnp.float32)
   b2 = jnp.asarray(beta_2, jnp.float32)
+  keep, add = jnp.sqrt(b2), jnp.sqrt(1 - b2)
   pseudo_m = jax.tree.map(lambda d: d * (1 - b1 ** t).astype(d.dtype),
                           direction)
   pseudo_grad = jax.tree.map(
       lambda m, old: (m - b1.astype(m.dtype) * old) / (1 - b1).astype(m.dtype),
       pseudo_m, state.direction_momentum)
-  second = jax.tree.map(
-      lambda s, g: b2.astype(s.dtype) * s + (1 - b2).astype(s.dtype) * g * g,
-      state.second_moment, pseudo_grad)
+  root = jax.tree.map(
+      lambda r, g: jnp.hypot(keep.astype(r.dtype) * r, add.astype(r.dtype) * g),
+      state.second_moment_root, pseudo_grad)
   out = jax.tree.map(
-      lambda d, s: d / (jnp.sqrt(s / (1 - b2 ** t).astype(s.dtype))
-                        + jnp.asarray(eps, s.dtype)), direction, second)
-  return out, pseudo_m, second
+      lambda d, r: d / (r / jnp.sqrt(1 - b2 ** t).astype(r.dtype)
+                        + jnp.asarray(eps, r.dtype)), direction, root)
+  return out, pseudo_m, root
+
+
+def _folded_momenta(state, grad, task, beta_1, num_tasks):
+  """``m_task <- beta_1 m_task + (1 - beta_1) g``; the new momenta, task
+  counts and bias-corrected momenta ``m_hat`` (zero for unseen tasks)."""
+  b1 = jnp.asarray(beta_1, jnp.float32)
+
+  def fold(m, g):
+    row = b1.astype(m.dtype) * m[task] + (1 - b1).astype(m.dtype) * g.astype(
+        m.dtype)
+    return m.at[task].set(row)
+
+  momenta = jax.tree.map(fold, state.momenta, grad)
+  counts = state.task_counts.at[task].add(1)
+  correction = 1 - b1 ** counts.astype(jnp.float32)
+  inv = jnp.where(counts > 0, 1 / jnp.where(counts > 0, correction, 1.0), 0.0)
+  m_hat = jax.tree.map(lambda m: m * inv.astype(m.dtype).reshape(
+      (num_tasks,) + (1,) * (m.ndim - 1)), momenta)
+  return momenta, counts, m_hat
+
+
+def _config_coefficients(m_hat, pref, dtype):
+  """ConFIG's coefficients on the momenta, from their scale-free Gram
+  matrix (NaN when it is not finite)."""
+  gram = tree_math.normalized_gram(m_hat).gram.astype(
+      jnp.promote_types(dtype, jnp.float32))
+  return base.poison_if_nonfinite(config_weights(gram, pref(gram.dtype)),
+                                  gram)
+
+
+def _momentum_config_step(updates, state, stacked, num_tasks, beta_1, beta_2,
+                          eps, normalize, pref):
+  """One M-ConFIG update: fold the gradient of task ``step % K`` into its
+  momentum, ConFIG on the bias-corrected momenta, the optional Adam-like
+  normalisation; ``(update, new_state, finite)``."""
+  task = state.step % num_tasks
+  grad = (jax.tree.map(lambda u: u[task], updates) if stacked else updates)
+  input_ok = base.all_finite(updates)
+  momenta, counts, m_hat = _folded_momenta(state, grad, task, beta_1,
+                                           num_tasks)
+  ready = jnp.all(counts > 0)
+  coeffs = jnp.where(ready, _config_coefficients(m_hat, pref,
+                                                 state.weights.dtype), 0.0)
+  scale = num_tasks if normalize else 1
+  direction = tree_math.weighted_task_sum(coeffs * scale, m_hat)
+  count = jnp.where(ready, state.count + 1, state.count)
+  new_state = MomentumConfigState(coeffs, state.step + 1, counts, momenta,
+                                  state.direction_momentum,
+                                  state.second_moment_root, count)
+  out = direction
+  if normalize:
+    out, pseudo_m, root = _normalise_like_adam(
+        direction, state, jnp.maximum(count, 1), beta_1, beta_2, eps)
+    new_state = new_state._replace(**base.keep_if_finite(
+        ready, {"direction_momentum": pseudo_m, "second_moment_root": root},
+        {"direction_momentum": state.direction_momentum,
+         "second_moment_root": state.second_moment_root}))
+  out = jax.tree.map(
+      lambda o, p: jnp.where(input_ok, jnp.where(ready, o, 0.0), jnp.nan
+                             ).astype(p.dtype), out, grad)
+  finite = input_ok & base.all_finite(out) & base.all_finite(coeffs)
+  return out, new_state, finite
 
 
 def momentum_config(num_tasks: int, beta_1: float = 0.9,
@@ -183,57 +260,13 @@ def momentum_config(num_tasks: int, beta_1: float = 0.9,
         jnp.zeros((num_tasks,), jnp.int32), _task_axis_zeros(num_tasks, params),
         _float_zeros(params), _float_zeros(params), counter)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    validation.check_task_losses(extra_args.get("task_losses"), num_tasks,
-                                 method)
-    stacked = _updates_are_stacked(updates, params, num_tasks, method)
-    if not jax.tree.leaves(updates):
-      return updates, state
-    task = state.step % num_tasks
-    grad = (jax.tree.map(lambda u: u[task], updates) if stacked else updates)
-    input_ok = base.all_finite(updates)
-    b1 = jnp.asarray(beta_1, jnp.float32)
+  def step(updates, state, params, extra_args, stacked):
+    del params, extra_args
+    return _momentum_config_step(updates, state, stacked, num_tasks, beta_1,
+                                 beta_2, eps, normalize, pref)
 
-    def fold(m, g):
-      row = b1.astype(m.dtype) * m[task] + (1 - b1).astype(m.dtype) * g.astype(
-          m.dtype)
-      return m.at[task].set(row)
-
-    momenta = jax.tree.map(fold, state.momenta, grad)
-    counts = state.task_counts.at[task].add(1)
-    ready = jnp.all(counts > 0)
-    correction = 1 - b1 ** counts.astype(jnp.float32)
-    inv = jnp.where(counts > 0, 1 / jnp.where(counts > 0, correction, 1.0), 0.0)
-    m_hat = jax.tree.map(lambda m: m * inv.astype(m.dtype).reshape(
-        (num_tasks,) + (1,) * (m.ndim - 1)), momenta)
-    normalized = tree_math.normalized_gram(m_hat)
-    gram = normalized.gram.astype(jnp.promote_types(state.weights.dtype,
-                                                    jnp.float32))
-    coeffs = base.poison_if_nonfinite(config_weights(gram, pref(gram.dtype)),
-                                      gram)
-    coeffs = jnp.where(ready, coeffs, 0.0)
-    scale = num_tasks if normalize else 1
-    direction = tree_math.weighted_task_sum(coeffs * scale, m_hat)
-    count = jnp.where(ready, state.count + 1, state.count)
-    new_state = MomentumConfigState(coeffs, state.step + 1, counts, momenta,
-                                    state.direction_momentum,
-                                    state.second_moment, count)
-    if normalize:
-      out, pseudo_m, second = _normalise_like_adam(
-          direction, state, jnp.maximum(count, 1), beta_1, beta_2, eps)
-      new_state = new_state._replace(
-          direction_momentum=keep_if(ready, pseudo_m,
-                                      state.direction_momentum),
-          second_moment=keep_if(ready, second, state.second_moment))
-    else:
-      out = direction
-    out = jax.tree.map(
-        lambda o, p: jnp.where(input_ok, jnp.where(ready, o, 0.0), jnp.nan
-                               ).astype(p.dtype), out, grad)
-    finite = input_ok & base.all_finite(out) & base.all_finite(coeffs)
-    return out, keep_if(finite, new_state, state)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return base.guarded_transformation(num_tasks, method, init_fn, step,
+                                     accepts_unstacked=True)
 
 
 # --------------------------------------------------------------------------
@@ -257,11 +290,21 @@ class PSMGDState(NamedTuple):
   residual: jax.Array
 
 
-def _with_update(tx, update_fn):
-  """The loss weighting ``tx`` with another ``update`` (one that wraps
-  ``tx.update`` and keeps its probe protocol), built by the shared
-  builder."""
-  return base.loss_weighting_transformation(tx.init, update_fn)
+def _solved(updates, state, update_every, max_iter, tol):
+  """PSMGD's state with fresh MGDA weights if a solve is due (warm-started
+  on the stacked gradients' scale-free Gram matrix)."""
+  gram = tree_math.normalized_gram(updates).gram.astype(
+      jnp.promote_types(state.weights.dtype, jnp.float32))
+  uniform = base.uniform_weights(gram.shape[0], gram.dtype)
+  start = base.finite_or(state.weights.astype(gram.dtype), uniform)
+  sol = solvers.min_norm_weights(gram, start, max_iter, tol)
+  weights = base.poison_if_nonfinite(sol.weights, gram)
+  due = state.steps_since_solve >= update_every
+  return PSMGDState(
+      jnp.where(due, weights, state.weights).astype(state.weights.dtype),
+      jnp.where(due, 0, state.steps_since_solve),
+      jnp.where(due, sol.residual, state.residual).astype(
+          state.residual.dtype))
 
 
 @deprecation.renamed_arguments(period="update_every")
@@ -343,39 +386,18 @@ def psmgd(num_tasks: int, update_every: int = 4, max_iter: int = 500,
                       jnp.asarray(update_every, jnp.int32),
                       jnp.zeros((), dtype))
 
+  def prepare(state, losses, step):
+    del losses
+    if step is None or not step.stacked:  # the probe; one ordinary gradient
+      return state
+    return _solved(step.updates, state, update_every, max_iter, tol)
+
   def advance(state, losses, coeffs, step):
     del losses, coeffs, step
     return state._replace(
         steps_since_solve=jnp.minimum(state.steps_since_solve + 1,
                                       update_every))
 
-  weighting = _loss_weighting(num_tasks, method, init_state,
-                              lambda state, losses: state.weights, advance)
-
-  def solved(updates, state):
-    """The state with fresh MGDA weights if a solve is due."""
-    gram = tree_math.normalized_gram(updates).gram.astype(
-        jnp.promote_types(state.weights.dtype, jnp.float32))
-    uniform = base.uniform_weights(num_tasks, gram.dtype)
-    start = base.finite_or(state.weights.astype(gram.dtype), uniform)
-    sol = solvers.min_norm_weights(gram, start, max_iter, tol)
-    weights = base.poison_if_nonfinite(sol.weights, gram)
-    due = state.steps_since_solve >= update_every
-    return PSMGDState(
-        jnp.where(due, weights, state.weights).astype(state.weights.dtype),
-        jnp.where(due, 0, state.steps_since_solve),
-        jnp.where(due, sol.residual, state.residual).astype(
-            state.residual.dtype))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    validation.check_task_losses(extra_args.get("task_losses"), num_tasks,
-                                 method, required=True)
-    stacked = _updates_are_stacked(updates, params, num_tasks, method)
-    if not stacked or not jax.tree.leaves(updates):
-      return weighting.update(updates, state, params, **extra_args)
-    out, new_state = weighting.update(updates, solved(updates, state), params,
-                                      **extra_args)
-    ok = base.all_finite(out) & base.all_finite(new_state.weights)
-    return out, keep_if(ok, new_state, state)
-
-  return _with_update(weighting, update_fn)
+  return base.loss_weighting_transformation(
+      num_tasks, method, init_state, lambda state, losses: state.weights,
+      advance, prepare)
