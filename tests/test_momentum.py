@@ -30,7 +30,7 @@ def test_momentum_config_matches_official_operator(record, single):
     g = grads[n, n % k] if single else grads[n]
     update, state = step(jnp.asarray(g), state, params)
     np.testing.assert_allclose(update, expected, rtol=2e-4, atol=2e-5)
-  assert int(state.step) == grads.shape[0]
+  assert int(state.count) == grads.shape[0]
 
 
 def test_momentum_config_direction_is_config_on_the_momenta():
@@ -165,7 +165,7 @@ def test_momentum_config_trains_with_sgd():
 
   @jax.jit
   def step(params, state):
-    task = state[0].step % 3
+    task = state[0].count % 3
     grad = jax.grad(lambda p: losses_fn(p)[task])(params)
     updates, state = tx.update(grad, state, params)
     return optax.apply_updates(params, updates), state

@@ -59,8 +59,8 @@ class MomentumConfigState(NamedTuple):
     weights: ``(K,)`` ConFIG's coefficients on the bias-corrected momenta of
       the last update (``direction = sum_i weights[i] m_hat_i``); zero until
       every task has been seen.
-    step: ``()`` int32, updates so far; the next update expects the gradient
-      of task ``step % K``.
+    count: ``()`` int32, updates so far; the next update expects the
+      gradient of task ``count % K``.
     task_counts: ``(K,)`` int32, gradients folded into each momentum.
     momenta: tree with leaves ``(K, *shape)``: the per-task momenta ``m_i``.
     direction_momentum: tree shaped like params: the pseudo first moment
@@ -70,15 +70,15 @@ class MomentumConfigState(NamedTuple):
       as a root so that it cannot overflow while the update is
       representable; ``second_moment`` (``s`` itself) is its deprecated
       read-only form.
-    count: ``()`` int32, updates since every task was seen (``t``).
+    ready_count: ``()`` int32, updates since every task was seen (``t``).
   """
   weights: jax.Array
-  step: jax.Array
+  count: jax.Array
   task_counts: jax.Array
   momenta: Any
   direction_momentum: Any
   second_moment_root: Any
-  count: jax.Array
+  ready_count: jax.Array
 
   @property
   def second_moment(self):
@@ -148,7 +148,7 @@ def _momentum_config_step(updates, state, stacked, num_tasks, beta_1, beta_2,
   """One M-ConFIG update: fold the gradient of task ``step % K`` into its
   momentum, ConFIG on the bias-corrected momenta, the optional Adam-like
   normalisation; ``(update, new_state, finite)``."""
-  task = state.step % num_tasks
+  task = state.count % num_tasks
   grad = (jax.tree.map(lambda u: u[task], updates) if stacked else updates)
   input_ok = base.all_finite(updates)
   momenta, counts, m_hat = _folded_momenta(state, grad, task, beta_1,
@@ -158,14 +158,14 @@ def _momentum_config_step(updates, state, stacked, num_tasks, beta_1, beta_2,
                                                  state.weights.dtype), 0.0)
   scale = num_tasks if normalize else 1
   direction = tree_math.weighted_task_sum(coeffs * scale, m_hat)
-  count = jnp.where(ready, state.count + 1, state.count)
-  new_state = MomentumConfigState(coeffs, state.step + 1, counts, momenta,
+  ready_count = jnp.where(ready, state.ready_count + 1, state.ready_count)
+  new_state = MomentumConfigState(coeffs, state.count + 1, counts, momenta,
                                   state.direction_momentum,
-                                  state.second_moment_root, count)
+                                  state.second_moment_root, ready_count)
   out = direction
   if normalize:
     out, pseudo_m, root = _normalise_like_adam(
-        direction, state, jnp.maximum(count, 1), beta_1, beta_2, eps)
+        direction, state, jnp.maximum(ready_count, 1), beta_1, beta_2, eps)
     new_state = new_state._replace(**base.keep_if_finite(
         ready, {"direction_momentum": pseudo_m, "second_moment_root": root},
         {"direction_momentum": state.direction_momentum,
@@ -209,10 +209,10 @@ def momentum_config(num_tasks: int, beta_1: float = 0.9,
   ``optax.sgd(lr)``, not with Adam (the official advice).
 
   Input, per step: either one gradient shaped like ``params`` (pass
-  ``params``): the gradient of task ``state.step % K``, e.g.
-  ``jax.grad(lambda p: task_losses(p)[state.step % num_tasks])(params)``
+  ``params``): the gradient of task ``state.count % K``, e.g.
+  ``jax.grad(lambda p: task_losses(p)[state.count % num_tasks])(params)``
   (jit-friendly: a dynamic index into the loss vector); or stacked
-  per-task gradients, of which only row ``state.step % K`` is used (any
+  per-task gradients, of which only row ``state.count % K`` is used (any
   non-finite row still makes the update NaN).
 
   Output scale: ``normalize=True``: the official, element-wise about 1
@@ -243,7 +243,7 @@ def momentum_config(num_tasks: int, beta_1: float = 0.9,
     >>> state = tx.init(params)
     >>> for g in ([1., 0.], [0., 1.]):
     ...   update, state = tx.update(jnp.array(g), state, params)
-    >>> print(np.asarray(update, np.float64).round(4), int(state.step))
+    >>> print(np.asarray(update, np.float64).round(4), int(state.count))
     [0.5 0.5] 2
   """
   method = "momentum_config"
