@@ -18,7 +18,7 @@ Models: a ReLU MLP with Flax's ``(in, out)`` kernels (1M-parameter trunk,
 a small conv net (three 3x3 conv + max-pool layers, 32x32x3 input, batch 32).
 Timings are medians of interleaved repeats after compilation (each repeat
 starting at another mode); the compile time is kept too. The conv net's
-``loop``, 10-35x slower than the others, is timed at K = 2 only. Writes
+``loop``, 12-18x slower than the others, is timed at K = 2 only. Writes
 ``benchmarks/results/task_grads.json``.
 
     python benchmarks/bench_task_grads.py [--quick] [--models convnet]
@@ -148,7 +148,7 @@ def main():
   rows = []
   for name in args.models:
     for num_tasks in sizes_k:
-      # The conv net's loop is 10-35x slower than the rest: timed at K = 2.
+      # The conv net's loop is 12-18x slower than the rest: timed at K = 2.
       modes = [m for m in args.modes if not (
           name == "convnet" and m == "loop" and num_tasks > 2)]
       row = {"model": name, "K": num_tasks,

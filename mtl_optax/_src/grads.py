@@ -46,7 +46,7 @@ AUTO = "auto"
 
 # Primitives that XLA:CPU runs several times slower inside a loop body than
 # in straight-line code (benchmarks/bench_task_grads.py: a conv net's K
-# backward passes take ~10x longer in a ``lax.map`` than unrolled).
+# backward passes take 20-35x longer in a ``lax.map`` than unrolled).
 _SLOW_IN_CPU_LOOPS = frozenset({"conv_general_dilated"})
 
 
@@ -202,16 +202,18 @@ def value_and_task_grads(
   time (``jax.default_backend()``): on GPU and TPU one ``jax.vmap`` of all K
   (wide batched kernels); on a CPU one task at a time, ``chunk_size=1``, in
   a ``lax.map`` loop, or unrolled into the program when the backward pass
-  holds a convolution (XLA:CPU runs convolutions ~10x slower inside loops).
-  Measured on a 2-core CPU, K = 2 to 40 (``benchmarks/bench_task_grads.py``):
-  for dense layers with Flax's ``(in, out)`` kernels, whose vmapped weight
-  gradient XLA computes transposed and then copies, the loop takes
-  0.72-0.83x the vmap's time (with torch's ``(out, in)`` kernels about the
-  same time); a conv net unrolled takes 0.33-0.81x the vmap's time, at a
-  compile time that grows with K. An explicit ``chunk_size`` is used on
-  every backend: ``None`` for the vmap, ``c`` for ``c`` tasks at a time
-  (TorchJD's ``parallel_chunk_size``: fewer backward intermediates alive at
-  once), ``unroll=True`` to unroll the chunks.
+  holds a convolution (XLA:CPU runs convolutions 12-18x slower inside
+  loops). Measured on a 2-core CPU, K = 2 to 40, medians of three loaded
+  runs (``benchmarks/bench_task_grads.py``): for dense layers with Flax's
+  ``(in, out)`` kernels, whose vmapped weight gradient XLA computes
+  transposed and then copies, the loop takes 0.66-0.90x the vmap's time
+  (torch's ``(out, in)`` kernels: 0.84-1.07x); unrolling them instead is
+  no faster and compiles in 1.4-2.6x the loop's time at K = 40. A conv net
+  unrolled takes 0.34-0.60x the vmap's time and compiles faster. An
+  explicit ``chunk_size`` is used on every backend: ``None`` for the vmap,
+  ``c`` for ``c`` tasks at a time (TorchJD's ``parallel_chunk_size``: fewer
+  backward intermediates alive at once), ``unroll=True`` to unroll the
+  chunks.
 
   Heads not stacked: with ``shared=`` (a tree of Python bools shaped like
   the parameters or a prefix of them, ``True`` for the shared trunk, or a
