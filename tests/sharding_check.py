@@ -240,7 +240,8 @@ def run_layout(kind, params, batch, single, groups):
       out["groups"][group] = entry
 
     # A full training step, its per-task gradients pinned to the layout:
-    # the K backward passes vmapped (default) and one task at a time.
+    # the K backward passes vmapped (chunk_size=None, the default on
+    # accelerators) and one task at a time (the default on a CPU).
     for key, chunk_size in (("train_step", None), ("train_step_chunked", 1)):
       try:
         step, _ = make_step(gsh, chunk_size=chunk_size)

@@ -135,8 +135,8 @@ def test_chunked_backward_equals_vmap(chunk_size, unroll):
   fn = lambda p, x, y: (_task_losses(p, x, y), jnp.sum(x))
   (losses, aux), grads = jax.jit(mo.value_and_task_grads(
       fn, has_aux=True, chunk_size=chunk_size, unroll=unroll))(params, x, y)
-  (ref_losses, ref_aux), ref = mo.value_and_task_grads(fn, has_aux=True)(
-      params, x, y)
+  (ref_losses, ref_aux), ref = mo.value_and_task_grads(
+      fn, has_aux=True, chunk_size=None)(params, x, y)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
   np.testing.assert_allclose(aux, ref_aux, rtol=1e-6)
   for name in params:
@@ -165,8 +165,82 @@ def test_chunked_backward_loops_once_per_chunk():
   assert len(scans) == 1 and scans[0].params["length"] == 6
 
 
+def _scan_lengths(jaxpr):
+  return [e.params["length"] for e in jaxpr.eqns
+          if e.primitive.name == "scan"]
+
+
+def _conv_task_losses(params, x):
+  """A one-layer conv net with K linear heads: (K,) losses."""
+  h = jax.lax.conv_general_dilated(x, params["conv"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  features = jnp.mean(jnp.tanh(h), axis=(1, 2))           # (batch, C)
+  return jnp.mean((features @ params["heads"]) ** 2, axis=0)
+
+
+def _assert_same_grads(grads, ref):
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_on_cpu_is_one_task_per_loop_iteration_and_equals_vmap():
+  """The default, chunk_size='auto', on the CPU backend: one loop of K
+  backward passes (chunk_size=1), the same numbers as the vmap."""
+  assert jax.default_backend() == "cpu"
+  params, x, y = _problem(num_tasks=4)
+  default = mo.value_and_task_grads(_task_losses)
+  assert _scan_lengths(jax.make_jaxpr(default)(params, x, y)) == [4]
+  losses, grads = jax.jit(default)(params, x, y)
+  ref_losses, ref = jax.jit(mo.value_and_task_grads(
+      _task_losses, chunk_size=None))(params, x, y)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+  _assert_same_grads(grads, ref)
+  jac = jax.jacrev(_task_losses)(params, x, y)
+  _assert_same_grads(grads, jac)
+
+
+def test_auto_on_cpu_unrolls_convolutions():
+  """A backward pass with a convolution is unrolled (XLA:CPU runs
+  convolutions slowly inside loops): no loop, K transposed convolutions."""
+  k = jax.random.split(jax.random.PRNGKey(1), 3)
+  params = {"conv": jax.random.normal(k[0], (3, 3, 1, 2)),
+            "heads": jax.random.normal(k[1], (2, 3))}
+  x = jax.random.normal(k[2], (2, 4, 4, 1))
+  jaxpr = jax.make_jaxpr(mo.value_and_task_grads(_conv_task_losses))(
+      params, x)
+  assert _scan_lengths(jaxpr) == []
+  convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  assert len(convs) == 1 + 3          # the forward, one kernel grad per task
+  _, grads = jax.jit(mo.value_and_task_grads(_conv_task_losses))(params, x)
+  _, ref = jax.jit(mo.value_and_task_grads(
+      _conv_task_losses, chunk_size=None))(params, x)
+  _assert_same_grads(grads, ref)
+  _assert_same_grads(grads, jax.jacrev(_conv_task_losses)(params, x))
+
+
+def test_explicit_chunk_size_overrides_auto(monkeypatch):
+  """chunk_size=None is the vmap on a CPU too; chunk_size=1 the loop even
+  where 'auto' would unroll or vmap; on accelerators 'auto' is the vmap."""
+  params, x, y = _problem(num_tasks=4)
+  trace = lambda **kw: jax.make_jaxpr(mo.value_and_task_grads(
+      _task_losses, **kw))(params, x, y)
+  assert _scan_lengths(trace(chunk_size=None)) == []
+  assert _scan_lengths(trace(chunk_size=2)) == [2]
+  assert _scan_lengths(trace(unroll=True)) == []      # 'auto', unrolled
+  conv_params = {"conv": jnp.ones((3, 3, 1, 2)), "heads": jnp.ones((2, 3))}
+  conv_jaxpr = jax.make_jaxpr(mo.value_and_task_grads(
+      _conv_task_losses, chunk_size=1))(conv_params, jnp.ones((1, 4, 4, 1)))
+  assert _scan_lengths(conv_jaxpr) == [3]
+  for backend in ("gpu", "tpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    assert _scan_lengths(trace()) == []
+    assert _scan_lengths(trace(chunk_size=1)) == [4]
+
+
 @pytest.mark.parametrize("chunk_size,unroll,error", [
-    (0, False, ValueError), (-2, False, ValueError), (1.5, False, TypeError),
+    ("fast", False, ValueError), (0, False, ValueError),
+    (-2, False, ValueError), (1.5, False, TypeError),
     (True, False, TypeError), (2, "yes", TypeError), (None, 1, TypeError),
     (None, True, ValueError)])
 def test_bad_chunking_raises_at_construction(chunk_size, unroll, error):

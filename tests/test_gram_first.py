@@ -186,3 +186,34 @@ def test_gram_first_nonfinite_loss_keeps_state_and_propagates():
     assert int(new_state.notfinite_count) == 1
     np.testing.assert_array_equal(mo.task_weights(new_state),
                                   mo.task_weights(opt_state))
+
+
+def _conv_losses(params, x):
+  h = jax.lax.conv_general_dilated(x, params["conv"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  features = jnp.mean(jnp.tanh(h), axis=(1, 2))            # (batch, C)
+  return jnp.mean((features @ params["heads"]) ** 2, axis=0)   # (K,)
+
+
+def test_gram_of_a_conv_net_is_unrolled_on_cpu_and_equals_stacked():
+  """On a CPU, chunks of a model with convolutions run unrolled (XLA:CPU
+  runs convolutions slowly in loops); 'auto' means one gradient at a time."""
+  assert jax.default_backend() == "cpu"
+  key = jax.random.split(jax.random.key(2), 3)
+  params = {"conv": jax.random.normal(key[0], (3, 3, 1, 2)),
+            "heads": jax.random.normal(key[1], (2, K))}
+  x = jax.random.normal(key[2], (2, 4, 4, 1))
+  scans = lambda jaxpr: [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+  assert not scans(jax.make_jaxpr(mo.value_and_gram(_conv_losses))(params, x))
+  assert scans(jax.make_jaxpr(mo.value_and_gram(task_losses))(_params(), X))
+  jac = jax.jacrev(_conv_losses)(params, x)
+  rows = np.concatenate([np.asarray(g, np.float64).reshape(K, -1)
+                         for g in jax.tree.leaves(jac)], axis=1)
+  expected = rows @ rows.T
+  for chunk_size in (1, "auto", 2):
+    _, gram = jax.jit(mo.value_and_gram(_conv_losses, chunk_size=chunk_size))(
+        params, x)
+    np.testing.assert_allclose(gram, expected, rtol=2e-5,
+                               atol=2e-6 * np.abs(expected).max())
+  with pytest.raises(ValueError, match="auto"):
+    mo.value_and_gram(_conv_losses, chunk_size="fast")

@@ -40,7 +40,8 @@ AUTO_STEP = (
     "under GSPMD ('Auto' axes) the partitioner all-gathers K-leading "
     "cotangents inside the vmapped backward of value_and_task_grads "
     "(op_name vmap(transpose(jvp()))), not in the method; with explicit axes, "
-    "or with value_and_task_grads(chunk_size=1), the step is clean.")
+    "or with value_and_task_grads(chunk_size=1) (the default 'auto' on a "
+    "CPU), the step is clean.")
 
 
 @pytest.fixture(scope="module")

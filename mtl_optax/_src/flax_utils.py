@@ -193,7 +193,7 @@ def _pure_losses(fn, graphdef, rest, wrt, has_aux, args, kwargs):
 
 def nnx_value_and_task_grads(
     fn: Callable[..., Any], wrt: Any = None,
-    has_aux: bool = False, *, chunk_size: int | None = None,
+    has_aux: bool = False, *, chunk_size: int | str | None = "auto",
     unroll: bool = False, shared: Any = None
 ) -> Callable[..., tuple[Any, Any]]:
   """Per-task losses and gradients of an ``nnx.Module``.
@@ -218,8 +218,9 @@ def nnx_value_and_task_grads(
       ``nnx.Param``), as in ``nnx.grad`` and ``nnx.Optimizer(wrt=...)``.
     has_aux: whether ``fn`` returns ``(losses, aux)``.
     chunk_size, unroll: how the K backward passes are batched, as in
-      :func:`mtl_optax.value_and_task_grads` (``nnx.Linear`` kernels are
-      ``(in, out)``: on a CPU ``chunk_size=1`` is usually faster).
+      :func:`mtl_optax.value_and_task_grads` (default ``"auto"``: one task
+      at a time on a CPU, where ``nnx.Linear``'s ``(in, out)`` kernels make
+      the vmap slower; the vmap on accelerators; ``None``: the vmap).
     shared: the mask of the shared leaves (a function of the parameters'
       ``nnx.State``, e.g. from :func:`label_by_path`): only they get
       per-task gradients, the heads the gradient of the summed loss
@@ -394,7 +395,7 @@ _PATHS = ("stacked", "weighted", "gram")
 def nnx_train_step(
     fn: Callable[..., Any], *, path: str | None = None, wrt: Any = None,
     has_aux: bool = False, pass_loss_fn: bool = True, shared: Any = None,
-    jit: bool = True, chunk_size: int | None = None,
+    jit: bool = True, chunk_size: int | str | None = "auto",
     unroll: bool = False, method: Any = None,
     method_state: Callable[[Any], Any] | None = None) -> Callable[..., Any]:
   """A multi-task train step for an ``nnx.Module`` and an ``nnx.Optimizer``.
@@ -433,7 +434,8 @@ def nnx_train_step(
       tracing a closure costs nothing when the method ignores it).
     shared: optional mask of the shared leaves.
     jit: wrap the step in ``nnx.jit``.
-    chunk_size, unroll: batching of the K backward passes (stacked path;
+    chunk_size, unroll: batching of the K backward passes (stacked path,
+      default ``"auto"``: by backend, :func:`mtl_optax.value_and_task_grads`;
       ``chunk_size`` also bounds the Gram-first path's gradients, one at a
       time by default).
     method, method_state: deprecated (the old single-backward form):

@@ -42,27 +42,82 @@ def split_args(args, argnums):
   return tuple(args[a] for a in argnums), rebuild
 
 
-def check_chunking(chunk_size: int | None, unroll: bool) -> None:
+AUTO = "auto"
+
+# Primitives that XLA:CPU runs several times slower inside a loop body than
+# in straight-line code (benchmarks/bench_task_grads.py: a conv net's K
+# backward passes take 20-35x longer in a ``lax.map`` than unrolled).
+_SLOW_IN_CPU_LOOPS = frozenset({"conv_general_dilated"})
+
+
+def check_chunking(chunk_size: int | str | None, unroll: bool) -> None:
   if not isinstance(unroll, bool):
     raise TypeError(f"unroll must be a bool, got {unroll!r}.")
   if chunk_size is None:
     if unroll:
       raise ValueError("unroll=True unrolls chunks: give a chunk_size too.")
     return
+  if isinstance(chunk_size, str):
+    if chunk_size != AUTO:
+      raise ValueError(f"chunk_size must be 'auto', None or a positive int, "
+                       f"got {chunk_size!r}.")
+    return
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-    raise TypeError(f"chunk_size must be None or a positive int, got "
+    raise TypeError(f"chunk_size must be 'auto', None or a positive int, got "
                     f"{chunk_size!r}.")
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
 
 
+def _primitive_names(jaxpr: Any) -> set[str]:
+  """Every primitive in ``jaxpr`` and its sub-jaxprs (loops, conds, ...)."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)     # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          names |= _primitive_names(sub)
+  return names
+
+
+def resolve_chunking(chunk_size: int | str | None, unroll: bool,
+                     vjp_fn: Callable[[jax.Array], Any],
+                     basis: jax.Array) -> tuple[int | None, bool]:
+  """The ``(chunk_size, unroll)`` that ``chunk_size="auto"`` means here.
+
+  On accelerators, one vmap of the K backward passes (wide batched
+  kernels). On a CPU, one task at a time (``chunk_size=1``): in a loop, or
+  unrolled when the backward pass holds a convolution (slow in XLA:CPU
+  loops) or ``unroll=True``. Decided at trace time from
+  ``jax.default_backend()``; an explicit ``chunk_size`` is kept as given.
+  """
+  if not isinstance(chunk_size, str):
+    return chunk_size, unroll
+  if jax.default_backend() != "cpu" or basis.shape[0] == 1:
+    return None, False
+  return 1, unroll or slow_in_cpu_loops(vjp_fn, basis[0])
+
+
+def slow_in_cpu_loops(fn: Callable[..., Any], *example: Any) -> bool:
+  """Whether ``fn(*example)`` (traced, not run) holds a primitive that
+  XLA:CPU runs slowly inside a loop body, on the CPU backend."""
+  if jax.default_backend() != "cpu":
+    return False
+  return bool(_primitive_names(jax.make_jaxpr(fn)(*example).jaxpr)
+              & _SLOW_IN_CPU_LOOPS)
+
+
 def _task_rows(vjp_fn: Callable[[jax.Array], Any], basis: jax.Array,
-               chunk_size: int | None, unroll: bool) -> Any:
+               chunk_size: int | str | None, unroll: bool) -> Any:
   """``vjp_fn`` applied to every row of ``basis``, stacked on axis 0.
 
   One vmap over all rows, or rows ``chunk_size`` at a time: in a loop
-  (``lax.map``) or unrolled into the program.
+  (``lax.map``) or unrolled into the program; ``"auto"`` picks one by
+  backend (:func:`resolve_chunking`).
   """
+  chunk_size, unroll = resolve_chunking(chunk_size, unroll, vjp_fn, basis)
   num_rows = basis.shape[0]
   if chunk_size is None or chunk_size >= num_rows:
     return jax.vmap(vjp_fn)(basis)
@@ -130,7 +185,7 @@ def check_loss_vector(losses: Any, what: str) -> None:
 
 def value_and_task_grads(
     fn: Callable[..., Any], argnums: int | Sequence[int] = 0,
-    has_aux: bool = False, *, chunk_size: int | None = None,
+    has_aux: bool = False, *, chunk_size: int | str | None = AUTO,
     unroll: bool = False, shared: Any = None
 ) -> Callable[..., tuple[Any, Any]]:
   """Per-task losses and gradients for a vector of losses on a shared batch.
@@ -140,19 +195,25 @@ def value_and_task_grads(
   ``((losses, aux), grads)``) exactly like ``jax.value_and_grad``, except
   that every gradient leaf carries a leading task axis: ``(K, *leaf.shape)``,
   row ``i`` being ``d losses[i] / d params``. Costs one forward pass and K
-  vmapped backward passes (a reverse-mode Jacobian).
+  backward passes (a reverse-mode Jacobian).
 
-  By default the K backward passes run as one ``jax.vmap``. With
-  ``chunk_size=c`` they run ``c`` tasks at a time (TorchJD's
-  ``parallel_chunk_size``): fewer backward intermediates alive at once, and
-  on a CPU often faster. Measured on a 2-core CPU, K = 2 to 40
-  (``benchmarks/bench_task_grads.py``): for dense layers with Flax's
+  How the K backward passes run (``chunk_size``; the results are the same
+  up to float rounding). The default ``"auto"`` picks by backend at trace
+  time (``jax.default_backend()``): on GPU and TPU one ``jax.vmap`` of all K
+  (wide batched kernels); on a CPU one task at a time, ``chunk_size=1``, in
+  a ``lax.map`` loop, or unrolled into the program when the backward pass
+  holds a convolution (XLA:CPU runs convolutions 12-18x slower inside
+  loops). Measured on a 2-core CPU, K = 2 to 40, medians of three loaded
+  runs (``benchmarks/bench_task_grads.py``): for dense layers with Flax's
   ``(in, out)`` kernels, whose vmapped weight gradient XLA computes
-  transposed and then copies, ``chunk_size=1`` takes 0.72-0.83x the vmap's
-  time (with torch's ``(out, in)`` kernels there is no gain); a conv net is
-  ~10x slower in the loop (XLA:CPU runs convolutions slowly inside loops)
-  but ``chunk_size=1, unroll=True`` takes 0.33-0.81x the vmap's time, at a
-  longer compile. On accelerators keep the default.
+  transposed and then copies, the loop takes 0.66-0.90x the vmap's time
+  (torch's ``(out, in)`` kernels: 0.84-1.07x); unrolling them instead is
+  no faster and compiles in 1.4-2.6x the loop's time at K = 40. A conv net
+  unrolled takes 0.34-0.60x the vmap's time and compiles faster. An
+  explicit ``chunk_size`` is used on every backend: ``None`` for the vmap,
+  ``c`` for ``c`` tasks at a time (TorchJD's ``parallel_chunk_size``: fewer
+  backward intermediates alive at once), ``unroll=True`` to unroll the
+  chunks.
 
   Heads not stacked: with ``shared=`` (a tree of Python bools shaped like
   the parameters or a prefix of them, ``True`` for the shared trunk, or a
@@ -175,10 +236,12 @@ def value_and_task_grads(
       K scalars).
     argnums: which positional argument(s) to differentiate.
     has_aux: whether ``fn`` returns ``(losses, aux)``.
-    chunk_size: None (all K backward passes in one vmap) or the number of
-      tasks back-propagated together; the results are identical.
+    chunk_size: ``"auto"`` (default: by backend, see above), ``None`` (all
+      K backward passes in one vmap) or the number of tasks back-propagated
+      together; the results are identical up to float rounding.
     unroll: unroll the chunks into the program instead of a ``lax.map``
-      loop (compile time grows with K / chunk_size); needs ``chunk_size``.
+      loop (compile time grows with K / chunk_size); needs a ``chunk_size``
+      (with ``"auto"``: unroll wherever the rule takes one task at a time).
     shared: None (every leaf stacked) or the mask of the shared leaves
       (a tuple of masks when ``argnums`` is a tuple).
 

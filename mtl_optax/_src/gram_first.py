@@ -83,11 +83,15 @@ def _linearized_gram(partial, diff, masks, chunk_size, has_aux, what):
   # zero gradients, whose columns are sliced off below.
   basis = jnp.eye(num_chunks * size, num_tasks, dtype=losses.dtype)
   chunk = lambda cot: _gram_columns(jvp_fn, vjp_fn, cot, masks, dtype)
+  chunks = jnp.reshape(basis, (num_chunks, size, num_tasks))
   if num_chunks == 1:
     columns, scales = chunk(basis)
+  elif grads_lib.slow_in_cpu_loops(jvp_fn, *diff):
+    # Convolutions on a CPU: unrolled chunks (in a loop: 20-30x slower).
+    columns, scales = (jnp.concatenate(part) for part in
+                       zip(*(chunk(cotangents) for cotangents in chunks)))
   else:
-    columns, scales = jax.lax.map(
-        chunk, jnp.reshape(basis, (num_chunks, size, num_tasks)))
+    columns, scales = jax.lax.map(chunk, chunks)
     columns = jnp.reshape(columns, (-1, num_tasks))
     scales = jnp.reshape(scales, (-1,))
   columns, scales = columns[:num_tasks], scales[:num_tasks]
@@ -101,6 +105,15 @@ def _linearized_gram(partial, diff, masks, chunk_size, has_aux, what):
                    relative / jnp.where(zero, 1.0, mean_sq))
   normalized = tree_math.NormalizedGram(gram, peak * jnp.sqrt(mean_sq))
   return losses, aux, normalized, vjp_fn
+
+
+def _gram_chunk_size(chunk_size):
+  """``"auto"`` (the default of :func:`mtl_optax.value_and_task_grads`, so
+  one setting serves both paths) is one gradient at a time on every backend:
+  this path exists to bound memory, and on a CPU one at a time is also the
+  per-task rule there."""
+  grads_lib.check_chunking(chunk_size, False)
+  return 1 if isinstance(chunk_size, str) else chunk_size
 
 
 def _prepare(fn, argnums, shared, what):
@@ -120,7 +133,7 @@ def _prepare(fn, argnums, shared, what):
 def value_and_gram(
     fn: Callable[..., Any], argnums: int | Sequence[int] = 0,
     has_aux: bool = False, *, shared: Any = None,
-    chunk_size: int | None = 1) -> Callable[..., tuple[Any, jax.Array]]:
+    chunk_size: int | str | None = 1) -> Callable[..., tuple[Any, jax.Array]]:
   """Task losses and the K x K Gram matrix of their gradients, chunk by chunk.
 
   ``wrapped(*args)`` returns ``(losses, gram)`` (``((losses, aux), gram)``
@@ -142,9 +155,15 @@ def value_and_gram(
     shared: optional mask of the shared leaves (Python bools, or
       ``params -> mask``).
     chunk_size: number of per-task gradients alive at once (any positive
-      int, need not divide K; ``None`` for all K). The default 1 keeps the
-      step's memory flat in K (``benchmarks/bench_gram_first.py``); larger
-      chunks vmap that many passes, for parallelism on accelerators.
+      int, need not divide K; ``None`` for all K). The default 1, on every
+      backend, keeps the step's memory flat in K
+      (``benchmarks/bench_gram_first.py``): memory is why this path exists,
+      and on a CPU one task at a time is also what
+      :func:`mtl_optax.value_and_task_grads`' default ``"auto"`` does for
+      dense models (accepted here, it means 1). Larger chunks vmap that
+      many passes, for parallelism on accelerators. The chunks run in a
+      ``lax.map`` loop, which XLA:CPU runs slowly for convolutions: there,
+      if K gradients fit, ``None`` is faster.
 
   Returns:
     The wrapped function.
@@ -159,7 +178,7 @@ def value_and_gram(
      [1. 0. 1.]]
   """
   what = "value_and_gram"
-  grads_lib.check_chunking(chunk_size, False)
+  chunk_size = _gram_chunk_size(chunk_size)
   _, split = _prepare(fn, argnums, shared, what)
 
   def wrapped(*args, **kwargs):
@@ -175,7 +194,7 @@ def value_and_gram(
 def value_and_gram_weighted_grad(
     fn: Callable[..., Any], tx: Any, argnums: int | Sequence[int] = 0,
     has_aux: bool = False, *, shared: Any = None,
-    chunk_size: int | None = 1) -> Callable[..., tuple[Any, Any]]:
+    chunk_size: int | str | None = 1) -> Callable[..., tuple[Any, Any]]:
   """The Gram-first training step: Gram matrix, coefficients, one backward.
 
   ``wrapped(opt_state, params, *args)`` returns ``((losses, gram), grads)``
@@ -234,7 +253,7 @@ def value_and_gram_weighted_grad(
     True
   """
   what = "value_and_gram_weighted_grad"
-  grads_lib.check_chunking(chunk_size, False)
+  chunk_size = _gram_chunk_size(chunk_size)
   single, split = _prepare(fn, argnums, shared, what)
 
   def wrapped(opt_state, *args, **kwargs):
