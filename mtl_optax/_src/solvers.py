@@ -544,8 +544,11 @@ def lower_bounded_qp(quad: jax.Array, lower: jax.Array, max_iter: int = 100,
 def _lower_bounded_qp(quad, lower, max_iter, tol):
   tol = default_tolerance(quad.dtype) if tol is None else tol
   rows = jnp.reshape(lower, (-1, quad.shape[0]))
-  solve = jax.vmap(lambda row: _lower_bounded_qp_row(quad, row, max_iter, tol))
-  v, residual, iterations = solve(rows)
+  solve = lambda row: _lower_bounded_qp_row(quad, row, max_iter, tol)
+  if rows.shape[0] == 1:  # one problem (DualProj): no batched loop to emit
+    v, residual, iterations = jax.tree.map(lambda x: x[None], solve(rows[0]))
+  else:
+    v, residual, iterations = jax.vmap(solve)(rows)
   return BoxQPSolution(jnp.reshape(v, lower.shape), jnp.max(residual),
                        jnp.max(iterations))
 
