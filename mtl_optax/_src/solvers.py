@@ -14,7 +14,6 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from mtl_optax._src import two_task
 
