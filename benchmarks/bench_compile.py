@@ -20,6 +20,12 @@ fast-compile flags do not apply here. Writes
 ``benchmarks/results/compile.json``.
 
     python benchmarks/bench_compile.py [--methods mgda,upgrad] [--leaves 50,100,200,400]
+        [--models mlp,wide] [--repeat 3]
+
+With ``--repeat N`` every method (``linear_scalarization`` first) is compiled
+N times in rounds, so that a change of load hits every method alike; each
+figure is the median over the rounds, and the ratio is the median of the
+per-round ratios to that round's ``linear_scalarization``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import json
 import os
 import pathlib
 import resource
+import statistics
 import sys
 import time
 
@@ -104,53 +111,74 @@ def compile_seconds(case, problem) -> dict:
 
 
 def public_cases(selected):
-  seen, out = set(), []
+  """One case per public factory: the one named after it, else its first."""
+  chosen = {}
   for case in all_cases():
-    if case.factory in seen:
-      continue
-    seen.add(case.factory)
-    if selected and case.name not in selected:
-      continue
-    out.append(case)
-  return out
+    first = chosen.setdefault(case.factory, case)
+    if (first.name != getattr(case.factory, "__name__", None)
+        and case.name == getattr(case.factory, "__name__", None)):
+      chosen[case.factory] = case
+  return [c for c in chosen.values() if not selected or c.name in selected]
+
+
+def _median_row(rounds: list) -> dict:
+  """Median of every number over the rounds (the first error wins)."""
+  errors = [r for r in rounds if "error" in r]
+  if errors:
+    return errors[0]
+  return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--methods", default="",
                       help="comma-separated case names (default: all)")
-  parser.add_argument("--leaves", default="50,100,200,400")
+  parser.add_argument("--leaves", default="50,100,200,400",
+                      help="leaf counts of the scaling table ('' to skip)")
+  parser.add_argument("--models", default="mlp,wide",
+                      help="comma-separated subset of mlp,wide")
+  parser.add_argument("--repeat", type=int, default=1,
+                      help="rounds over every method; figures are medians")
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
                                            "compile.json"))
   args = parser.parse_args()
   selected = set(filter(None, args.methods.split(",")))
   selected |= {"linear_scalarization"} if selected else set()
   cases = public_cases(selected)
-  problems = {"mlp": mlp_problem(), "wide": wide_problem(200)}
-  rows = []
-  baseline = {}
+  builders = {"mlp": mlp_problem, "wide": lambda: wide_problem(200)}
+  problems = {m: builders[m]() for m in args.models.split(",") if m}
   ordered = sorted(cases, key=lambda c: c.name != "linear_scalarization")
-  print(f"{'method':28s} {'mlp cpu s':>9s} {'x LS':>5s} {'wide cpu s':>10s} "
-        f"{'x LS':>5s}")
+  samples = {(c.name, m): [] for c in ordered for m in problems}
+  # The process's first compile also initialises the compiler: one discarded
+  # compile per model, so that the baseline is not inflated by it.
+  for problem in problems.values():
+    compile_seconds(ordered[0], problem)
+  for _ in range(args.repeat):
+    baseline = {}
+    for case in ordered:
+      for model, problem in problems.items():
+        try:
+          entry = compile_seconds(case, problem)
+        except Exception as err:  # noqa: BLE001 -- report and go on
+          samples[case.name, model].append(
+              {"error": f"{type(err).__name__}: {err}"[:300]})
+          continue
+        if case.name == "linear_scalarization":
+          baseline[model] = entry["cpu_s"]
+        entry["vs_linear_scalarization"] = entry["cpu_s"] / baseline[model]
+        samples[case.name, model].append(entry)
+  header = " ".join(f"{model + ' cpu s':>10s} {'x LS':>5s}" for model in problems)
+  print(f"{'method':28s} {header}")
+  rows = []
   for case in ordered:
-    row = {"method": case.name}
-    for model, problem in problems.items():
-      try:
-        row[model] = compile_seconds(case, problem)
-      except Exception as err:  # noqa: BLE001 -- report and go on
-        row[model] = {"error": f"{type(err).__name__}: {err}"[:300]}
-        continue
-      if case.name == "linear_scalarization":
-        baseline[model] = row[model]["cpu_s"]
-      row[model]["vs_linear_scalarization"] = (
-          row[model]["cpu_s"] / baseline[model])
-    rows.append(row)
+    row = {"method": case.name, "rounds": args.repeat}
     cells = []
     for model in problems:
-      entry = row[model]
-      cells += ([f"{entry['cpu_s']:{9 if model == 'mlp' else 10}.2f}",
+      row[model] = entry = _median_row(samples[case.name, model])
+      cells += ([f"{entry['cpu_s']:10.2f}",
                  f"{entry['vs_linear_scalarization']:5.2f}"]
-                if "error" not in entry else ["    error", "     "])
+                if "error" not in entry else ["     error", "     "])
+    rows.append(row)
     print(f"{case.name:28s} {' '.join(cells)}", flush=True)
   by_name = {c.name: c for c in public_cases(set())}
   scaling = []

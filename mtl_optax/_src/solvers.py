@@ -14,13 +14,22 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from mtl_optax._src import two_task
 
 
+@jax.custom_jvp
 def project_to_simplex(x: jax.Array) -> jax.Array:
-  """Euclidean projection onto ``{w >= 0, sum(w) = 1}`` (sort based).
+  """Euclidean projection onto ``{w >= 0, sum(w) = 1}``, without a sort.
+
+  The threshold algorithm of Held, Wolfe & Crowder (1974) on the values in
+  descending order ``u`` and their cumulative sums, computed exactly as
+  :func:`optax.projections.projection_simplex` computes them, so the result
+  is the same to the last bit; only the sort is replaced: each entry's rank
+  comes from ``K x K`` comparisons (ties broken by position) and ``u`` is
+  gathered by rank. On ``K x K`` problems that is a few fused elementwise
+  kernels where XLA emits a sort, a reversal and their copies, inside every
+  iteration of the solvers below.
 
   Example:
     >>> import jax.numpy as jnp
@@ -28,9 +37,26 @@ def project_to_simplex(x: jax.Array) -> jax.Array:
     >>> print(project_to_simplex(jnp.array([0.5, 2.0, -1.0])))
     [0. 1. 0.]
   """
-  # optax computes in the default float type (float64 under jax_enable_x64):
-  # cast back, so that loop carries keep their dtype.
-  return optax.projections.projection_simplex(x).astype(x.dtype)
+  # Entry i with the entries not below it: their count and sum.
+  not_below = x[None, :] >= x[:, None]
+  count = jnp.sum(not_below, axis=1)
+  total = jnp.sum(jnp.where(not_below, x[None, :], 0), axis=1)
+  in_support = 1 / count + (x - total / count) > 0
+  size = jnp.max(jnp.where(in_support, count, 0))
+  # Entries tied at the threshold share one row of `not_below`: one total.
+  threshold_total = jnp.max(jnp.where(count == size, total, -jnp.inf))
+  # Divisions by an integer array compute in the default float type (float64
+  # under jax_enable_x64): cast back, so that loop carries keep their dtype.
+  return jax.nn.relu(1 / size + (x - threshold_total / size)).astype(x.dtype)
+
+
+@project_to_simplex.defjvp
+def _project_to_simplex_jvp(primals, tangents):
+  (x,), (x_dot,) = primals, tangents
+  out = project_to_simplex(x)
+  support = (out > 0).astype(x_dot.dtype)
+  mean = jnp.dot(support, x_dot) / jnp.sum(support)
+  return out, support * (x_dot - mean)
 
 
 class SimplexSolution(NamedTuple):
@@ -108,6 +134,17 @@ def minimize_on_simplex(
     >>> print(sol.weights.round(4))
     [0.8 0.2]
   """
+  x, lipschitz, iterations = _accelerated_projected_gradient(
+      value_and_grad_fn, init, lipschitz, max_iter, tol)
+  grad_fn = lambda w: value_and_grad_fn(w)[1]
+  return SimplexSolution(x, _gradient_mapping(grad_fn, x, lipschitz),
+                         iterations)
+
+
+def _accelerated_projected_gradient(value_and_grad_fn, init, lipschitz,
+                                    max_iter, tol):
+  """:func:`minimize_on_simplex`'s loop: ``(x, lipschitz, iterations)``,
+  the Lipschitz estimate being the one to measure the residual with."""
   init = project_to_simplex(init)
   dtype = init.dtype
   tol = default_tolerance(dtype) if tol is None else tol
@@ -141,19 +178,21 @@ def minimize_on_simplex(
       ok = f_p <= f_y + g_y @ d + 0.5 * lip * (d @ d) + slack
       return p, ok
 
+    # One loop for the first trial and the doublings (k = -1 is the first
+    # trial, at the current estimate): the candidate is emitted once.
     def bt_cond(c):
       _, ok, k, _ = c
       return (~ok) & (k < 40)
 
     def bt_body(c):
       _, _, k, lip = c
-      lip = 2.0 * lip
+      lip = jnp.where(k < 0, lip, 2.0 * lip)
       p, ok = candidate(lip)
       return p, ok, k + 1, lip
 
-    p0, ok0 = candidate(s.lipschitz)
     p, _, _, lip = jax.lax.while_loop(
-        bt_cond, bt_body, (p0, ok0, jnp.zeros((), jnp.int32), s.lipschitz))
+        bt_cond, bt_body,
+        (s.y, jnp.zeros((), bool), -jnp.ones((), jnp.int32), s.lipschitz))
     step_norm = jnp.linalg.norm(p - s.y)
     residual = lip * step_norm
     restart = (s.y - p) @ (p - s.x) > 0
@@ -168,9 +207,8 @@ def minimize_on_simplex(
   inf = jnp.full((), jnp.inf, dtype)
   start = Loop(init, init, one, lipschitz, inf, inf, jnp.zeros((), jnp.int32))
   out = jax.lax.while_loop(cond, body, start)
-  grad_fn = lambda w: value_and_grad_fn(w)[1]
-  residual = _gradient_mapping(grad_fn, out.x, out.lipschitz / RELAX)
-  return SimplexSolution(out.x, residual, out.iteration)
+  # The residual is measured at the last accepted estimate.
+  return out.x, out.lipschitz / RELAX, out.iteration
 
 
 def largest_eigenvalue(gram: jax.Array, num_iterations: int = 8) -> jax.Array:
@@ -214,12 +252,18 @@ def min_norm_weights(gram: jax.Array, init: jax.Array | None = None,
     init = jnp.full((num_tasks,), 1.0 / num_tasks, gram.dtype)
   value_and_grad = lambda w: (0.5 * w @ gram @ w, gram @ w)
   lipschitz = largest_eigenvalue(gram)
-  sol = minimize_on_simplex(value_and_grad, init, lipschitz, max_iter, tol)
-  return _polish_on_support(gram, sol, lipschitz)
+  x, final_lipschitz, iterations = _accelerated_projected_gradient(
+      value_and_grad, init, lipschitz, max_iter, tol)
+  weights, use = _polish_on_support(gram, x)
+  # One residual for whichever point is kept: the polished one is measured
+  # with the initial estimate, the iterate with the loop's last one.
+  residual = _gradient_mapping(lambda w: gram @ w, weights, jnp.where(
+      use, lipschitz, final_lipschitz))
+  return SimplexSolution(weights, residual, iterations)
 
 
-def _polish_on_support(gram: jax.Array, sol: SimplexSolution,
-                       lipschitz: jax.Array) -> SimplexSolution:
+def _polish_on_support(gram: jax.Array, x: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
   """Crossover: the exact minimiser on the face the iterate lies on.
 
   A first-order method with the global Lipschitz constant crawls along a
@@ -228,9 +272,9 @@ def _polish_on_support(gram: jax.Array, sol: SimplexSolution,
   then tiny while the weights are far off. On the support ``S`` of the
   iterate the minimiser solves ``A_S w_S = t 1`` (one Jacobi-scaled
   Cholesky solve); it replaces the iterate when it is feasible and does not
-  increase the objective.
+  increase the objective. Returns ``(weights, whether they are polished)``.
   """
-  support = sol.weights > 0
+  support = x > 0
   face = jnp.where(support[:, None] & support[None, :], gram, 0.0) + jnp.diag(
       jnp.where(support, 0.0, 1.0))
   raw = _jacobi_cholesky_solver(face)(jnp.where(support, 1.0, 0.0))
@@ -240,11 +284,8 @@ def _polish_on_support(gram: jax.Array, sol: SimplexSolution,
   value = lambda w: w @ gram @ w
   eps = jnp.finfo(gram.dtype).eps
   use = (jnp.all(jnp.isfinite(polished)) & jnp.all(polished >= 0)
-         & (total > 0) & (value(polished) <= value(sol.weights) * (1 + 8 * eps)))
-  weights = jnp.where(use, polished, sol.weights)
-  residual = jnp.where(use, _gradient_mapping(lambda w: gram @ w, weights,
-                                              lipschitz), sol.residual)
-  return SimplexSolution(weights, residual, sol.iterations)
+         & (total > 0) & (value(polished) <= value(x) * (1 + 8 * eps)))
+  return jnp.where(use, polished, x), use
 
 
 def cagrad_dual_weights(gram: jax.Array, c: jax.Array | float,
@@ -502,8 +543,11 @@ def lower_bounded_qp(quad: jax.Array, lower: jax.Array, max_iter: int = 100,
 def _lower_bounded_qp(quad, lower, max_iter, tol):
   tol = default_tolerance(quad.dtype) if tol is None else tol
   rows = jnp.reshape(lower, (-1, quad.shape[0]))
-  solve = jax.vmap(lambda row: _lower_bounded_qp_row(quad, row, max_iter, tol))
-  v, residual, iterations = solve(rows)
+  solve = lambda row: _lower_bounded_qp_row(quad, row, max_iter, tol)
+  if rows.shape[0] == 1:  # one problem (DualProj): no batched loop to emit
+    v, residual, iterations = jax.tree.map(lambda x: x[None], solve(rows[0]))
+  else:
+    v, residual, iterations = jax.vmap(solve)(rows)
   return BoxQPSolution(jnp.reshape(v, lower.shape), jnp.max(residual),
                        jnp.max(iterations))
 

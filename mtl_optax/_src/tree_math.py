@@ -41,16 +41,19 @@ def _replicated_out_sharding():
 
 
 def _contract_parameter_axes(left: jax.Array, right: jax.Array,
-                             dtype: jnp.dtype) -> jax.Array:
+                             dtype: jnp.dtype, plain: bool = False
+                             ) -> jax.Array:
   """``(K, *s) x (K', *s) -> (K, K')`` over every parameter axis at once.
 
   No reshape to ``(K, -1)``: merging axes would force a leaf sharded on a
-  trailing axis to be gathered first.
+  trailing axis to be gathered first. ``plain`` skips the CPU variants (one
+  kernel instead of several: for the rarely taken rescaled pass, whose
+  compile time counts and whose run time does not).
   """
   size = math.prod(left.shape[1:])
-  if _use_pairwise_cpu_gram(left.shape[0], right.shape[0]):
+  if not plain and _use_pairwise_cpu_gram(left.shape[0], right.shape[0]):
     return _pairwise_product(left, right, dtype)
-  if _use_blocked_cpu_gram(left.shape[0], size):
+  if not plain and _use_blocked_cpu_gram(left.shape[0], size):
     return _blocked_rows_product(jnp.reshape(left, (left.shape[0], size)),
                                  jnp.reshape(right, (right.shape[0], size)),
                                  dtype)
@@ -181,12 +184,14 @@ def _task_blocks(leaves: list) -> list[jax.Array]:
 
 
 def _blocks_gram(first: list, second: list, num_rows: int, num_cols: int,
-                 dtype: jnp.dtype, symmetric: bool) -> jax.Array:
+                 dtype: jnp.dtype, symmetric: bool,
+                 plain: bool = False) -> jax.Array:
   """Sum of the per-block contractions; zeros when there are no blocks."""
   total = jnp.zeros((num_rows, num_cols), dtype)
   for a, b in zip(first, second):
     # The same array on both sides lets the small-K path skip mirrored pairs.
-    total = total + _contract_parameter_axes(a, a if symmetric else b, dtype)
+    total = total + _contract_parameter_axes(a, a if symmetric else b, dtype,
+                                             plain)
   return total
 
 
@@ -289,7 +294,7 @@ def scaled_cross_gram(first: Any, second: Any) -> tuple[jax.Array, jax.Array]:
     scale = _nonzero(_blocks_peak(blocks[0] + blocks[1], dtype))
     divide = lambda bs: [x.astype(dtype) / scale for x in bs]
     return _blocks_gram(divide(blocks[0]), divide(blocks[1]), *shape, dtype,
-                        symmetric), scale
+                        symmetric, plain=True), scale
 
   return jax.lax.cond(_lost_range(jnp.max(jnp.abs(raw)), dtype), rescaled,
                       lambda _: (raw, jnp.ones((), dtype)),
@@ -417,7 +422,8 @@ def normalized_gram(stacked: Any) -> NormalizedGram:
     raise ValueError("gram_matrix: the stacked gradient tree has no leaves.")
   num_tasks = _num_tasks(leaves)
   blocks = _task_blocks(leaves)
-  gram = lambda bs: _blocks_gram(bs, bs, num_tasks, num_tasks, dtype, True)
+  gram = lambda bs, plain=False: _blocks_gram(bs, bs, num_tasks, num_tasks,
+                                              dtype, True, plain)
 
   from_gram = _normalized_from_raw
 
@@ -426,14 +432,15 @@ def normalized_gram(stacked: Any) -> NormalizedGram:
 
   # Both branches see the blocks, not the leaves: the rescaled pass is
   # emitted once per block (one for all small leaves), not once per leaf.
+  # The normalisation follows the cond, so that it is emitted once.
   def rescaled(blocks):
     scale = _nonzero(_blocks_peak(blocks, dtype))
-    return from_gram(gram([x.astype(dtype) / scale for x in blocks]), scale)
+    return gram([x.astype(dtype) / scale for x in blocks], plain=True), scale
 
   def direct(_):
-    return from_gram(raw, jnp.ones((), dtype))
+    return raw, jnp.ones((), dtype)
 
-  return jax.lax.cond(needs_rescale, rescaled, direct, blocks)
+  return from_gram(*jax.lax.cond(needs_rescale, rescaled, direct, blocks))
 
 
 def weighted_task_sum(weights: jax.Array, stacked: Any) -> Any:
