@@ -426,7 +426,9 @@ def _train_step_jaxpr(num_tasks, single_backward=True):
       losses, grads = mo.value_and_weighted_grad(task_losses, famo)(
           opt_state[0], params, x, y)
     else:
-      losses, grads = mo.value_and_task_grads(task_losses)(params, x, y)
+      # The vmapped Jacobian (chunk_size=None): one K-batched product.
+      losses, grads = mo.value_and_task_grads(task_losses, chunk_size=None)(
+          params, x, y)
     updates, opt_state = tx.update(grads, opt_state, params,
                                    task_losses=losses)
     return optax.apply_updates(params, updates), opt_state

@@ -355,7 +355,10 @@ def _backward_passes(num_tasks, kwargs=None) -> int:
     tx = optax.chain(mo.mgda(num_tasks), optax.adam(1e-3))
 
     def step(params, state, x, y):
-      losses, grads = mo.value_and_task_grads(task_losses)(params, x, y)
+      # The vmapped Jacobian (chunk_size=None): K backward passes in the
+      # program, which the counter must see.
+      losses, grads = mo.value_and_task_grads(task_losses, chunk_size=None)(
+          params, x, y)
       updates, state = tx.update(grads, state, params, task_losses=losses)
       return optax.apply_updates(params, updates), state
   else:
