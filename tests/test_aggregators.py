@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import mtl_optax as mo
 from mtl_optax._src.aggregators import pcgrad_coefficients
@@ -77,3 +78,28 @@ def test_weights_are_reachable_with_optax_tree_get():
   _, state = tx.update(jnp.asarray(J, jnp.float32), state, jnp.zeros(3))
   np.testing.assert_allclose(optax.tree.get(state, "weights"), [0.6, 0.4],
                              atol=1e-4)
+
+
+@pytest.mark.parametrize("make, num_tasks", [
+    (lambda k: mo.task_sum(k), 5),
+    (lambda k: mo.cagrad(k, c=10.0, rescale=0), 4),
+], ids=["task_sum", "cagrad_rescale0"])
+def test_float16_update_beyond_the_range_is_scaled_to_fit(make, num_tasks):
+  """A float16 update whose true length leaves the dtype's range (the sum of
+  K large gradients; CAGrad's (1 + c)-times longer step) is finite and
+  points where the float32 update points."""
+  rng = np.random.default_rng(0)
+  grads32 = jnp.asarray(3e4 * (1.0 + 0.1 * rng.normal(size=(num_tasks, 3))),
+                        jnp.float32)
+  grads16 = grads32.astype(jnp.float16)
+  tx = make(num_tasks)
+  ref, _ = tx.update(grads16.astype(jnp.float32), tx.init(jnp.zeros(3)))
+  out, state = jax.jit(tx.update)(grads16, tx.init(jnp.zeros(3, jnp.float16)))
+  assert out.dtype == jnp.float16
+  out = np.asarray(out, np.float64)
+  assert np.all(np.isfinite(out)) and np.all(np.isfinite(state.weights))
+  assert np.max(np.abs(np.asarray(ref))) > np.finfo(np.float16).max
+  cosine = out @ np.asarray(ref) / (np.linalg.norm(out)
+                                   * np.linalg.norm(np.asarray(ref)))
+  assert cosine > 1 - 1e-3
+  assert np.max(np.abs(out)) >= np.finfo(np.float16).max / 4

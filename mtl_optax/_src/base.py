@@ -289,13 +289,9 @@ def task_weighting_transformation(
     if gram is not None:
       finite &= jnp.all(jnp.isfinite(gram))
     if given is None:
-      update = tree_math.weighted_task_sum(coefficients, updates)
       if scale is not None:
         finite &= jnp.isfinite(scale)
-        update = jax.tree.map(
-            lambda u: (u.astype(jnp.promote_types(u.dtype, scale.dtype))
-                       * scale).astype(u.dtype), update)
-      return update, new_state, finite
+      return combine_tasks(coefficients, scale, updates), new_state, finite
     # Gram-first: ``updates`` is already grad sum_i c_i L_i, computed by the
     # caller with these coefficients (its probe ran this same rule).
     if not extra_args.get(PROBE_ARG):
@@ -305,6 +301,34 @@ def task_weighting_transformation(
   return guarded_transformation(
       num_tasks, method, init_fn, step, requires_task_losses,
       accepts_gram=True, passes_unstacked_through=passes_unstacked_through)
+
+
+def _has_narrow_range(tree: Any) -> bool:
+  """Whether a floating leaf's dtype overflows far below float32 (float16)."""
+  return any(jnp.finfo(x.dtype).max < 1e38 for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def combine_tasks(coefficients: jax.Array, scale: Optional[jax.Array],
+                  stacked: Any) -> Any:
+  """The update ``scale * sum_i c_i g_i`` (``scale`` None: 1).
+
+  With float16 leaves, whose range a sum of K gradients (or a method whose
+  update is longer than their mean, such as CAGrad with ``rescale=0``) can
+  leave, the sum is formed in float32 and, only where it would overflow,
+  scaled down to fit (:func:`weighted_sum_in_range`: direction kept). The
+  choice is static, so other dtypes pay nothing.
+  """
+  if _has_narrow_range(stacked):
+    if scale is not None:
+      coefficients = coefficients * scale.astype(coefficients.dtype)
+    return weighted_sum_in_range(coefficients, stacked)[0]
+  update = tree_math.weighted_task_sum(coefficients, stacked)
+  if scale is None:
+    return update
+  return jax.tree.map(
+      lambda u: (u.astype(jnp.promote_types(u.dtype, scale.dtype))
+                 * scale).astype(u.dtype), update)
 
 
 def uniform_weights(num_tasks: int, dtype: jnp.dtype) -> jax.Array:
