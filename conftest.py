@@ -110,3 +110,38 @@ def pytest_collection_modifyitems(items):
       first_of.add(base)
       continue
     item.add_marker(pytest.mark.slow)
+
+
+# Every compiled XLA:CPU program keeps a few memory mappings (its code and
+# constants) for as long as JAX caches it. A worker of the exhaustive tier
+# compiles tens of thousands of programs, and Linux's default limit of 65,530
+# mappings per process (vm.max_map_count) is reached after a few thousand
+# tests: LLVM's next allocation fails and the worker dies with a segmentation
+# fault inside the compiler. So, every few tests, a worker close to the
+# limit drops JAX's caches (each test builds its own programs; the cost is a
+# recompile of what the next tests share).
+_MAPS_CHECK_EVERY = 25
+_MAPS_SOFT_LIMIT = 25_000
+_tests_since_maps_check = 0
+
+
+def _memory_mappings() -> int:
+  try:
+    with open("/proc/self/maps", "rb") as maps:
+      return sum(1 for _ in maps)
+  except OSError:  # not Linux
+    return 0
+
+
+def pytest_runtest_teardown(item, nextitem):
+  del item, nextitem
+  global _tests_since_maps_check
+  _tests_since_maps_check += 1
+  if _tests_since_maps_check < _MAPS_CHECK_EVERY:
+    return
+  _tests_since_maps_check = 0
+  if _memory_mappings() > _MAPS_SOFT_LIMIT:
+    import gc  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.clear_caches()
+    gc.collect()
