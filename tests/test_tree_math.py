@@ -90,7 +90,7 @@ def test_blocked_cpu_gram_matches_one_contraction(num_tasks, size):
   # Long leaves take the blocked CPU path (a fori_loop over slices plus a
   # remainder); the result must be the plain contraction's.
   assert tree_math._use_blocked_cpu_gram(num_tasks, size)
-  assert not tree_math._use_pairwise_cpu_gram(num_tasks, num_tasks)
+  assert not tree_math._use_pairwise_cpu_gram(num_tasks, num_tasks, size)
   rng = np.random.default_rng(0)
   rows = rng.normal(size=(num_tasks, size)).astype(np.float32)
   other = rng.normal(size=(num_tasks, size)).astype(np.float32)
@@ -106,11 +106,14 @@ def test_blocked_cpu_gram_matches_one_contraction(num_tasks, size):
 @pytest.mark.parametrize("num_tasks,other_tasks", [(1, 1), (2, 2), (3, 3),
                                                    (2, 3)])
 def test_pairwise_cpu_gram_matches_one_contraction(num_tasks, other_tasks):
-  # Two or three tasks take one reduction per pair of rows (mirrored pairs
-  # reused when both sides are the same tree), over leaves of any rank.
-  assert tree_math._use_pairwise_cpu_gram(num_tasks, other_tasks)
+  # Two or three tasks take one reduction per pair of rows for long leaves
+  # (mirrored pairs reused when both sides are the same tree), over leaves
+  # of any rank; the small leaves beside them take one contraction.
+  big = tree_math._CPU_PAIRWISE_MIN_ELEMENTS
+  assert tree_math._use_pairwise_cpu_gram(num_tasks, other_tasks, big)
+  assert not tree_math._use_pairwise_cpu_gram(num_tasks, other_tasks, big - 1)
   rng = np.random.default_rng(1)
-  shapes = {"w": (7, 5), "b": (5,), "s": ()}
+  shapes = {"w": (7, 5), "b": (5,), "s": (), "long": (2, big // 2)}
   first = {k: rng.normal(size=(num_tasks,) + v).astype(np.float32)
            for k, v in shapes.items()}
   second = {k: rng.normal(size=(other_tasks,) + v).astype(np.float32)

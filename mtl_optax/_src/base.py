@@ -67,9 +67,10 @@ class ScaledCoefficients(NamedTuple):
 
 def all_finite(tree: Any) -> jax.Array:
   """One boolean: every element of every floating leaf of ``tree`` is finite."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+  # Small leaves are checked together: one kernel, not one per leaf.
+  checks = [jnp.all(jnp.isfinite(x))
+            for x in tree_math.whole_tree_operands(tree)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
 def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
@@ -434,11 +435,15 @@ def weighted_sum_in_range(coeffs: jax.Array, stacked: Any,
   unit = tree_math.weighted_task_sum(
       coeffs.astype(acc) / safe, jax.tree.map(lambda g: g.astype(acc), stacked))
   factor = safe.astype(acc)
+  # The leaves of one output dtype share their room: one reduction for all
+  # of their small leaves.
+  by_dtype = {}
   for y, g in zip(jax.tree.leaves(unit), jax.tree.leaves(like)):
-    if np.size(y):
-      room = jnp.asarray(jnp.finfo(g.dtype).max / 2, acc)
-      top = jnp.max(jnp.abs(y))
-      factor = jnp.minimum(factor, jnp.where(top > 0, room / top, factor))
+    by_dtype.setdefault(jnp.dtype(g.dtype), []).append(y)
+  for out_dtype, ys in by_dtype.items():
+    room = jnp.asarray(jnp.finfo(out_dtype).max / 2, acc)
+    top = tree_math.tree_max_abs(ys, acc)
+    factor = jnp.minimum(factor, jnp.where(top > 0, room / top, factor))
   out = jax.tree.map(lambda y, g: (y * factor).astype(g.dtype), unit, like)
   return out, (factor / safe).astype(coeffs.dtype)
 

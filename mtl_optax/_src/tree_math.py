@@ -51,7 +51,8 @@ def _contract_parameter_axes(left: jax.Array, right: jax.Array,
   compile time counts and whose run time does not).
   """
   size = math.prod(left.shape[1:])
-  if not plain and _use_pairwise_cpu_gram(left.shape[0], right.shape[0]):
+  if not plain and _use_pairwise_cpu_gram(left.shape[0], right.shape[0],
+                                         size):
     return _pairwise_product(left, right, dtype)
   if not plain and _use_blocked_cpu_gram(left.shape[0], size):
     return _blocked_rows_product(jnp.reshape(left, (left.shape[0], size)),
@@ -81,14 +82,19 @@ def _use_blocked_cpu_gram(num_rows: int, size: int) -> bool:
           and jax.sharding.get_abstract_mesh().empty)
 
 
-# For two or three tasks XLA:CPU's contraction of (K, P) by (P, K) runs at
-# about a third of the speed of K(K+1)/2 fused multiply-and-sum reductions
-# (benchmarks/micro_gram.py); from four tasks on the contraction wins.
+# For two or three tasks and long leaves XLA:CPU's contraction of (K, P) by
+# (P, K) runs at a third to a half of the speed of K(K+1)/2 fused
+# multiply-and-sum reductions (benchmarks/micro_gram.py; K = 3, P = 1e6:
+# 1.9 ms against 2.8 ms); from four tasks on, and below about 2**18 entries
+# per task (K = 3, P = 1e5: 0.30 ms against 0.21 ms), the one contraction
+# wins, and it compiles to one kernel where the pairs take K(K+1)/2.
 _CPU_PAIRWISE_MAX_TASKS = 3
+_CPU_PAIRWISE_MIN_ELEMENTS = 2 ** 18
 
 
-def _use_pairwise_cpu_gram(num_rows: int, num_cols: int) -> bool:
+def _use_pairwise_cpu_gram(num_rows: int, num_cols: int, size: int) -> bool:
   return (max(num_rows, num_cols) <= _CPU_PAIRWISE_MAX_TASKS
+          and size >= _CPU_PAIRWISE_MIN_ELEMENTS
           and jax.default_backend() == "cpu" and jax.device_count() == 1
           and jax.sharding.get_abstract_mesh().empty)
 
@@ -161,26 +167,83 @@ def _single_device() -> bool:
           and jax.sharding.get_abstract_mesh().empty)
 
 
+def small_leaf_indices(leaves: list) -> list[int]:
+  """Indices of the stacked leaves that are read as one ``(K, n)`` block.
+
+  On one device, the non-empty leaves of at most ``_SMALL_LEAF_ELEMENTS``
+  entries per task, when there are at least two; otherwise none (only a
+  single device batches: concatenating sharded leaves would gather them).
+  """
+  if not _single_device():
+    return []
+  small = [i for i, x in enumerate(leaves) if jnp.size(x)
+           and math.prod(jnp.shape(x)[1:]) <= _SMALL_LEAF_ELEMENTS]
+  return small if len(small) > 1 else []
+
+
+def join_task_rows(leaves: list, dtype: jnp.dtype) -> jax.Array:
+  """Stacked leaves ``(K, *s_l)`` as one ``(K, sum_l prod(s_l))`` block."""
+  return jnp.concatenate(
+      [jnp.reshape(x, (jnp.shape(x)[0], -1)).astype(dtype) for x in leaves],
+      axis=1)
+
+
+def split_task_row(row: jax.Array, leaves: list) -> list[jax.Array]:
+  """The inverse of :func:`join_task_rows` for one row: pieces shaped and
+  typed like the per-task leaves ``x[0]`` of ``leaves``."""
+  offsets = np.cumsum([math.prod(jnp.shape(x)[1:]) for x in leaves])
+  return [jnp.reshape(part, jnp.shape(x)[1:]).astype(x.dtype)
+          for x, part in zip(leaves, jnp.split(row, offsets[:-1]))]
+
+
 def _task_blocks(leaves: list) -> list[jax.Array]:
   """Leaves as contraction operands: empty leaves dropped, and on one device
   every small leaf concatenated into one ``(K, n)`` block (first in the list).
 
-  Only a single device batches: concatenating sharded leaves would gather
-  them. Trees of the same structure and per-task shapes give aligned blocks.
+  Trees of the same structure and per-task shapes give aligned blocks.
   """
   leaves = [jnp.asarray(x) for x in leaves]
-  leaves = [x for x in leaves if x.size]
-  if len(leaves) < 2 or not _single_device():
-    return leaves
-  small = [x for x in leaves
-           if math.prod(x.shape[1:]) <= _SMALL_LEAF_ELEMENTS]
-  if len(small) < 2:
+  small = small_leaf_indices(leaves)
+  rest = [x for i, x in enumerate(leaves) if x.size and i not in small]
+  if not small:
+    return rest
+  picked = [leaves[i] for i in small]
+  return [join_task_rows(picked, jnp.result_type(*picked))] + rest
+
+
+# Leaves of at most this many entries in all join one flat operand of a
+# whole-tree reduction (finiteness, largest magnitude): each separate
+# reduction is a kernel of its own, and XLA fuses the concatenation into the
+# reduction, so nothing is copied.
+_SMALL_TREE_LEAF_ELEMENTS = 2 ** 16
+
+
+def whole_tree_operands(tree: Any) -> list[jax.Array]:
+  """The floating leaves of ``tree`` as operands of a whole-tree reduction.
+
+  Empty and non-floating leaves are dropped; on one device every small leaf
+  (any shape, stacked or not) is raveled into one vector in the leaves'
+  common dtype (a widening, so no finite entry overflows), first in the
+  list. On several devices the leaves are returned as they are:
+  concatenating sharded leaves would gather them.
+  """
+  leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+  leaves = [x for x in leaves
+            if x.size and jnp.issubdtype(x.dtype, jnp.inexact)]
+  small = [x for x in leaves if x.size <= _SMALL_TREE_LEAF_ELEMENTS]
+  if len(small) < 2 or not _single_device():
     return leaves
   dtype = jnp.result_type(*small)
-  block = jnp.concatenate(
-      [jnp.reshape(x, (x.shape[0], -1)).astype(dtype) for x in small], axis=1)
-  return [block] + [x for x in leaves
-                    if math.prod(x.shape[1:]) > _SMALL_LEAF_ELEMENTS]
+  return [jnp.concatenate([jnp.ravel(x).astype(dtype) for x in small])] + [
+      x for x in leaves if x.size > _SMALL_TREE_LEAF_ELEMENTS]
+
+
+def tree_max_abs(tree: Any, dtype: jnp.dtype) -> jax.Array:
+  """``max |x|`` over every floating entry of ``tree``, in ``dtype`` (0 for
+  a tree without entries; NaN if any entry is NaN)."""
+  peaks = [jnp.max(jnp.abs(x)).astype(dtype)
+           for x in whole_tree_operands(tree)]
+  return jnp.max(jnp.stack(peaks)) if peaks else jnp.zeros((), dtype)
 
 
 def _blocks_gram(first: list, second: list, num_rows: int, num_cols: int,
@@ -193,12 +256,6 @@ def _blocks_gram(first: list, second: list, num_rows: int, num_cols: int,
     total = total + _contract_parameter_axes(a, a if symmetric else b, dtype,
                                              plain)
   return total
-
-
-def _blocks_peak(blocks: list, dtype: jnp.dtype) -> jax.Array:
-  """``max |x|`` over every block (0 when there are none)."""
-  peaks = [jnp.max(jnp.abs(x)).astype(dtype) for x in blocks]
-  return jnp.max(jnp.stack(peaks)) if peaks else jnp.zeros((), dtype)
 
 
 def _num_tasks(leaves: list) -> int:
@@ -291,7 +348,7 @@ def scaled_cross_gram(first: Any, second: Any) -> tuple[jax.Array, jax.Array]:
   # Both branches see the blocks, not the leaves: the rescaled pass is
   # emitted once per block, not once per leaf.
   def rescaled(blocks):
-    scale = _nonzero(_blocks_peak(blocks[0] + blocks[1], dtype))
+    scale = _nonzero(tree_max_abs(blocks[0] + blocks[1], dtype))
     divide = lambda bs: [x.astype(dtype) / scale for x in bs]
     return _blocks_gram(divide(blocks[0]), divide(blocks[1]), *shape, dtype,
                         symmetric, plain=True), scale
@@ -434,7 +491,7 @@ def normalized_gram(stacked: Any) -> NormalizedGram:
   # emitted once per block (one for all small leaves), not once per leaf.
   # The normalisation follows the cond, so that it is emitted once.
   def rescaled(blocks):
-    scale = _nonzero(_blocks_peak(blocks, dtype))
+    scale = _nonzero(tree_max_abs(blocks, dtype))
     return gram([x.astype(dtype) / scale for x in blocks], plain=True), scale
 
   def direct(_):
@@ -464,21 +521,14 @@ def weighted_task_sum(weights: jax.Array, stacked: Any) -> Any:
 
   leaves, treedef = jax.tree.flatten(stacked)
   leaves = [jnp.asarray(x) for x in leaves]
-  small = [i for i, x in enumerate(leaves)
-           if x.size and math.prod(x.shape[1:]) <= _SMALL_LEAF_ELEMENTS]
+  small = small_leaf_indices(leaves)
   out = [None if i in small else combine(x) for i, x in enumerate(leaves)]
-  if len(small) > 1 and _single_device():
+  if small:
     # One product over the concatenated small leaves, split back per leaf.
-    block = combine(jnp.concatenate(
-        [jnp.reshape(leaves[i], (leaves[i].shape[0], -1)).astype(
-            accumulation_dtype([leaves[i] for i in small])) for i in small],
-        axis=1))
-    offsets = np.cumsum([math.prod(leaves[i].shape[1:]) for i in small])
-    for i, part in zip(small, jnp.split(block, offsets[:-1])):
-      out[i] = jnp.reshape(part, leaves[i].shape[1:]).astype(leaves[i].dtype)
-  else:
-    for i in small:
-      out[i] = combine(leaves[i])
+    picked = [leaves[i] for i in small]
+    block = combine(join_task_rows(picked, accumulation_dtype(picked)))
+    for i, part in zip(small, split_task_row(block, picked)):
+      out[i] = part
   return jax.tree.unflatten(treedef, out)
 
 
