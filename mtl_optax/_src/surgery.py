@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -198,6 +199,32 @@ class GradDropState(NamedTuple):
   weights_are_coefficients = False
 
 
+def _per_leaf_uniforms(keys, leaves, batched, dtype):
+  """``U ~ Unif[0, 1)`` of each leaf's parameter shape from its own key.
+
+  The leaves listed in ``batched`` are drawn by one vectorised call, each
+  key drawing as many values as the largest of them and keeping its first
+  ones: with JAX's partitionable Threefry (the default) the values of a
+  draw do not depend on its length, so these are the per-leaf draws, for
+  one random-bits kernel instead of one per leaf.
+  """
+  draw = lambda key, x: jax.random.uniform(key, jnp.shape(x)[1:], dtype)
+  uniforms = [None if i in batched else draw(keys[i], x)
+              for i, x in enumerate(leaves)]
+  if not batched:
+    return uniforms
+  if not jax.config.jax_threefry_partitionable:
+    for i in batched:
+      uniforms[i] = draw(keys[i], leaves[i])
+    return uniforms
+  sizes = [math.prod(jnp.shape(leaves[i])[1:]) for i in batched]
+  rows = jax.vmap(lambda key: jax.random.uniform(key, (max(sizes),), dtype))(
+      keys[np.asarray(batched)])
+  for row, i, size in zip(rows, batched, sizes):
+    uniforms[i] = jnp.reshape(row[:size], jnp.shape(leaves[i])[1:])
+  return uniforms
+
+
 def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
              ) -> optax.GradientTransformationExtraArgs:
   """GradDrop: keep one sign per coordinate, chosen by sign purity.
@@ -263,6 +290,32 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
         base.uniform_weights(num_tasks, base.state_dtype(params)),
         jax.random.PRNGKey(seed))
 
+  def drop(stacked, uniform, peaks, leaks):
+    """GradDrop on one ``(K, n)`` block: the mean-scale update ``(n,)`` and
+    each task's kept and total squared norms (relative to ``peaks``)."""
+    # Reductions over the task axis are unrolled over the K rows: XLA:CPU
+    # reduces a leading axis of a (K, P) array an order of magnitude below
+    # memory bandwidth, while K elementwise rows fuse into one pass.
+    rows = [stacked[i] for i in range(num_tasks)]
+    peak = functools.reduce(jnp.maximum, [jnp.abs(r) for r in rows])
+    peak = jnp.where(peak > 0, peak, 1.0)
+    signed = functools.reduce(jnp.add, rows) / peak
+    magnitude = functools.reduce(jnp.add, [jnp.abs(r) for r in rows]) / peak
+    purity = 0.5 * (1.0 + signed / jnp.maximum(magnitude, 1.0))
+    keep_positive, keep_negative = purity > uniform, purity < uniform
+    factors = jnp.stack([
+        leaks[i] + (1.0 - leaks[i]) * ((keep_positive & (row > 0))
+                                       | (keep_negative & (row < 0)))
+        for i, row in enumerate(rows)])
+    # NaN/inf must reach the update, for optax.apply_if_finite: under jit
+    # XLA rewrites ``mask * row`` as a select, which drops them.
+    combined = jnp.where(jnp.isfinite(stacked), factors * stacked, jnp.nan)
+    update = functools.reduce(
+        jnp.add, [combined[i] for i in range(num_tasks)]) / num_tasks
+    scaled = jnp.square(stacked / peaks[:, None])
+    return (update, tree_math.per_task_sum(factors * scaled),
+            tree_math.per_task_sum(scaled))
+
   def step(updates, state, params, extra_args):
     del params, extra_args
     key, subkey = jax.random.split(state.key)
@@ -276,33 +329,22 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
         tree_math.per_task_max_abs(x).astype(acc)
         for x in leaves]), axis=0)
     peaks = jnp.where(peaks > 0, peaks, 1.0)
-    kept = jnp.zeros((num_tasks,), acc)
-    total = jnp.zeros((num_tasks,), acc)
-    outputs = []
-    for leaf, leaf_key in zip(leaves, keys):
-      # Reductions over the task axis are unrolled over the K rows: XLA:CPU
-      # reduces a leading axis of a (K, P) array an order of magnitude below
-      # memory bandwidth, while K elementwise rows fuse into one pass.
-      rows = [leaf[i].astype(acc) for i in range(num_tasks)]
-      peak = functools.reduce(jnp.maximum, [jnp.abs(r) for r in rows])
-      peak = jnp.where(peak > 0, peak, 1.0)
-      signed = functools.reduce(jnp.add, rows) / peak
-      magnitude = functools.reduce(jnp.add, [jnp.abs(r) for r in rows]) / peak
-      purity = 0.5 * (1.0 + signed / jnp.maximum(magnitude, 1.0))
-      uniform = jax.random.uniform(leaf_key, leaf.shape[1:], acc)
-      keep_positive, keep_negative = purity > uniform, purity < uniform
-      combined = []
-      for i, row in enumerate(rows):
-        mask = (keep_positive & (row > 0)) | (keep_negative & (row < 0))
-        factor = leaks[i] + (1.0 - leaks[i]) * mask
-        # NaN/inf must reach the update, for optax.apply_if_finite: under jit
-        # XLA rewrites ``mask * row`` as a select, which drops them.
-        combined.append(jnp.where(jnp.isfinite(row), factor * row, jnp.nan))
-        scaled = jnp.square(row / peaks[i])
-        kept = kept.at[i].add(jnp.sum(factor * scaled))
-        total = total.at[i].add(jnp.sum(scaled))
-      outputs.append((functools.reduce(jnp.add, combined) / num_tasks).astype(
-          leaf.dtype))
+    # The small leaves are drawn and dropped as one block: one set of
+    # kernels for all of them, not one per leaf.
+    small = tree_math.small_leaf_indices(leaves)
+    uniforms = _per_leaf_uniforms(keys, leaves, small, acc)
+    groups = ([small] if small else []) + [
+        [i] for i in range(len(leaves)) if i not in small]
+    kept = total = jnp.zeros((num_tasks,), acc)
+    outputs = [None] * len(leaves)
+    for group in groups:
+      picked = [leaves[i] for i in group]
+      uniform = jnp.concatenate([jnp.ravel(uniforms[i]) for i in group])
+      update, kept_here, total_here = drop(
+          tree_math.join_task_rows(picked, acc), uniform, peaks, leaks)
+      kept, total = kept + kept_here, total + total_here
+      for i, part in zip(group, tree_math.split_task_row(update, picked)):
+        outputs[i] = part
     weights = jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0),
                         1.0) / num_tasks
     return (jax.tree.unflatten(treedef, outputs),
