@@ -18,6 +18,23 @@ import jax.numpy as jnp
 from mtl_optax._src import two_task
 
 
+# K x K algebra as multiply-and-reduce, not ``dot``: XLA:CPU emits every dot
+# as a kernel of its own that no neighbouring elementwise work fuses into,
+# while a reduction takes its operands' elementwise producers with it. On
+# these tiny operands the kernel count, not the arithmetic, sets the compile
+# time of the solvers' loops.
+def _inner(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.sum(a * b)
+
+
+def _matvec(matrix: jax.Array, v: jax.Array) -> jax.Array:
+  return jnp.sum(matrix * v[None, :], axis=1)
+
+
+def _quadratic(matrix: jax.Array, v: jax.Array) -> jax.Array:
+  return _inner(v, _matvec(matrix, v))
+
+
 @jax.custom_jvp
 def project_to_simplex(x: jax.Array) -> jax.Array:
   """Euclidean projection onto ``{w >= 0, sum(w) = 1}``, without a sort.
@@ -175,7 +192,7 @@ def _accelerated_projected_gradient(value_and_grad_fn, init, lipschitz,
       f_p = value_fn(p)
       # Relative slack only: an absolute one lets flat problems drift uphill.
       slack = 8 * eps * jnp.maximum(jnp.abs(f_y), jnp.abs(f_p))
-      ok = f_p <= f_y + g_y @ d + 0.5 * lip * (d @ d) + slack
+      ok = f_p <= f_y + _inner(g_y, d) + 0.5 * lip * _inner(d, d) + slack
       return p, ok
 
     # One loop for the first trial and the doublings (k = -1 is the first
@@ -195,7 +212,7 @@ def _accelerated_projected_gradient(value_and_grad_fn, init, lipschitz,
         (s.y, jnp.zeros((), bool), -jnp.ones((), jnp.int32), s.lipschitz))
     step_norm = jnp.linalg.norm(p - s.y)
     residual = lip * step_norm
-    restart = (s.y - p) @ (p - s.x) > 0
+    restart = _inner(s.y - p, p - s.x) > 0
     t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * s.t * s.t))
     momentum = jnp.where(restart, 0.0, (s.t - 1.0) / t_next)
     y = p + momentum * (p - s.x)
@@ -218,13 +235,13 @@ def largest_eigenvalue(gram: jax.Array, num_iterations: int = 8) -> jax.Array:
   solvers' backtracking corrects an underestimate.
   """
   def step(v, _):
-    v = gram @ v
+    v = _matvec(gram, v)
     return v / jnp.maximum(jnp.linalg.norm(v), jnp.finfo(gram.dtype).tiny), None
   start = jnp.ones((gram.shape[0],), gram.dtype) + 0.1 * jnp.arange(
       gram.shape[0], dtype=gram.dtype) / gram.shape[0]
   v, _ = jax.lax.scan(step, start / jnp.linalg.norm(start), None,
                       length=num_iterations)
-  return jnp.maximum(v @ gram @ v, jnp.max(jnp.diagonal(gram)))
+  return jnp.maximum(_quadratic(gram, v), jnp.max(jnp.diagonal(gram)))
 
 
 def min_norm_weights(gram: jax.Array, init: jax.Array | None = None,
@@ -250,14 +267,14 @@ def min_norm_weights(gram: jax.Array, init: jax.Array | None = None,
     return SimplexSolution(*two_task.min_norm_weights(gram), _no_iterations())
   if init is None:
     init = jnp.full((num_tasks,), 1.0 / num_tasks, gram.dtype)
-  value_and_grad = lambda w: (0.5 * w @ gram @ w, gram @ w)
+  value_and_grad = lambda w: (0.5 * _quadratic(gram, w), _matvec(gram, w))
   lipschitz = largest_eigenvalue(gram)
   x, final_lipschitz, iterations = _accelerated_projected_gradient(
       value_and_grad, init, lipschitz, max_iter, tol)
   weights, use = _polish_on_support(gram, x)
   # One residual for whichever point is kept: the polished one is measured
   # with the initial estimate, the iterate with the loop's last one.
-  residual = _gradient_mapping(lambda w: gram @ w, weights, jnp.where(
+  residual = _gradient_mapping(lambda w: _matvec(gram, w), weights, jnp.where(
       use, lipschitz, final_lipschitz))
   return SimplexSolution(weights, residual, iterations)
 
@@ -281,7 +298,7 @@ def _polish_on_support(gram: jax.Array, x: jax.Array
   raw = jnp.where(support, raw, 0.0)
   total = jnp.sum(raw)
   polished = raw / jnp.where(total > 0, total, 1.0)
-  value = lambda w: w @ gram @ w
+  value = lambda w: _quadratic(gram, w)
   eps = jnp.finfo(gram.dtype).eps
   use = (jnp.all(jnp.isfinite(polished)) & jnp.all(polished >= 0)
          & (total > 0) & (value(polished) <= value(x) * (1 + 8 * eps)))
@@ -316,18 +333,18 @@ def cagrad_dual_weights(gram: jax.Array, c: jax.Array | float,
     init = jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
   if anchor is None:
     anchor = jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
-  gram_b = gram @ anchor
-  radius = jnp.asarray(c, dtype) * jnp.sqrt(jnp.maximum(anchor @ gram_b, 0.0))
+  gram_b = _matvec(gram, anchor)
+  radius = jnp.asarray(c, dtype) * jnp.sqrt(jnp.maximum(_inner(anchor, gram_b), 0.0))
   smooth = jnp.finfo(dtype).eps ** 2 * (jnp.trace(gram) / num_tasks + 1.0)
 
   def value_and_grad(w):
-    gram_w = gram @ w
-    norm_w = jnp.sqrt(jnp.maximum(w @ gram_w, 0.0) + smooth)
-    return w @ gram_b + radius * norm_w, gram_b + radius * gram_w / norm_w
+    gram_w = _matvec(gram, w)
+    norm_w = jnp.sqrt(jnp.maximum(_inner(w, gram_w), 0.0) + smooth)
+    return _inner(w, gram_b) + radius * norm_w, gram_b + radius * gram_w / norm_w
 
   # The Hessian of the norm term is bounded by radius * A / ||g_w||; start
   # from its value at the initial point and let backtracking adjust.
-  start_norm = jnp.sqrt(jnp.maximum(init @ gram @ init, 0.0) + smooth)
+  start_norm = jnp.sqrt(jnp.maximum(_quadratic(gram, init), 0.0) + smooth)
   lipschitz = largest_eigenvalue(gram) * radius / start_norm
   return minimize_on_simplex(value_and_grad, init, lipschitz, max_iter, tol)
 
@@ -410,10 +427,10 @@ def _lower_bounded_qp_row(quad, lower, max_iter, tol):
   # directions z >= 0 with Q z = 0 (Pareto-stationary points) would
   # otherwise send the slacks to infinity.
   q = quad + eps * q_max * jnp.eye(num, dtype=dtype)
-  q_lower = q @ lower
+  q_lower = _matvec(q, lower)
 
   def residual(x):  # v = lower + x; the projected-gradient condition on Q.
-    grad = quad @ (lower + x)
+    grad = _matvec(quad, lower + x)
     return jnp.max(jnp.abs(x - jnp.maximum(0.0, x - grad))) / scale
 
   def to_boundary(z, dz):
@@ -434,15 +451,15 @@ def _lower_bounded_qp_row(quad, lower, max_iter, tol):
 
   def body(s):
     x, lam = s.x, s.lam
-    grad = q_lower + q @ x
-    mu = x @ lam / num
+    grad = q_lower + _matvec(q, x)
+    mu = _inner(x, lam) / num
     ratio = lam / x
     solve = _jacobi_cholesky_solver(q + jnp.diag(ratio))
     # Mehrotra predictor-corrector: one factorisation, two solves.
     dx = solve(-grad)
     dlam = -lam - ratio * dx
-    mu_affine = (x + to_boundary(x, dx) * dx) @ (
-        lam + to_boundary(lam, dlam) * dlam) / num
+    mu_affine = _inner(x + to_boundary(x, dx) * dx,
+                       lam + to_boundary(lam, dlam) * dlam) / num
     sigma = jnp.where(mu > 0, jnp.clip(
         mu_affine / jnp.where(mu > 0, mu, 1.0), 0.0, 1.0) ** 3, 0.0)
     centring = sigma * mu - dx * dlam
@@ -646,7 +663,7 @@ def _alpha_fair_weights(gram, alpha, init, max_iter, tol, ridge):
       jnp.where(active, jnp.asarray(ridge, dtype) * diag, 1.0))
 
   def residual_of(matrix, w):
-    lhs = jnp.exp(jnp.log(w) * inv_alpha) * (matrix @ w)
+    lhs = jnp.exp(jnp.log(w) * inv_alpha) * _matvec(matrix, w)
     return jnp.max(jnp.where(active, jnp.abs(lhs - 1.0), 0.0))
 
   start = jnp.exp(-alpha / (1.0 + alpha) * jnp.log(jnp.diagonal(system)))
@@ -657,7 +674,7 @@ def _alpha_fair_weights(gram, alpha, init, max_iter, tol, ridge):
                       start)
   # Optimal scale along the ray: d/ds f(s w0) = 0.
   total = jnp.sum(jnp.exp(power * jnp.log(start)))
-  curvature = start @ system @ start
+  curvature = _quadratic(system, start)
   start = start * jnp.exp(alpha / (1.0 + alpha) * jnp.log(total / curvature))
 
   class Loop(NamedTuple):
@@ -672,22 +689,22 @@ def _alpha_fair_weights(gram, alpha, init, max_iter, tol, ridge):
   def body(s):
     w = s.w
     log_w = jnp.log(w)
-    aw = system @ w
+    aw = _matvec(system, w)
     barrier_grad = jnp.exp(-inv_alpha * log_w)
     grad = aw - barrier_grad
     hessian = system + jnp.diag(inv_alpha * barrier_grad / w)
     step = -_jacobi_cholesky_solver(hessian, eps)(grad)
     # A failed factorisation is not always NaN (batched Cholesky): no step.
     step = jnp.where(jnp.all(jnp.isfinite(step)), step, 0.0)
-    slope = grad @ step
+    slope = _inner(grad, step)
     t_max = jnp.minimum(1.0, 0.99 * _step_to_boundary(w, step))
-    quad_step = step @ system @ step
+    quad_step = _quadratic(system, step)
     w_pow = jnp.exp(power * log_w)
 
     def trial(t):
       ratio = jnp.log1p(t * step / w)
       barrier = -jnp.sum(w_pow * ratio * _exprel(power * ratio))
-      linear = t * (aw @ step)
+      linear = t * _inner(aw, step)
       value = linear + 0.5 * t * t * quad_step + barrier
       slack = 8 * eps * (jnp.abs(linear) + jnp.abs(barrier))
       return w + t * step, value <= _ARMIJO * t * slope + slack
