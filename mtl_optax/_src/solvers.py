@@ -640,7 +640,11 @@ def alpha_fair_weights(gram: jax.Array, alpha: float | jax.Array = 1.0,
     >>> print(np.asarray(sol.weights, np.float64).round(4), sol.residual < 1e-5)
     [0.5915 0.4071] True
   """
-  return _alpha_fair_weights(gram, alpha, init, max_iter, tol, ridge)
+  # alpha = 1 given as a number (Nash-MTL) is a static special case: its
+  # powers are identities, and the compiled loop has no exp/log/expm1.
+  nash = isinstance(alpha, (int, float)) and alpha == 1
+  return _alpha_fair_weights(gram, None if nash else alpha, init, max_iter,
+                             tol, ridge)
 
 
 @jax.jit
@@ -648,9 +652,16 @@ def _alpha_fair_weights(gram, alpha, init, max_iter, tol, ridge):
   dtype = gram.dtype
   eps = jnp.finfo(dtype).eps
   tol = default_tolerance(dtype) if tol is None else tol
-  alpha = jnp.asarray(alpha, dtype)
+  nash = alpha is None  # alpha = 1, static
+  alpha = jnp.asarray(1.0 if nash else alpha, dtype)
   inv_alpha = 1.0 / alpha
   power = 1.0 - inv_alpha
+  # w^(1/alpha), w^p and s^p (p = 1 - 1/alpha), and expm1(p r) / (p r).
+  root = (lambda w: w) if nash else (lambda w: jnp.exp(jnp.log(w) * inv_alpha))
+  to_power = ((lambda w: jnp.ones_like(w)) if nash
+              else (lambda w: jnp.exp(power * jnp.log(w))))
+  exprel_of_power = ((lambda r: jnp.ones_like(r)) if nash
+                     else (lambda r: _exprel(power * r)))
   diag = jnp.diagonal(gram)
   active = diag > 0
   ridge = eps if ridge is None else ridge
@@ -663,7 +674,7 @@ def _alpha_fair_weights(gram, alpha, init, max_iter, tol, ridge):
       jnp.where(active, jnp.asarray(ridge, dtype) * diag, 1.0))
 
   def residual_of(matrix, w):
-    lhs = jnp.exp(jnp.log(w) * inv_alpha) * _matvec(matrix, w)
+    lhs = root(w) * _matvec(matrix, w)
     return jnp.max(jnp.where(active, jnp.abs(lhs - 1.0), 0.0))
 
   start = jnp.exp(-alpha / (1.0 + alpha) * jnp.log(jnp.diagonal(system)))
@@ -673,7 +684,7 @@ def _alpha_fair_weights(gram, alpha, init, max_iter, tol, ridge):
     start = jnp.where(usable, init / jnp.where(usable, jnp.max(init), 1.0),
                       start)
   # Optimal scale along the ray: d/ds f(s w0) = 0.
-  total = jnp.sum(jnp.exp(power * jnp.log(start)))
+  total = jnp.sum(to_power(start))
   curvature = _quadratic(system, start)
   start = start * jnp.exp(alpha / (1.0 + alpha) * jnp.log(total / curvature))
 
@@ -688,9 +699,8 @@ def _alpha_fair_weights(gram, alpha, init, max_iter, tol, ridge):
 
   def body(s):
     w = s.w
-    log_w = jnp.log(w)
     aw = _matvec(system, w)
-    barrier_grad = jnp.exp(-inv_alpha * log_w)
+    barrier_grad = 1.0 / w if nash else jnp.exp(-inv_alpha * jnp.log(w))
     grad = aw - barrier_grad
     hessian = system + jnp.diag(inv_alpha * barrier_grad / w)
     step = -_jacobi_cholesky_solver(hessian, eps)(grad)
@@ -699,11 +709,11 @@ def _alpha_fair_weights(gram, alpha, init, max_iter, tol, ridge):
     slope = _inner(grad, step)
     t_max = jnp.minimum(1.0, 0.99 * _step_to_boundary(w, step))
     quad_step = _quadratic(system, step)
-    w_pow = jnp.exp(power * log_w)
+    w_pow = to_power(w)
 
     def trial(t):
       ratio = jnp.log1p(t * step / w)
-      barrier = -jnp.sum(w_pow * ratio * _exprel(power * ratio))
+      barrier = -jnp.sum(w_pow * ratio * exprel_of_power(ratio))
       linear = t * _inner(aw, step)
       value = linear + 0.5 * t * t * quad_step + barrier
       slack = 8 * eps * (jnp.abs(linear) + jnp.abs(barrier))
