@@ -55,6 +55,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtl_optax._src import aggregators
 from mtl_optax._src import bargaining
@@ -166,6 +167,14 @@ def _preference(pref_vector, num_tasks, dtype, default):
   if pref_vector is None:
     return jnp.full((num_tasks,), default, dtype)
   return jnp.asarray(pref_vector, dtype)
+
+
+def _static_one_to_none(every: Any) -> Any:
+  """None for a concrete ``update_every`` of 1 (every step solves), so that
+  the compiled step has no solve-or-reuse branch; otherwise ``every``."""
+  if isinstance(every, (int, np.integer)) and every == 1:
+    return None
+  return every
 
 
 def _warm_start(previous: jax.Array, warm_start: bool, dtype) -> jax.Array:
@@ -509,7 +518,7 @@ def nash_mtl(gram: Gram, state: Optional[bargaining.NashMTLState] = None, *,
     rms = normalized.rms_norm.astype(g.dtype)
     alpha, residual = bargaining._nash_alpha(  # pylint: disable=protected-access
         g, rms, state.alpha.astype(g.dtype), state.residual.astype(g.dtype),
-        state.count, update_every, max_iter, tol)
+        state.count, _static_one_to_none(update_every), max_iter, tol)
     # ||d||**2 = alpha^T A alpha, computed on the O(1) vector rms * alpha.
     scaled = alpha * rms
     norm = jnp.sqrt(jnp.maximum(scaled @ g @ scaled, 0.0))

@@ -92,6 +92,8 @@ def _nash_alpha(gram, rms, previous, residual, step, every, max_iter, tol):
   def reuse(_):
     return previous, residual
 
+  if every is None:  # a solve at every step: no cond to compile
+    return solve(None)
   return jax.lax.cond(step % every == 0, solve, reuse, None)
 
 
