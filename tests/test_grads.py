@@ -1,5 +1,6 @@
 """Per-task gradients against jax.jacrev and explicit loops."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,6 +75,35 @@ def test_from_batches_equals_python_loop():
     np.testing.assert_allclose(losses[i], loss(w, batch_i), rtol=1e-6)
     np.testing.assert_allclose(grads[i], jax.grad(loss)(w, batch_i),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size,unroll", [
+    ("auto", False), (None, False), (1, False), (1, True), (3, False),
+    (3, True), (5, False)])
+def test_from_batches_every_chunking_equals_the_vmap(chunk_size, unroll):
+  # Five tasks (3 does not divide it), aux, the batch before the parameters
+  # (a negative batch_argnum), a keyword argument: every chunking returns
+  # what one vmap of the five tasks returns.
+  num_tasks = 5
+  k = jax.random.split(jax.random.PRNGKey(4), 3)
+  params = {"w": jax.random.normal(k[0], (3, 2)), "b": jnp.ones(2)}
+  batches = {"x": jax.random.normal(k[1], (num_tasks, 6, 3)),
+             "y": jax.random.normal(k[2], (num_tasks, 6, 2))}
+
+  def loss(batch, p, scale=1.0):
+    err = jnp.tanh(batch["x"] @ p["w"] + p["b"]) - batch["y"]
+    return scale * jnp.mean(err ** 2), jnp.max(jnp.abs(err))
+
+  make = lambda **kw: jax.jit(mo.value_and_task_grads_from_batches(
+      loss, argnums=1, batch_argnum=-2, has_aux=True, **kw))
+  expected = make(chunk_size=None)(batches, params, scale=2.0)
+  got = make(chunk_size=chunk_size, unroll=unroll)(batches, params, scale=2.0)
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+  (losses, aux), grads = got
+  chex.assert_shape((losses, aux, grads["w"]), [(5,), (5,), (5, 3, 2)])
+  with pytest.raises(ValueError, match="unroll=True unrolls chunks"):
+    mo.value_and_task_grads_from_batches(loss, chunk_size=None, unroll=True)
 
 
 def test_value_and_weighted_grad_is_one_weighted_backward():

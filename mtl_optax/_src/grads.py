@@ -95,9 +95,17 @@ def resolve_chunking(chunk_size: int | str | None, unroll: bool,
   """
   if not isinstance(chunk_size, str):
     return chunk_size, unroll
-  if jax.default_backend() != "cpu" or basis.shape[0] == 1:
+  if jax.default_backend() != "cpu" or _num_rows(basis) == 1:
     return None, False
-  return 1, unroll or slow_in_cpu_loops(vjp_fn, basis[0])
+  return 1, unroll or slow_in_cpu_loops(vjp_fn, _row(basis, 0))
+
+
+def _num_rows(rows: Any) -> int:
+  return jnp.shape(jax.tree.leaves(rows)[0])[0]
+
+
+def _row(rows: Any, index: int) -> Any:
+  return jax.tree.map(lambda x: x[index], rows)
 
 
 def slow_in_cpu_loops(fn: Callable[..., Any], *example: Any) -> bool:
@@ -109,16 +117,17 @@ def slow_in_cpu_loops(fn: Callable[..., Any], *example: Any) -> bool:
               & _SLOW_IN_CPU_LOOPS)
 
 
-def _task_rows(vjp_fn: Callable[[jax.Array], Any], basis: jax.Array,
+def _task_rows(vjp_fn: Callable[[Any], Any], basis: Any,
                chunk_size: int | str | None, unroll: bool) -> Any:
-  """``vjp_fn`` applied to every row of ``basis``, stacked on axis 0.
+  """``vjp_fn`` applied to every row of ``basis`` (an array, or a tree whose
+  leaves share a leading axis), stacked on axis 0.
 
   One vmap over all rows, or rows ``chunk_size`` at a time: in a loop
   (``lax.map``) or unrolled into the program; ``"auto"`` picks one by
   backend (:func:`resolve_chunking`).
   """
   chunk_size, unroll = resolve_chunking(chunk_size, unroll, vjp_fn, basis)
-  num_rows = basis.shape[0]
+  num_rows = _num_rows(basis)
   if chunk_size is None or chunk_size >= num_rows:
     return jax.vmap(vjp_fn)(basis)
   if not unroll:
@@ -128,9 +137,11 @@ def _task_rows(vjp_fn: Callable[[jax.Array], Any], basis: jax.Array,
   chunks = []
   for start in range(0, num_rows, chunk_size):
     if chunk_size == 1:
-      chunks.append(jax.tree.map(lambda g: g[None], vjp_fn(basis[start])))
+      chunks.append(jax.tree.map(lambda g: g[None],
+                                 vjp_fn(_row(basis, start))))
     else:
-      chunks.append(jax.vmap(vjp_fn)(basis[start:start + chunk_size]))
+      chunks.append(jax.vmap(vjp_fn)(jax.tree.map(
+          lambda x: x[start:start + chunk_size], basis)))
   return jax.tree.map(lambda *rows: jnp.concatenate(rows), *chunks)
 
 
@@ -301,17 +312,25 @@ def value_and_task_grads(
 
 def value_and_task_grads_from_batches(
     task_loss: Callable[..., Any], argnums: int = 0, batch_argnum: int = 1,
-    has_aux: bool = False, num_tasks: int | None = None
+    has_aux: bool = False, num_tasks: int | None = None, *,
+    chunk_size: int | str | None = None, unroll: bool = False
 ) -> Callable[..., tuple[Any, Any]]:
   """Per-task gradients when every task has its own batch.
 
   For multi-task RL or multi-input data sets: ``task_loss(params, batch)``
   returns ONE scalar loss for one task's batch; the argument at
   ``batch_argnum`` carries a leading task axis (each leaf ``(K, ...)``) and
-  is ``jax.vmap``-ed over, with the parameters shared. Returns
-  ``(losses (K,), grads)`` like :func:`value_and_task_grads`. To use a
-  different function per task, dispatch on a task index stored in the batch
-  (``jax.lax.switch``).
+  is mapped over, with the parameters shared. Returns
+  ``(losses (K,), grads)`` like :func:`value_and_task_grads`. By default
+  one ``jax.vmap`` of the K tasks, on every backend: each task has its own
+  inputs, so the per-task weight gradients are batched matrix products, not
+  the transposed copy that makes the shared-batch vmap slow on a CPU (an
+  MLP of 0.8M parameters, 64 examples per task, 2-core CPU: the vmap takes
+  15.0 ms at K = 10 where one task at a time takes 19.6 ms). ``chunk_size``
+  bounds the memory instead: ``c`` tasks at a time, in a ``lax.map`` loop
+  or unrolled; ``"auto"`` applies :func:`value_and_task_grads`'s rule.
+  To use a different function per task, dispatch on a task index stored in
+  the batch (``jax.lax.switch``).
 
   Args:
     task_loss: scalar loss of one task's batch (``(loss, aux)`` with
@@ -324,6 +343,11 @@ def value_and_task_grads_from_batches(
     has_aux: whether ``task_loss`` returns ``(loss, aux)``; aux is stacked.
     num_tasks: optional K; the batches' leading axis is then checked
       against it (without it, only its agreement across leaves).
+    chunk_size: ``None`` (default: one vmap of all K tasks), the number of
+      tasks mapped together, or ``"auto"`` (by backend, as in
+      :func:`value_and_task_grads`); the results are the same up to float
+      rounding.
+    unroll: unroll the chunks into the program (needs a ``chunk_size``).
 
   Example:
     >>> import jax.numpy as jnp, mtl_optax as mo
@@ -336,14 +360,19 @@ def value_and_task_grads_from_batches(
   """
   if argnums == batch_argnum:
     raise ValueError("argnums and batch_argnum must differ.")
+  check_chunking(chunk_size, unroll)
   grad_fn = jax.value_and_grad(task_loss, argnums=argnums, has_aux=has_aux)
 
   def wrapped(*args, **kwargs):
     args = validation.task_batches(args, batch_argnum, num_tasks,
                                    "value_and_task_grads_from_batches")
-    in_axes = [None] * len(args)
-    in_axes[batch_argnum] = 0
-    return jax.vmap(lambda *a: grad_fn(*a, **kwargs), in_axes=in_axes)(*args)
+
+    at = batch_argnum % len(args)
+
+    def one_task(batch):
+      return grad_fn(*args[:at], batch, *args[at + 1:], **kwargs)
+
+    return _task_rows(one_task, args[batch_argnum], chunk_size, unroll)
 
   return wrapped
 
