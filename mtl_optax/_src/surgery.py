@@ -199,30 +199,28 @@ class GradDropState(NamedTuple):
   weights_are_coefficients = False
 
 
-def _per_leaf_uniforms(keys, leaves, batched, dtype):
-  """``U ~ Unif[0, 1)`` of each leaf's parameter shape from its own key.
+def _group_uniforms(keys, leaves, group, dtype):
+  """``U ~ Unif[0, 1)`` of each leaf of ``group`` (indices into ``leaves``),
+  drawn from the leaf's own key in its parameter shape, raveled and
+  concatenated in group order.
 
-  The leaves listed in ``batched`` are drawn by one vectorised call, each
-  key drawing as many values as the largest of them and keeping its first
-  ones: with JAX's partitionable Threefry (the default) the values of a
-  draw do not depend on its length, so these are the per-leaf draws, for
-  one random-bits kernel instead of one per leaf.
+  A group of several leaves is drawn by one vectorised call, each key
+  drawing as many values as the largest leaf and keeping its first ones:
+  with JAX's partitionable Threefry (the default) the values of a draw do
+  not depend on its length, so these are the per-leaf draws, for one
+  random-bits kernel instead of one per leaf.
   """
-  draw = lambda key, x: jax.random.uniform(key, jnp.shape(x)[1:], dtype)
-  uniforms = [None if i in batched else draw(keys[i], x)
-              for i, x in enumerate(leaves)]
-  if not batched:
-    return uniforms
-  if not jax.config.jax_threefry_partitionable:
-    for i in batched:
-      uniforms[i] = draw(keys[i], leaves[i])
-    return uniforms
-  sizes = [math.prod(jnp.shape(leaves[i])[1:]) for i in batched]
+  draw = lambda i: jnp.ravel(jax.random.uniform(
+      keys[i], jnp.shape(leaves[i])[1:], dtype))
+  if len(group) == 1 or not jax.config.jax_threefry_partitionable:
+    return jnp.concatenate([draw(i) for i in group])
+  sizes = [math.prod(jnp.shape(leaves[i])[1:]) for i in group]
   rows = jax.vmap(lambda key: jax.random.uniform(key, (max(sizes),), dtype))(
-      keys[np.asarray(batched)])
-  for row, i, size in zip(rows, batched, sizes):
-    uniforms[i] = jnp.reshape(row[:size], jnp.shape(leaves[i])[1:])
-  return uniforms
+      keys[np.asarray(group)])
+  # Each row's first values, by one gather (row slices are a kernel each).
+  keep = np.concatenate([r * max(sizes) + np.arange(size)
+                         for r, size in enumerate(sizes)])
+  return jnp.ravel(rows)[keep]
 
 
 def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
@@ -323,26 +321,25 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
     keys = jax.random.split(subkey, len(leaves))
     acc = tree_math.accumulation_dtype(updates)
     leaks = jnp.broadcast_to(jnp.asarray(leak, acc), (num_tasks,))
-    # Per-task peaks keep the squared norms of the weights summary finite for
-    # gradients up to the dtype's range.
-    peaks = jnp.max(jnp.stack([
-        tree_math.per_task_max_abs(x).astype(acc)
-        for x in leaves]), axis=0)
-    peaks = jnp.where(peaks > 0, peaks, 1.0)
     # The small leaves are drawn and dropped as one block: one set of
     # kernels for all of them, not one per leaf.
     small = tree_math.small_leaf_indices(leaves)
-    uniforms = _per_leaf_uniforms(keys, leaves, small, acc)
     groups = ([small] if small else []) + [
         [i] for i in range(len(leaves)) if i not in small]
+    blocks = [tree_math.join_task_rows([leaves[i] for i in group], acc)
+              for group in groups]
+    # Per-task peaks keep the squared norms of the weights summary finite for
+    # gradients up to the dtype's range.
+    peaks = jnp.max(jnp.stack([tree_math.per_task_max_abs(b)
+                               for b in blocks]), axis=0)
+    peaks = jnp.where(peaks > 0, peaks, 1.0)
     kept = total = jnp.zeros((num_tasks,), acc)
     outputs = [None] * len(leaves)
-    for group in groups:
-      picked = [leaves[i] for i in group]
-      uniform = jnp.concatenate([jnp.ravel(uniforms[i]) for i in group])
+    for group, block in zip(groups, blocks):
       update, kept_here, total_here = drop(
-          tree_math.join_task_rows(picked, acc), uniform, peaks, leaks)
+          block, _group_uniforms(keys, leaves, group, acc), peaks, leaks)
       kept, total = kept + kept_here, total + total_here
+      picked = [leaves[i] for i in group]
       for i, part in zip(group, tree_math.split_task_row(update, picked)):
         outputs[i] = part
     weights = jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0),
