@@ -432,19 +432,20 @@ def weighted_sum_in_range(coeffs: jax.Array, stacked: Any,
   peak = jnp.max(jnp.abs(coeffs))
   safe = jnp.where(peak > 0, peak, 1.0)
   acc = jnp.result_type(tree_math.accumulation_dtype(stacked), coeffs.dtype)
-  unit = tree_math.weighted_task_sum(
+  sums = tree_math.TaskSums(
       coeffs.astype(acc) / safe, jax.tree.map(lambda g: g.astype(acc), stacked))
   factor = safe.astype(acc)
-  # The leaves of one output dtype share their room: one reduction for all
-  # of their small leaves.
-  by_dtype = {}
-  for y, g in zip(jax.tree.leaves(unit), jax.tree.leaves(like)):
-    by_dtype.setdefault(jnp.dtype(g.dtype), []).append(y)
-  for out_dtype, ys in by_dtype.items():
-    room = jnp.asarray(jnp.finfo(out_dtype).max / 2, acc)
-    top = tree_math.tree_max_abs(ys, acc)
-    factor = jnp.minimum(factor, jnp.where(top > 0, room / top, factor))
-  out = jax.tree.map(lambda y, g: (y * factor).astype(g.dtype), unit, like)
+  # The cap is applied to the sums before they are split per leaf (one
+  # kernel for all small leaves); a part's room is that of the narrowest
+  # dtype among its leaves.
+  like_leaves = jax.tree.leaves(like)
+  for indices, part in zip(sums.part_leaves, sums.parts):
+    if np.size(part):
+      room = jnp.asarray(min(jnp.finfo(like_leaves[i].dtype).max
+                             for i in indices) / 2, acc)
+      top = jnp.max(jnp.abs(part))
+      factor = jnp.minimum(factor, jnp.where(top > 0, room / top, factor))
+  out = sums.assemble([part * factor for part in sums.parts], like)
   return out, (factor / safe).astype(coeffs.dtype)
 
 
@@ -508,12 +509,15 @@ def loss_weighting_transformation(
     prepared = state if prepare is None else prepare(state, losses, context)
     coeffs = coefficients(prepared, losses)
     new_state = advance(prepared, losses, coeffs, context)
-    out = updates
-    if stacked:
-      out, capped = weighted_sum_in_range(coeffs, updates)
-      new_state = new_state._replace(weights=coeffs * capped)
     losses_ok = jnp.all(jnp.isfinite(losses))
-    out = nan_unless(losses_ok, out)
+    if stacked:
+      # Non-finite losses make the coefficients NaN and with them the whole
+      # sum: one select on K values, where one per leaf costs a kernel each.
+      out, capped = weighted_sum_in_range(
+          jnp.where(losses_ok, coeffs, jnp.nan), updates)
+      new_state = new_state._replace(weights=coeffs * capped)
+    else:
+      out = nan_unless(losses_ok, updates)
     finite = losses_ok & jnp.all(jnp.isfinite(coeffs)) & all_finite(out)
     return out, new_state, finite
 

@@ -513,23 +513,54 @@ def weighted_task_sum(weights: jax.Array, stacked: Any) -> Any:
     >>> print(weighted_task_sum(jnp.array([0.5, 2.0]), grads)['w'])
     [2.5 2. ]
   """
-  def combine(leaf):
-    acc = jnp.result_type(jnp.float32, leaf.dtype, weights.dtype)
-    out = jnp.tensordot(weights.astype(acc), leaf.astype(acc), axes=1,
-                        precision=_HIGHEST)
-    return out.astype(leaf.dtype)
+  sums = TaskSums(weights, stacked)
+  return sums.assemble(sums.parts)
 
-  leaves, treedef = jax.tree.flatten(stacked)
-  leaves = [jnp.asarray(x) for x in leaves]
-  small = small_leaf_indices(leaves)
-  out = [None if i in small else combine(x) for i, x in enumerate(leaves)]
-  if small:
-    # One product over the concatenated small leaves, split back per leaf.
-    picked = [leaves[i] for i in small]
-    block = combine(join_task_rows(picked, accumulation_dtype(picked)))
-    for i, part in zip(small, split_task_row(block, picked)):
-      out[i] = part
-  return jax.tree.unflatten(treedef, out)
+
+class TaskSums:
+  """:func:`weighted_task_sum` in two stages, for callers that transform the
+  sums before they are split per leaf.
+
+  ``parts`` are the combined arrays (on one device all small leaves as one
+  row, then the other leaves), ``part_leaves[p]`` the indices of the leaves
+  that part ``p`` holds, and ``assemble(parts, like=None)`` splits them back
+  into the tree, in the dtypes of ``like`` (default the gradients'). An
+  elementwise change of a part then costs one kernel, fused with the split,
+  where one per small leaf costs a kernel each.
+  """
+
+  def __init__(self, weights: jax.Array, stacked: Any):
+    def combine(x):
+      acc = jnp.result_type(jnp.float32, x.dtype, weights.dtype)
+      out = jnp.tensordot(weights.astype(acc), x.astype(acc), axes=1,
+                          precision=_HIGHEST)
+      return out.astype(x.dtype)
+
+    leaves, self._treedef = jax.tree.flatten(stacked)
+    self._leaves = [jnp.asarray(x) for x in leaves]
+    self._small = small = small_leaf_indices(self._leaves)
+    self.part_leaves = [[i] for i in range(len(self._leaves))
+                        if i not in small] + ([small] if small else [])
+    self.parts = []
+    for indices in self.part_leaves:
+      picked = [self._leaves[i] for i in indices]
+      # One product over the concatenated small leaves, split back later.
+      self.parts.append(
+          combine(picked[0]) if indices is not small else
+          combine(join_task_rows(picked, accumulation_dtype(picked))))
+
+  def assemble(self, parts: list, like: Any = None) -> Any:
+    dtypes = [x.dtype for x in (self._leaves if like is None
+                                else jax.tree.leaves(like))]
+    out = [None] * len(self._leaves)
+    for indices, part in zip(self.part_leaves, parts):
+      if indices is not self._small:
+        out[indices[0]] = part.astype(dtypes[indices[0]])
+        continue
+      shapes = [self._leaves[i] for i in indices]
+      for i, piece in zip(indices, split_task_row(part, shapes)):
+        out[i] = piece.astype(dtypes[i])
+    return jax.tree.unflatten(self._treedef, out)
 
 
 def task_mean(stacked: Any) -> Any:
