@@ -223,6 +223,34 @@ def _group_uniforms(keys, leaves, group, dtype):
   return jnp.ravel(rows)[keep]
 
 
+def _drop_block(stacked, uniform, peaks, leaks):
+  """GradDrop on one ``(K, n)`` block: the mean-scale update ``(n,)`` and
+  each task's kept and total squared norms (relative to ``peaks``)."""
+  num_tasks = stacked.shape[0]
+  # Reductions over the task axis are unrolled over the K rows: XLA:CPU
+  # reduces a leading axis of a (K, P) array an order of magnitude below
+  # memory bandwidth, while K elementwise rows fuse into one pass.
+  rows = [stacked[i] for i in range(num_tasks)]
+  peak = functools.reduce(jnp.maximum, [jnp.abs(r) for r in rows])
+  peak = jnp.where(peak > 0, peak, 1.0)
+  signed = functools.reduce(jnp.add, rows) / peak
+  magnitude = functools.reduce(jnp.add, [jnp.abs(r) for r in rows]) / peak
+  purity = 0.5 * (1.0 + signed / jnp.maximum(magnitude, 1.0))
+  keep_positive, keep_negative = purity > uniform, purity < uniform
+  factors = jnp.stack([
+      leaks[i] + (1.0 - leaks[i]) * ((keep_positive & (row > 0))
+                                     | (keep_negative & (row < 0)))
+      for i, row in enumerate(rows)])
+  # NaN/inf must reach the update, for optax.apply_if_finite: under jit
+  # XLA rewrites ``mask * row`` as a select, which drops them.
+  combined = jnp.where(jnp.isfinite(stacked), factors * stacked, jnp.nan)
+  update = functools.reduce(
+      jnp.add, [combined[i] for i in range(num_tasks)]) / num_tasks
+  scaled = jnp.square(stacked / peaks[:, None])
+  return (update, tree_math.per_task_sum(factors * scaled),
+          tree_math.per_task_sum(scaled))
+
+
 def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
              ) -> optax.GradientTransformationExtraArgs:
   """GradDrop: keep one sign per coordinate, chosen by sign purity.
@@ -288,32 +316,6 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
         base.uniform_weights(num_tasks, base.state_dtype(params)),
         jax.random.PRNGKey(seed))
 
-  def drop(stacked, uniform, peaks, leaks):
-    """GradDrop on one ``(K, n)`` block: the mean-scale update ``(n,)`` and
-    each task's kept and total squared norms (relative to ``peaks``)."""
-    # Reductions over the task axis are unrolled over the K rows: XLA:CPU
-    # reduces a leading axis of a (K, P) array an order of magnitude below
-    # memory bandwidth, while K elementwise rows fuse into one pass.
-    rows = [stacked[i] for i in range(num_tasks)]
-    peak = functools.reduce(jnp.maximum, [jnp.abs(r) for r in rows])
-    peak = jnp.where(peak > 0, peak, 1.0)
-    signed = functools.reduce(jnp.add, rows) / peak
-    magnitude = functools.reduce(jnp.add, [jnp.abs(r) for r in rows]) / peak
-    purity = 0.5 * (1.0 + signed / jnp.maximum(magnitude, 1.0))
-    keep_positive, keep_negative = purity > uniform, purity < uniform
-    factors = jnp.stack([
-        leaks[i] + (1.0 - leaks[i]) * ((keep_positive & (row > 0))
-                                       | (keep_negative & (row < 0)))
-        for i, row in enumerate(rows)])
-    # NaN/inf must reach the update, for optax.apply_if_finite: under jit
-    # XLA rewrites ``mask * row`` as a select, which drops them.
-    combined = jnp.where(jnp.isfinite(stacked), factors * stacked, jnp.nan)
-    update = functools.reduce(
-        jnp.add, [combined[i] for i in range(num_tasks)]) / num_tasks
-    scaled = jnp.square(stacked / peaks[:, None])
-    return (update, tree_math.per_task_sum(factors * scaled),
-            tree_math.per_task_sum(scaled))
-
   def step(updates, state, params, extra_args):
     del params, extra_args
     key, subkey = jax.random.split(state.key)
@@ -336,7 +338,7 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
     kept = total = jnp.zeros((num_tasks,), acc)
     outputs = [None] * len(leaves)
     for group, block in zip(groups, blocks):
-      update, kept_here, total_here = drop(
+      update, kept_here, total_here = _drop_block(
           block, _group_uniforms(keys, leaves, group, acc), peaks, leaks)
       kept, total = kept + kept_here, total + total_here
       picked = [leaves[i] for i in group]
