@@ -201,8 +201,8 @@ class GradDropState(NamedTuple):
 
 def _group_uniforms(keys, leaves, group, dtype):
   """``U ~ Unif[0, 1)`` of each leaf of ``group`` (indices into ``leaves``),
-  drawn from the leaf's own key in its parameter shape, raveled and
-  concatenated in group order.
+  drawn from the leaf's own key in its parameter shape: that array for one
+  leaf, raveled and concatenated in group order for several.
 
   A group of several leaves is drawn by one vectorised call, each key
   drawing as many values as the largest leaf and keeping its first ones:
@@ -210,10 +210,12 @@ def _group_uniforms(keys, leaves, group, dtype):
   not depend on its length, so these are the per-leaf draws, for one
   random-bits kernel instead of one per leaf.
   """
-  draw = lambda i: jnp.ravel(jax.random.uniform(
-      keys[i], jnp.shape(leaves[i])[1:], dtype))
-  if len(group) == 1 or not jax.config.jax_threefry_partitionable:
-    return jnp.concatenate([draw(i) for i in group])
+  draw = lambda i: jax.random.uniform(keys[i], jnp.shape(leaves[i])[1:],
+                                      dtype)
+  if len(group) == 1:
+    return draw(group[0])
+  if not jax.config.jax_threefry_partitionable:
+    return jnp.concatenate([jnp.ravel(draw(i)) for i in group])
   sizes = [math.prod(jnp.shape(leaves[i])[1:]) for i in group]
   rows = jax.vmap(lambda key: jax.random.uniform(key, (max(sizes),), dtype))(
       keys[np.asarray(group)])
@@ -224,8 +226,9 @@ def _group_uniforms(keys, leaves, group, dtype):
 
 
 def _drop_block(stacked, uniform, peaks, leaks):
-  """GradDrop on one ``(K, n)`` block: the mean-scale update ``(n,)`` and
-  each task's kept and total squared norms (relative to ``peaks``)."""
+  """GradDrop on one ``(K, *s)`` block (a leaf, or the small leaves joined):
+  the mean-scale update ``s`` and each task's kept and total squared norms
+  (relative to ``peaks``). No reshape: a sharded leaf stays as it is."""
   num_tasks = stacked.shape[0]
   # Reductions over the task axis are unrolled over the K rows: XLA:CPU
   # reduces a leading axis of a (K, P) array an order of magnitude below
@@ -246,7 +249,8 @@ def _drop_block(stacked, uniform, peaks, leaks):
   combined = jnp.where(jnp.isfinite(stacked), factors * stacked, jnp.nan)
   update = functools.reduce(
       jnp.add, [combined[i] for i in range(num_tasks)]) / num_tasks
-  scaled = jnp.square(stacked / peaks[:, None])
+  scaled = jnp.square(stacked / jnp.reshape(
+      peaks, (num_tasks,) + (1,) * (stacked.ndim - 1)))
   return (update, tree_math.per_task_sum(factors * scaled),
           tree_math.per_task_sum(scaled))
 
@@ -329,6 +333,7 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
     groups = ([small] if small else []) + [
         [i] for i in range(len(leaves)) if i not in small]
     blocks = [tree_math.join_task_rows([leaves[i] for i in group], acc)
+              if group is small else jnp.asarray(leaves[group[0]]).astype(acc)
               for group in groups]
     # Per-task peaks keep the squared norms of the weights summary finite for
     # gradients up to the dtype's range.
@@ -341,6 +346,9 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
       update, kept_here, total_here = _drop_block(
           block, _group_uniforms(keys, leaves, group, acc), peaks, leaks)
       kept, total = kept + kept_here, total + total_here
+      if group is not small:
+        outputs[group[0]] = update.astype(leaves[group[0]].dtype)
+        continue
       picked = [leaves[i] for i in group]
       for i, part in zip(group, tree_math.split_task_row(update, picked)):
         outputs[i] = part
