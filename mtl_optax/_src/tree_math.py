@@ -213,8 +213,8 @@ def _task_blocks(leaves: list) -> list[jax.Array]:
 
 # Leaves of at most this many entries in all join one flat operand of a
 # whole-tree reduction (finiteness, largest magnitude): each separate
-# reduction is a kernel of its own, and XLA fuses the concatenation into the
-# reduction, so nothing is copied.
+# reduction is a kernel of its own. The concatenation copies at most these
+# small leaves, which the reduction reads anyway.
 _SMALL_TREE_LEAF_ELEMENTS = 2 ** 16
 
 
