@@ -239,6 +239,27 @@ def test_graddrop_on_a_tree_draws_per_leaf():
   assert treedef == jax.tree.structure(update)
 
 
+def test_graddrop_draws_per_leaf_without_partitionable_threefry():
+  # Without the partitionable Threefry a draw's values depend on its length:
+  # the small leaves are then drawn one by one, still the per-leaf stream.
+  rng = np.random.default_rng(8)
+  tree = {"a": rng.normal(size=(3, 4, 2)), "b": rng.normal(size=(3, 5))}
+  previous = jax.config.jax_threefry_partitionable
+  jax.config.update("jax_threefry_partitionable", False)
+  try:
+    tx = mo.graddrop(3, seed=4)
+    update, _ = jax.jit(tx.update)(
+        jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree),
+        tx.init(jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), tree)))
+    leaves = jax.tree.leaves(tree)
+    _, uniforms = _uniforms(jax.random.PRNGKey(4), leaves)
+  finally:
+    jax.config.update("jax_threefry_partitionable", previous)
+  for leaf, uniform, got in zip(leaves, uniforms, jax.tree.leaves(update)):
+    np.testing.assert_allclose(got, _graddrop_oracle(leaf, uniform, 0.0)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_graddrop_torchjd_value_and_both_sign_branches():
   """TorchJD: GradDrop(J_BASE) = [6, 2, 2], its draw keeping the positive sign
   at the first coordinate (P = 0.6 there, 1 elsewhere). Ours is the mean:
