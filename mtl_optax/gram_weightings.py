@@ -65,6 +65,7 @@ from mtl_optax._src import closed_form
 from mtl_optax._src import deprecation
 from mtl_optax._src import dual_cone
 from mtl_optax._src import priority
+from mtl_optax._src import prng
 from mtl_optax._src import robust
 from mtl_optax._src import solvers
 from mtl_optax._src import surgery
@@ -256,7 +257,7 @@ def cagrad(gram: Gram, state: Optional[_cagrad.CAGradState] = None, *,
           max_iter, tol)
       return coefficients, _cagrad.CAGradState(
           coefficients, sol.weights, sol.residual, state.key)
-    key, subkey = jax.random.split(state.key)
+    key, subkey = prng.split(state.key)
     mixing = _cagrad.sampled_task_matrix(subkey, num_tasks,
                                          num_sampled_tasks).astype(g.dtype)
     anchor = jnp.concatenate([
@@ -588,7 +589,7 @@ def pcgrad(gram: Gram, state: Optional[aggregators.PCGradState] = None, *,
     [1.   0.75]
   """
   def rule(normalized, state):
-    key, subkey = jax.random.split(state.key)
+    key, subkey = prng.split(state.key)
     coeffs = aggregators.pcgrad_coefficients(normalized.gram, subkey)
     return coeffs, aggregators.PCGradState(coeffs, key)
 
@@ -618,7 +619,7 @@ def gradvac(gram: Gram, state: Optional[surgery.GradVacState] = None, *,
     [0.2924 1.9006 1.9006] -0.4206
   """
   def rule(normalized, state):
-    key, subkey = jax.random.split(state.key)
+    key, subkey = prng.split(state.key)
     coeffs, targets = surgery.gradvac_coefficients(
         normalized.gram, state.targets, decay, subkey)
     return coeffs, surgery.GradVacState(coeffs, targets, key)

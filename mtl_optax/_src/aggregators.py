@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from mtl_optax._src import base
+from mtl_optax._src import prng
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 
@@ -209,8 +210,7 @@ def pcgrad_coefficients(gram: jax.Array, key: jax.Array) -> jax.Array:
   sq_norms = jnp.diagonal(gram)
   inv_norm = jnp.where(sq_norms > 0, jax.lax.rsqrt(
       jnp.where(sq_norms > 0, sq_norms, 1.0)), 0.0)
-  orders = jax.vmap(lambda k: jax.random.permutation(k, num_tasks - 1))(
-      jax.random.split(key, num_tasks))
+  orders = prng.permutations(prng.split(key, num_tasks), num_tasks - 1)
   partners = orders + (orders >= rows[:, None])  # skip each task itself
 
   def project(coeffs, partner):

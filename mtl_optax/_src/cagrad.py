@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from mtl_optax._src import base
+from mtl_optax._src import prng
 from mtl_optax._src import solvers
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
@@ -94,7 +95,7 @@ def sampled_task_matrix(key: jax.Array, num_tasks: int,
   the mean of the ``K - k`` unsampled tasks,
   ``g_hat = (K g0 - sum_{i in S} g_i) / (K - |S|)`` (Liu et al., 2021, §3.3).
   """
-  order = jax.random.permutation(key, num_tasks)
+  order = prng.permutations(key, num_tasks)
   picked = jax.nn.one_hot(order[:num_sampled], num_tasks)
   rest = jnp.ones((num_tasks,)) - picked.sum(0)
   return jnp.concatenate([picked, rest[None] / (num_tasks - num_sampled)])

@@ -55,6 +55,7 @@ import optax
 
 from mtl_optax._src import base
 from mtl_optax._src import deprecation
+from mtl_optax._src import prng
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 
@@ -1092,13 +1093,13 @@ def random_weighting(num_tasks: int, seed: int = 0
                                 jax.random.PRNGKey(seed))
 
   def coefficients(state, losses):
-    _, subkey = jax.random.split(state.key)
+    _, subkey = prng.split(state.key)
     draw = jax.random.normal(subkey, (num_tasks,), jnp.float32)
     return jax.nn.softmax(draw).astype(losses.dtype)
 
   def advance(state, losses, coeffs, step):
     del losses, step
-    key, _ = jax.random.split(state.key)
+    key, _ = prng.split(state.key)
     return RandomWeightingState(coeffs, key)
 
   return base.loss_weighting_transformation(num_tasks, method, init_state,

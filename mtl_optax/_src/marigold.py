@@ -204,6 +204,7 @@ import optax
 from mtl_optax._src import base
 from mtl_optax._src import cagrad as _cagrad
 from mtl_optax._src import deprecation
+from mtl_optax._src import prng
 from mtl_optax._src import solvers
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
@@ -805,7 +806,7 @@ def _advance_by_products(products, cfg, state, ctx):
   dtype = state.simplex_weights.dtype
   acc = jnp.promote_types(dtype, jnp.float32)
   request_fn, gradient_fn = _PRODUCT_CRITERIA[cfg.criterion]
-  key, probe_key = jax.random.split(state.key)
+  key, probe_key = prng.split(state.key)
   request = request_fn(cfg, state, ctx, acc)
   derivs, probe, sub = products(cfg, state, ctx, request, probe_key, acc)
   scale, shape, top = _spread(state, probe, acc)
@@ -880,7 +881,7 @@ def _advance_two_point(cfg, state, ctx):
   dtype = state.simplex_weights.dtype
   acc = jnp.promote_types(dtype, jnp.float32)
   mu = jnp.asarray(cfg.radius, acc)
-  key, sub = jax.random.split(state.key)
+  key, sub = prng.split(state.key)
   q = cfg.num_directions
   dirs = _random_tangent(sub, cfg.num_tasks, q, acc)    # (q, K)
   phi0, plus, minus, units, lam = _VALUE_CRITERIA[cfg.criterion](
@@ -919,7 +920,7 @@ def _advance_residual_feedback(cfg, state, ctx):
   scale = jnp.where(first, state.scale.astype(acc), _ema_norm(
       state.scale.astype(acc), jnp.abs(delta), _CURVATURE_DECAY))
   grad = delta * sub.direction.astype(acc)
-  key, subkey = jax.random.split(state.key)
+  key, subkey = prng.split(state.key)
   direction = _random_tangent(subkey, cfg.num_tasks, 1, acc)[0]
   state = state._replace(estimator_state=ResidualFeedbackState(
       direction.astype(dtype), now.astype(dtype)))
@@ -949,7 +950,7 @@ def _jvp_init(num_tasks, dtype, key):
 
 
 def _residual_feedback_init(num_tasks, dtype, key):
-  key, sub = jax.random.split(key)
+  key, sub = prng.split(key)
   direction = _random_tangent(sub, num_tasks, 1, dtype)[0]
   return ResidualFeedbackState(direction, jnp.zeros((), dtype)), key
 

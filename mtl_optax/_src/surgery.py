@@ -21,6 +21,7 @@ import optax
 
 from mtl_optax._src import base
 from mtl_optax._src import deprecation
+from mtl_optax._src import prng
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 
@@ -71,8 +72,7 @@ def gradvac_coefficients(gram: jax.Array, targets: jax.Array,
   eps = jnp.finfo(dtype).eps
   rows = jnp.arange(num_tasks)
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
-  orders = jax.vmap(lambda k: jax.random.permutation(k, num_tasks - 1))(
-      jax.random.split(key, num_tasks))
+  orders = prng.permutations(prng.split(key, num_tasks), num_tasks - 1)
   partners = orders + (orders >= rows[:, None])  # skip each task itself
 
   def visit(carry, partner):
@@ -322,9 +322,9 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
 
   def step(updates, state, params, extra_args):
     del params, extra_args
-    key, subkey = jax.random.split(state.key)
+    key, subkey = prng.split(state.key)
     leaves, treedef = jax.tree.flatten(updates)
-    keys = jax.random.split(subkey, len(leaves))
+    keys = prng.split(subkey, len(leaves))
     acc = tree_math.accumulation_dtype(updates)
     leaks = jnp.broadcast_to(jnp.asarray(leak, acc), (num_tasks,))
     # The small leaves are drawn and dropped as one block: one set of

@@ -1,0 +1,143 @@
+"""The methods' small random draws as straight-line code: key splits and
+permutations of the task axis.
+
+PCGrad, GradVac and CAGrad-Fast draw a few keys and permutations of K items
+per step, GradDrop a key per leaf. JAX lowers each Threefry-2x32 call on a
+CPU as a rolled loop of its rounds, about a dozen kernels to compile per
+``jax.random.split``; on a K-sized draw that is most of the method's compile
+time. The functions here give the same bits as ``jax.random``: the
+Threefry-2x32 hash (Salmon, Moraes, Dror & Shaw, "Parallel random numbers:
+as easy as 1, 2, 3", SC 2011) of the counters of JAX's partitionable scheme
+(the default), written out round by round in ``uint32`` arithmetic, which
+XLA fuses into one kernel. Where JAX draws differently (the legacy
+non-partitionable scheme, another PRNG implementation, typed keys) they
+call ``jax.random`` itself. Either way a seed gives the same stream as
+``jax.random``, which the tests check bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Threefry-2x32's rotation constants (eight rounds, repeated) and key-schedule
+# parity constant, as specified by Salmon et al. (2011), Table 4 and Sec. 3.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_PARITY = 0x1BD11BDA
+# Permutations of up to this many items rank by pairwise comparisons (an
+# n x n elementwise kernel); longer ones sort.
+_RANKED_PERMUTATION_MAX = 128
+
+
+def _is_own_scheme(key: jax.Array) -> bool:
+  """Whether ``key`` is a raw Threefry key drawn by the partitionable
+  scheme, the one this module reproduces."""
+  key = jnp.asarray(key)
+  return (bool(jax.config.jax_threefry_partitionable)
+          and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+          and key.dtype == jnp.uint32 and key.ndim >= 1
+          and key.shape[-1] == 2
+          and jax.config.jax_default_prng_impl == "threefry2x32")
+
+
+def _rotate_left(value: jax.Array, bits: int) -> jax.Array:
+  return jax.lax.shift_left(value, np.uint32(bits)) | (
+      jax.lax.shift_right_logical(value, np.uint32(32 - bits)))
+
+
+def threefry2x32(key: jax.Array, high: jax.Array, low: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Threefry-2x32 with 20 rounds of the counters ``(high, low)`` under
+  each key of ``key`` (``(..., 2)`` uint32): ``(..., *counters.shape)``."""
+  k0 = key[..., 0].reshape(key.shape[:-1] + (1,) * high.ndim)
+  k1 = key[..., 1].reshape(k0.shape)
+  schedule = (k0, k1, k0 ^ k1 ^ np.uint32(_PARITY))
+  x0, x1 = high + k0, low + k1
+  for group in range(5):
+    for bits in _ROTATIONS[group % 2]:
+      x0 = x0 + x1
+      x1 = _rotate_left(x1, bits) ^ x0
+    # Key injection after every four rounds.
+    x0 = x0 + schedule[(group + 1) % 3]
+    x1 = x1 + schedule[(group + 2) % 3] + np.uint32(group + 1)
+  return x0, x1
+
+
+def _hashed_counters(key: jax.Array, shape: tuple[int, ...]):
+  """The hash of the counters ``0 .. prod(shape) - 1`` laid out in
+  ``shape`` (as 64-bit numbers: high and low words), one set per key."""
+  size = math.prod(shape)
+  if size >= 2 ** 32:
+    raise NotImplementedError("draws of 2**32 or more values per key")
+  low = jnp.arange(size, dtype=jnp.uint32).reshape(shape)
+  # The barrier makes the hash one kernel whose result its consumers read:
+  # XLA would otherwise recompute the whole chain of rounds inside each
+  # consumer's kernel, and a split of a split nests the copies.
+  return jax.lax.optimization_barrier(
+      threefry2x32(key, jnp.zeros_like(low), low))
+
+
+def split(key: jax.Array, num: int = 2) -> jax.Array:
+  """``jax.random.split(key, num)``: ``(num, 2)`` new keys (for a key of
+  shape ``(..., 2)``, ``(..., num, 2)``, one split per key)."""
+  key = jnp.asarray(key)
+  if not _is_own_scheme(key):
+    split_one = lambda k: jax.random.split(k, num)
+    for _ in range(key.ndim - 1):
+      split_one = jax.vmap(split_one)
+    return split_one(key)
+  return jnp.stack(_hashed_counters(key, (num,)), axis=-1)
+
+
+def _random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """32 random bits per entry of ``shape``, per key: the partitionable
+  scheme's ``jax.random.bits(key, shape)``."""
+  high, low = _hashed_counters(key, shape)
+  return high ^ low
+
+
+def _stable_order(sort_keys: jax.Array) -> jax.Array:
+  """The stable ascending order of ``(..., n)`` uint32 keys: ``order[j]``
+  is the position of the entry of rank ``j`` (ties by position)."""
+  num = sort_keys.shape[-1]
+  if num > _RANKED_PERMUTATION_MAX:
+    positions = jnp.broadcast_to(jnp.arange(num), sort_keys.shape)
+    return jax.lax.sort_key_val(sort_keys, positions, is_stable=True)[1]
+  mine, other = sort_keys[..., :, None], sort_keys[..., None, :]
+  earlier = np.arange(num)[None, :] < np.arange(num)[:, None]
+  rank = jnp.sum((other < mine) | ((other == mine) & earlier), axis=-1)
+  picks = rank[..., None, :] == np.arange(num)[:, None]
+  return jnp.sum(jnp.where(picks, np.arange(num), 0), axis=-1)
+
+
+def permutations(keys: jax.Array, num: int) -> jax.Array:
+  """``jax.random.permutation(key, num)`` for each key of ``keys``
+  (``(..., 2)``): ``(..., num)`` orders of ``0 .. num - 1``, in JAX's
+  default integer type.
+
+  JAX's algorithm: a few rounds (one below about 1600 items) of sorting by
+  fresh random 32-bit keys, stably; the rounds' count and keys are the same
+  here, and the sort is a ranking by comparisons for short permutations.
+  """
+  keys = jnp.asarray(keys)
+  if not _is_own_scheme(keys):
+    draw = lambda k: jax.random.permutation(k, num)
+    for _ in range(keys.ndim - 1):
+      draw = jax.vmap(draw)
+    return draw(keys)
+  # JAX's round count: enough that all n sort keys are distinct in at least
+  # one round with high probability.
+  rounds = int(np.ceil(3 * np.log(max(1, num))
+                       / np.log(np.iinfo(np.uint32).max)))
+  order = jnp.broadcast_to(jnp.arange(num), keys.shape[:-1] + (num,))
+  for round_ in range(rounds):
+    pair = split(keys)
+    keys, sub = pair[..., 0, :], pair[..., 1, :]
+    picked = _stable_order(_random_bits(sub, (num,))).astype(order.dtype)
+    # The first round permutes 0 .. n - 1: its order is the permutation.
+    order = picked if round_ == 0 else jnp.take_along_axis(order, picked,
+                                                           axis=-1)
+  return order
