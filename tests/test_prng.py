@@ -33,6 +33,36 @@ def test_permutations_are_jax_random_permutation_bit_for_bit(num):
       jax.vmap(lambda k: jax.random.permutation(k, num))(keys))
 
 
+@pytest.mark.parametrize("shape", [(), (5,), (3, 4), (1000,)])
+def test_bits_uniform_and_normal_are_jax_random_bit_for_bit(shape):
+  key = jax.random.PRNGKey(9)
+  pairs = [(prng.bits(key, shape), jax.random.bits(key, shape, jnp.uint32))]
+  for ours, theirs in ((prng.uniform, jax.random.uniform),
+                       (prng.normal, jax.random.normal)):
+    pairs.append((ours(key, shape), theirs(key, shape)))
+    pairs.append((jax.jit(ours, static_argnums=1)(key, shape),
+                  jax.jit(theirs, static_argnums=1)(key, shape)))
+  pairs.append((prng.uniform(key, shape, jnp.float32, -2.0, 3.0),
+                jax.random.uniform(key, shape, jnp.float32, -2.0, 3.0)))
+  keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(4))
+  pairs.append((jax.jit(prng.normal, static_argnums=1)(keys, shape),
+                jax.vmap(lambda k: jax.random.normal(k, shape))(keys)))
+  for ours, theirs in pairs:
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_draws_in_other_dtypes_fall_back_to_jax_random():
+  key = jax.random.PRNGKey(1)
+  with jax.enable_x64(True):
+    for ours, theirs in ((prng.uniform, jax.random.uniform),
+                         (prng.normal, jax.random.normal)):
+      for dtype in (jnp.float64, jnp.float16):
+        a, b = ours(key, (6,), dtype), theirs(key, (6,), dtype)
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
 def test_ties_among_the_sort_keys_keep_their_order():
   # Equal random words are ranked by position, as the stable sort does.
   words = jnp.array([[5, 3, 5, 3, 9]], jnp.uint32)

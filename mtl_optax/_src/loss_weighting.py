@@ -1094,7 +1094,7 @@ def random_weighting(num_tasks: int, seed: int = 0
 
   def coefficients(state, losses):
     _, subkey = prng.split(state.key)
-    draw = jax.random.normal(subkey, (num_tasks,), jnp.float32)
+    draw = prng.normal(subkey, (num_tasks,), jnp.float32)
     return jax.nn.softmax(draw).astype(losses.dtype)
 
   def advance(state, losses, coeffs, step):

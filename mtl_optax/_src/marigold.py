@@ -519,7 +519,7 @@ def _rademacher_tree(key, params, dtype):
   leaves, treedef = jax.tree.flatten(params)
   sizes = [int(np.prod(np.shape(x), dtype=np.int64)) for x in leaves]
   total = max(sum(sizes), 1)
-  words = jax.random.bits(key, (-(-total // 32),), jnp.uint32)
+  words = prng.bits(key, (-(-total // 32),))
   bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
   signs = (2 * bits.reshape(-1)[:total].astype(dtype) - 1)
   out, offset = [], 0
@@ -998,7 +998,7 @@ def _checked_shape(loss_fn, num_tasks):
 
 def _random_tangent(key, num_tasks, num, dtype):
   """``num`` random unit vectors of ``{sum = 0}`` in R^K (zeros for K = 1)."""
-  z = jax.random.normal(key, (num, num_tasks), dtype)
+  z = prng.normal(key, (num, num_tasks), dtype)
   z = z - jnp.mean(z, axis=1, keepdims=True)
   norms = jnp.sqrt(jnp.sum(z * z, axis=1, keepdims=True))
   return jnp.where(norms > 0, z / jnp.where(norms > 0, norms, 1.0), 0.0)

@@ -210,15 +210,13 @@ def _group_uniforms(keys, leaves, group, dtype):
   not depend on its length, so these are the per-leaf draws, for one
   random-bits kernel instead of one per leaf.
   """
-  draw = lambda i: jax.random.uniform(keys[i], jnp.shape(leaves[i])[1:],
-                                      dtype)
+  draw = lambda i: prng.uniform(keys[i], jnp.shape(leaves[i])[1:], dtype)
   if len(group) == 1:
     return draw(group[0])
   if not jax.config.jax_threefry_partitionable:
     return jnp.concatenate([jnp.ravel(draw(i)) for i in group])
   sizes = [math.prod(jnp.shape(leaves[i])[1:]) for i in group]
-  rows = jax.vmap(lambda key: jax.random.uniform(key, (max(sizes),), dtype))(
-      keys[np.asarray(group)])
+  rows = prng.uniform(keys[np.asarray(group)], (max(sizes),), dtype)
   # Each row's first values, by one gather (row slices are a kernel each).
   keep = np.concatenate([r * max(sizes) + np.arange(size)
                          for r, size in enumerate(sizes)])
