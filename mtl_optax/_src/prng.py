@@ -1,18 +1,22 @@
-"""The methods' random draws as straight-line code: key splits, task-order
-permutations, bits, uniform and normal numbers.
+"""The methods' small random draws as straight-line code: key splits,
+task-order permutations, uniform and normal numbers.
 
 PCGrad, GradVac and CAGrad-Fast draw a few keys and permutations of K items
-per step, GradDrop a key and a uniform draw per leaf block, MARIGOLD and
-random weighting a few normal numbers. JAX lowers each Threefry-2x32 call on a
-CPU as a rolled loop of its rounds, about a dozen kernels to compile per
-``jax.random.split`` (PCGrad's splits and orders for K = 3, compiled alone:
-0.43 s through ``jax.random``, 0.33 s here). The functions here give the same bits as ``jax.random``: the
-Threefry-2x32 hash (Salmon, Moraes, Dror & Shaw, "Parallel random numbers:
-as easy as 1, 2, 3", SC 2011) of the counters of JAX's partitionable scheme
-(the default), written out round by round in ``uint32`` arithmetic, which
-XLA fuses into one kernel. Where JAX draws differently (the legacy
-non-partitionable scheme, another PRNG implementation, typed keys) they
-call ``jax.random`` itself. Either way a seed gives the same stream as
+per step, GradDrop a key per leaf and their uniform draws, MARIGOLD and
+random weighting a few normal numbers. JAX lowers each Threefry-2x32 call
+on a CPU as a rolled loop of its rounds, about a dozen kernels to compile
+per ``jax.random.split`` (PCGrad's splits and orders for K = 3, compiled
+alone: 0.43 s through ``jax.random``, 0.33 s here). The functions here give
+the same bits as ``jax.random``: the Threefry-2x32 hash (Salmon, Moraes,
+Dror & Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC 2011) of the
+counters of JAX's partitionable scheme (the default), written out round by
+round in ``uint32`` arithmetic, which XLA fuses into the kernel that uses
+it. Each such kernel recomputes the hash for itself, so these draws are for
+values with few consumers (keys, task orders, a draw read by one kernel); a
+draw that feeds every leaf of a wide tree compiles faster through
+``jax.random``. Where JAX draws differently (the legacy non-partitionable
+scheme, another PRNG implementation, typed keys, dtypes other than float32)
+they call ``jax.random`` itself. Either way a seed gives the same stream as
 ``jax.random``, which the tests check bit for bit.
 """
 
@@ -75,11 +79,7 @@ def _hashed_counters(key: jax.Array, shape: tuple[int, ...]):
   if size >= 2 ** 32:
     raise NotImplementedError("draws of 2**32 or more values per key")
   low = jnp.arange(size, dtype=jnp.uint32).reshape(shape)
-  # The barrier makes the hash one kernel whose result its consumers read:
-  # XLA would otherwise recompute the whole chain of rounds inside each
-  # consumer's kernel, and a split of a split nests the copies.
-  return jax.lax.optimization_barrier(
-      threefry2x32(key, jnp.zeros_like(low), low))
+  return threefry2x32(key, jnp.zeros_like(low), low)
 
 
 def split(key: jax.Array, num: int = 2) -> jax.Array:
@@ -103,14 +103,6 @@ def _per_key(draw, key: jax.Array):
   for _ in range(key.ndim - 1):
     draw = jax.vmap(draw)
   return draw(key)
-
-
-def bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """``jax.random.bits(key, shape, jnp.uint32)`` (per key of ``(..., 2)``)."""
-  key, shape = jnp.asarray(key), tuple(shape)
-  if not _is_own_scheme(key):
-    return _per_key(lambda k: jax.random.bits(k, shape, jnp.uint32), key)
-  return _random_bits(key, shape)
 
 
 def uniform(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32,
