@@ -93,6 +93,10 @@ def test_other_schemes_fall_back_to_jax_random():
       jax.random.key_data(jax.random.split(typed, 3)))
   np.testing.assert_array_equal(prng.permutations(typed, 5),
                                 jax.random.permutation(typed, 5))
+  typed_batch = jax.random.split(typed, 3)
+  np.testing.assert_array_equal(
+      prng.normal(typed_batch, (4,)),
+      jax.vmap(lambda k: jax.random.normal(k, (4,)))(typed_batch))
   key = jax.random.PRNGKey(4)
   with jax.threefry_partitionable(False):
     np.testing.assert_array_equal(prng.split(key, 3),

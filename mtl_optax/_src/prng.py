@@ -99,8 +99,10 @@ def _random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _per_key(draw, key: jax.Array):
-  """``draw`` (of one key) mapped over the leading axes of ``key``."""
-  for _ in range(key.ndim - 1):
+  """``draw`` (of one key) mapped over the batch axes of ``key``: all of a
+  typed key array's, all but the last of a raw one's."""
+  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  for _ in range(key.ndim - (0 if typed else 1)):
     draw = jax.vmap(draw)
   return draw(key)
 
