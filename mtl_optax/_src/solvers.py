@@ -39,18 +39,14 @@ def _quadratic(matrix: jax.Array, v: jax.Array) -> jax.Array:
 def project_to_simplex(x: jax.Array) -> jax.Array:
   """Euclidean projection onto ``{w >= 0, sum(w) = 1}``, without a sort.
 
-  The threshold algorithm of Held, Wolfe & Crowder (1974): with the values
-  in descending order ``u`` and their prefix sums ``S_j``, the projection
-  is ``max(x - tau, 0)``, ``tau = max_j (S_j - 1) / j``: ``(S_j - 1) / j``
-  is the running mean of ``(S_{j-1} - 1) / (j - 1)`` and ``u_j``, so it
-  rises while ``u_j`` lies above it (the support) and falls after, and its
-  maximum is the threshold at the support size. Each entry's prefix
-  comes from ``K x K`` comparisons instead of a sort (entries tied with it
-  included, which is the end of their tie group, where the maximum lies):
-  a few fused elementwise kernels where XLA emits a sort, a reversal and
-  their copies, inside every iteration of the solvers below. Within a few
-  ulps of the sorted algorithm; for ``K <= 2`` its own arithmetic, bit for
-  bit.
+  The threshold algorithm of Held, Wolfe & Crowder (1974) on the values in
+  descending order ``u`` and their cumulative sums, computed exactly as
+  :func:`optax.projections.projection_simplex` computes them, so the result
+  is the same to the last bit; only the sort is replaced: each entry's rank
+  comes from ``K x K`` comparisons (ties broken by position) and ``u`` is
+  gathered by rank. On ``K x K`` problems that is a few fused elementwise
+  kernels where XLA emits a sort, a reversal and their copies, inside every
+  iteration of the solvers below.
 
   Example:
     >>> import jax.numpy as jnp
@@ -62,21 +58,13 @@ def project_to_simplex(x: jax.Array) -> jax.Array:
   not_below = x[None, :] >= x[:, None]
   count = jnp.sum(not_below, axis=1)
   total = jnp.sum(jnp.where(not_below, x[None, :], 0), axis=1)
-  if x.shape[0] <= 2:
-    # The sorted algorithm's own arithmetic (a sum of two is exact in any
-    # order), so that the result is its, bit for bit.
-    in_support = 1 / count + (x - total / count) > 0
-    size = jnp.max(jnp.where(in_support, count, 0))
-    threshold_total = jnp.max(jnp.where(count == size, total, -jnp.inf))
-    out = 1 / size + (x - threshold_total / size)
-  else:
-    # The threshold (S_j - 1) / j of the sorted algorithm is unimodal in the
-    # prefix length j and largest at the support size: one reduction, where
-    # finding the support first takes three dependent ones.
-    out = x - jnp.max((total - 1) / count)
+  in_support = 1 / count + (x - total / count) > 0
+  size = jnp.max(jnp.where(in_support, count, 0))
+  # Entries tied at the threshold share one row of `not_below`: one total.
+  threshold_total = jnp.max(jnp.where(count == size, total, -jnp.inf))
   # Divisions by an integer array compute in the default float type (float64
   # under jax_enable_x64): cast back, so that loop carries keep their dtype.
-  return jax.nn.relu(out).astype(x.dtype)
+  return jax.nn.relu(1 / size + (x - threshold_total / size)).astype(x.dtype)
 
 
 @project_to_simplex.defjvp
