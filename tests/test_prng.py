@@ -8,7 +8,7 @@ import pytest
 from mtl_optax._src import prng
 
 
-@pytest.mark.parametrize("num", [1, 2, 3, 10])
+@pytest.mark.parametrize("num", [2, 10])
 def test_split_is_jax_random_split_bit_for_bit(num):
   key = jax.random.PRNGKey(123456789)
   np.testing.assert_array_equal(prng.split(key, num),
@@ -20,7 +20,7 @@ def test_split_is_jax_random_split_bit_for_bit(num):
 
 
 # 0 and 1 take no round; 2000 items take two rounds and the sort.
-@pytest.mark.parametrize("num", [0, 1, 2, 3, 9, 40, 200, 2000])
+@pytest.mark.parametrize("num", [0, 1, 3, 40, 2000])
 def test_permutations_are_jax_random_permutation_bit_for_bit(num):
   key = jax.random.PRNGKey(5)
   ours, theirs = prng.permutations(key, num), jax.random.permutation(key, num)
@@ -33,7 +33,7 @@ def test_permutations_are_jax_random_permutation_bit_for_bit(num):
       jax.vmap(lambda k: jax.random.permutation(k, num))(keys))
 
 
-@pytest.mark.parametrize("shape", [(), (5,), (3, 4), (1000,)])
+@pytest.mark.parametrize("shape", [(), (3, 4)])
 def test_uniform_and_normal_are_jax_random_bit_for_bit(shape):
   key = jax.random.PRNGKey(9)
   pairs = []

@@ -88,6 +88,13 @@ def split(key: jax.Array, num: int = 2) -> jax.Array:
   key = jnp.asarray(key)
   if not _is_own_scheme(key):
     return _per_key(lambda k: jax.random.split(k, num), key)
+  return _split(key, num)
+
+
+# The draws are jitted, as JAX's are: an eager call is one dispatch of a
+# compiled kernel, not one per round of the hash.
+@functools.partial(jax.jit, static_argnums=(1,))
+def _split(key, num):
   return jnp.stack(_hashed_counters(key, (num,)), axis=-1)
 
 
@@ -123,8 +130,8 @@ def uniform(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32,
   return _uniform_float32(key, shape, minval, maxval)
 
 
-# Jitted, as JAX's own draws are: eagerly too, the scaling's multiply and add
-# are then compiled (and contracted) as JAX compiles them, to the same bits.
+# Jitted also so that, eagerly too, the scaling's multiply and add are
+# compiled (and contracted) as JAX compiles its own, to the same bits.
 @functools.partial(jax.jit, static_argnums=(1,))
 def _uniform_float32(key, shape, minval, maxval):
   mantissa = jax.lax.shift_right_logical(_random_bits(key, shape),
@@ -179,6 +186,11 @@ def permutations(keys: jax.Array, num: int) -> jax.Array:
   keys = jnp.asarray(keys)
   if not _is_own_scheme(keys):
     return _per_key(lambda k: jax.random.permutation(k, num), keys)
+  return _permutations(keys, num)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _permutations(keys, num):
   # JAX's round count: enough that all n sort keys are distinct in at least
   # one round with high probability.
   rounds = int(np.ceil(3 * np.log(max(1, num))
