@@ -85,10 +85,8 @@ def _hashed_counters(key: jax.Array, shape: tuple[int, ...]):
 def split(key: jax.Array, num: int = 2) -> jax.Array:
   """``jax.random.split(key, num)``: ``(num, 2)`` new keys (for a key of
   shape ``(..., 2)``, ``(..., num, 2)``, one split per key)."""
-  key = jnp.asarray(key)
-  if not _is_own_scheme(key):
-    return _per_key(lambda k: jax.random.split(k, num), key)
-  return _split(key, num)
+  return _draw(key, lambda k: _split(k, num),
+               lambda k: jax.random.split(k, num))
 
 
 # The draws are jitted, as JAX's are: an eager call is one dispatch of a
@@ -105,13 +103,18 @@ def _random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return high ^ low
 
 
-def _per_key(draw, key: jax.Array):
-  """``draw`` (of one key) mapped over the batch axes of ``key``: all of a
-  typed key array's, all but the last of a raw one's."""
+def _draw(key, own, theirs, own_applies: bool = True):
+  """``own(key)`` where this module reproduces JAX's scheme for ``key`` (and
+  ``own_applies``), else ``theirs`` (a ``jax.random`` draw of one key)
+  mapped over the batch axes of ``key``: all of a typed key array's, all but
+  the last of a raw one's."""
+  key = jnp.asarray(key)
+  if own_applies and _is_own_scheme(key):
+    return own(key)
   typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
   for _ in range(key.ndim - (0 if typed else 1)):
-    draw = jax.vmap(draw)
-  return draw(key)
+    theirs = jax.vmap(theirs)
+  return theirs(key)
 
 
 def uniform(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32,
@@ -123,11 +126,10 @@ def uniform(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32,
   number in ``[1, 2)``, minus one, scaled to the interval and clipped below
   at ``minval``. Other dtypes draw through ``jax.random``.
   """
-  key, shape = jnp.asarray(key), tuple(shape)
-  if not (_is_own_scheme(key) and jnp.dtype(dtype) == jnp.float32):
-    return _per_key(
-        lambda k: jax.random.uniform(k, shape, dtype, minval, maxval), key)
-  return _uniform_float32(key, shape, minval, maxval)
+  shape = tuple(shape)
+  return _draw(key, lambda k: _uniform_float32(k, shape, minval, maxval),
+               lambda k: jax.random.uniform(k, shape, dtype, minval, maxval),
+               jnp.dtype(dtype) == jnp.float32)
 
 
 # Jitted also so that, eagerly too, the scaling's multiply and add are
@@ -147,10 +149,10 @@ def normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32
            ) -> jax.Array:
   """``jax.random.normal(key, shape, dtype)`` for float32 (per key of
   ``(..., 2)``): ``sqrt(2) erfinv(u)``, ``u`` uniform on ``(-1, 1)``."""
-  key, shape = jnp.asarray(key), tuple(shape)
-  if not (_is_own_scheme(key) and jnp.dtype(dtype) == jnp.float32):
-    return _per_key(lambda k: jax.random.normal(k, shape, dtype), key)
-  return _normal_float32(key, shape)
+  shape = tuple(shape)
+  return _draw(key, lambda k: _normal_float32(k, shape),
+               lambda k: jax.random.normal(k, shape, dtype),
+               jnp.dtype(dtype) == jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -183,10 +185,8 @@ def permutations(keys: jax.Array, num: int) -> jax.Array:
   fresh random 32-bit keys, stably; the rounds' count and keys are the same
   here, and the sort is a ranking by comparisons for short permutations.
   """
-  keys = jnp.asarray(keys)
-  if not _is_own_scheme(keys):
-    return _per_key(lambda k: jax.random.permutation(k, num), keys)
-  return _permutations(keys, num)
+  return _draw(keys, lambda k: _permutations(k, num),
+               lambda k: jax.random.permutation(k, num))
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
