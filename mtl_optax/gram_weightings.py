@@ -64,6 +64,7 @@ from mtl_optax._src import cagrad as _cagrad
 from mtl_optax._src import closed_form
 from mtl_optax._src import deprecation
 from mtl_optax._src import dual_cone
+from mtl_optax._src import eager
 from mtl_optax._src import priority
 from mtl_optax._src import prng
 from mtl_optax._src import robust
@@ -106,6 +107,7 @@ class GramWeights(NamedTuple):
   state: Any
 
 
+@eager.compiled_when_eager
 def normalize_gram(gram: jax.Array) -> NormalizedGram:
   """A raw ``(K, K)`` Gram matrix as a unit-trace matrix and its RMS norm.
 
@@ -188,6 +190,7 @@ def _warm_start(previous: jax.Array, warm_start: bool, dtype) -> jax.Array:
 # --- MGDA-type solvers on the simplex ---
 
 
+@eager.compiled_when_eager
 def mgda(gram: Gram, state: Optional[aggregators.MGDAState] = None, *,
          max_iter: int = 500, tol: Optional[float] = None,
          warm_start: bool = True) -> GramWeights:
@@ -217,6 +220,7 @@ def mgda(gram: Gram, state: Optional[aggregators.MGDAState] = None, *,
       _uniform(k, dtype), jnp.zeros((), dtype)), rule)
 
 
+@eager.compiled_when_eager
 def cagrad(gram: Gram, state: Optional[_cagrad.CAGradState] = None, *,
            c: float | jax.Array = 0.4, rescale: int = 1,
            max_iter: int = 500, tol: Optional[float] = None,
@@ -292,6 +296,7 @@ def _dual_cone(method, weights_fn, gram, state, pref_vector, reg_eps,
   return _run(method, gram, state, initial, rule)
 
 
+@eager.compiled_when_eager
 def upgrad(gram: Gram, state: Optional[dual_cone.DualConeState] = None, *,
            pref_vector: Optional[Sequence[float] | jax.Array] = None,
            reg_eps: float | jax.Array = 1e-4, max_iter: int = 100,
@@ -321,6 +326,7 @@ def upgrad(gram: Gram, state: Optional[dual_cone.DualConeState] = None, *,
                     pref_vector, reg_eps, max_iter, tol)
 
 
+@eager.compiled_when_eager
 def dualproj(gram: Gram, state: Optional[dual_cone.DualConeState] = None, *,
              pref_vector: Optional[Sequence[float] | jax.Array] = None,
              reg_eps: float | jax.Array = 1e-4, max_iter: int = 100,
@@ -361,6 +367,7 @@ def _memoryless(method, gram, state, state_type, weights_fn, initial=None):
               rule)
 
 
+@eager.compiled_when_eager
 def imtl_g(gram: Gram, state: Optional[aggregators.WeightsState] = None
            ) -> GramWeights:
   """IMTL-G's weights ``G^+ n / (1^T G^+ n)``, ``n_i = ||g_i||``.
@@ -386,6 +393,7 @@ def imtl_g(gram: Gram, state: Optional[aggregators.WeightsState] = None
                      closed_form.imtl_g_weights)
 
 
+@eager.compiled_when_eager
 def aligned_mtl(gram: Gram, state: Optional[aggregators.WeightsState] = None,
                 *, scale_mode: str = "min",
                 pref_vector: Optional[Sequence[float] | jax.Array] = None
@@ -422,6 +430,7 @@ def aligned_mtl(gram: Gram, state: Optional[aggregators.WeightsState] = None,
       lambda k, dtype: aggregators.WeightsState(pref(k, dtype)))
 
 
+@eager.compiled_when_eager
 def config(gram: Gram, state: Optional[aggregators.WeightsState] = None, *,
            pref_vector: Optional[Sequence[float] | jax.Array] = None
            ) -> GramWeights:
@@ -445,6 +454,7 @@ def config(gram: Gram, state: Optional[aggregators.WeightsState] = None, *,
           g, _preference(pref_vector, g.shape[0], g.dtype, 1.0)))
 
 
+@eager.compiled_when_eager
 def krum(gram: Gram, state: Optional[robust.KrumState] = None, *,
          n_byzantine: int = 0, n_selected: int = 1) -> GramWeights:
   """(Multi-)Krum's weights: ``1 / n_selected`` on the most central tasks.
@@ -485,6 +495,7 @@ def krum(gram: Gram, state: Optional[robust.KrumState] = None, *,
 
 
 @deprecation.renamed_arguments(update_weights_every="update_every")
+@eager.compiled_when_eager
 def nash_mtl(gram: Gram, state: Optional[bargaining.NashMTLState] = None, *,
              update_every: int = 1, max_iter: int = 20,
              max_norm: float | jax.Array = 1.0, tol: Optional[float] = None
@@ -533,6 +544,7 @@ def nash_mtl(gram: Gram, state: Optional[bargaining.NashMTLState] = None, *,
               rule)
 
 
+@eager.compiled_when_eager
 def fairgrad(gram: Gram, state: Optional[bargaining.FairGradState] = None, *,
              alpha: float | jax.Array = 1.0, max_iter: int = 50,
              tol: Optional[float] = None) -> GramWeights:
@@ -572,6 +584,7 @@ def fairgrad(gram: Gram, state: Optional[bargaining.FairGradState] = None, *,
 # --- gradient surgery (random visiting orders from the state's key) ---
 
 
+@eager.compiled_when_eager
 def pcgrad(gram: Gram, state: Optional[aggregators.PCGradState] = None, *,
            seed: int = 0) -> GramWeights:
   """PCGrad's coefficients ``mean_i g_i^PC`` for orders drawn from the key.
@@ -598,6 +611,7 @@ def pcgrad(gram: Gram, state: Optional[aggregators.PCGradState] = None, *,
 
 
 @deprecation.renamed_arguments(beta=("decay", lambda beta: 1 - beta))
+@eager.compiled_when_eager
 def gradvac(gram: Gram, state: Optional[surgery.GradVacState] = None, *,
             decay: float | jax.Array = 0.5, seed: int = 0) -> GramWeights:
   """GradVac's coefficients towards the similarity targets of the state.
@@ -632,6 +646,7 @@ def gradvac(gram: Gram, state: Optional[surgery.GradVacState] = None, *,
 
 
 @deprecation.renamed_arguments(beta="decay")
+@eager.compiled_when_eager
 def pcd(gram: Gram, state: Optional[priority.PCDState] = None, *,
         tau: float | Sequence[float] | jax.Array = 0.02,
         decay: float | jax.Array = 0.999, eps: float | jax.Array = 1e-8,

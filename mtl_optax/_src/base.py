@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtl_optax._src import eager
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
 
@@ -65,6 +66,7 @@ class ScaledCoefficients(NamedTuple):
   scale: jax.Array
 
 
+@eager.compiled_when_eager
 def all_finite(tree: Any) -> jax.Array:
   """One boolean: every element of every floating leaf of ``tree`` is finite."""
   # Small leaves are checked together: one kernel, not one per leaf.
@@ -73,6 +75,7 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
+@eager.compiled_when_eager
 def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
   """``new`` where ``finite``, else ``old``, leaf by leaf, in ``old``'s dtypes.
 
@@ -84,6 +87,7 @@ def keep_if_finite(finite: jax.Array, new: Any, old: Any) -> Any:
                              o), new, old)
 
 
+@eager.compiled_when_eager
 def nan_unless(finite: jax.Array, tree: Any) -> Any:
   """``tree``, or NaN everywhere (same dtypes) when ``finite`` is False, so
   that ``optax.apply_if_finite`` downstream skips the step."""
@@ -310,6 +314,7 @@ def _has_narrow_range(tree: Any) -> bool:
              if jnp.issubdtype(x.dtype, jnp.floating))
 
 
+@eager.compiled_when_eager
 def combine_tasks(coefficients: jax.Array, scale: Optional[jax.Array],
                   stacked: Any) -> Any:
   """The update ``scale * sum_i c_i g_i`` (``scale`` None: 1).
@@ -413,6 +418,7 @@ class LossStep(NamedTuple):
   extra_args: dict
 
 
+@eager.compiled_when_eager
 def weighted_sum_in_range(coeffs: jax.Array, stacked: Any,
                           like: Any = None) -> tuple[Any, jax.Array]:
   """``sum_i c_i g_i`` in the dtypes of ``like`` (default ``stacked``),

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_optax._src import eager
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -451,6 +453,7 @@ def normalize_gram_matrix(gram: jax.Array) -> NormalizedGram:
       lambda _: _normalized_from_raw(raw, jnp.ones((), raw.dtype)), None)
 
 
+@eager.compiled_when_eager
 def normalized_gram(stacked: Any) -> NormalizedGram:
   """Scale-free Gram matrix, safe for gradient magnitudes 1e-30 ... 1e30.
 
@@ -500,6 +503,7 @@ def normalized_gram(stacked: Any) -> NormalizedGram:
   return from_gram(*jax.lax.cond(needs_rescale, rescaled, direct, blocks))
 
 
+@eager.compiled_when_eager
 def weighted_task_sum(weights: jax.Array, stacked: Any) -> Any:
   """``sum_i weights[i] * g_i`` for every leaf: the task axis is reduced.
 
