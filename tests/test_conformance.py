@@ -58,7 +58,20 @@ def _representative_cases():
           for c in CASES]
 
 
+def _one_case_per_factory():
+  """Every case; those after the first of their factory (configuration
+  variants: CAGrad-Fast, MARIGOLD's estimators, two-batch inputs, ...)
+  under ``-m slow``."""
+  seen, params = set(), []
+  for c in CASES:
+    params.append(pytest.param(c, id=c.name,
+                               marks=_SLOW if c.factory in seen else ()))
+    seen.add(c.factory)
+  return params
+
+
 every_case = pytest.mark.parametrize("case", _every_case())
+every_factory = pytest.mark.parametrize("case", _one_case_per_factory())
 representative_case = pytest.mark.parametrize("case", _representative_cases())
 
 
@@ -84,7 +97,7 @@ def test_registry_covers_public_factories():
     assert obj in registered, f"mo.{name} is not in the conformance registry"
 
 
-@every_case
+@every_factory
 def test_jit_matches_eager_over_two_steps(case):
   tx = case.make(NUM_TASKS)
   grads = stacked_tree(jax.random.PRNGKey(0), NUM_TASKS)
@@ -92,14 +105,19 @@ def test_jit_matches_eager_over_two_steps(case):
   params = params_like(grads)
   losses = jnp.array([1.0, 2.0, 0.5])
 
-  def two_steps(g1, g2, params, losses):
-    state = tx.init(params)
-    u1, state = tx.update(g1, state, params, **_extras(case, g1, params, losses))
-    u2, state = tx.update(g2, state, params, **_extras(case, g2, params, losses))
+  def two_steps(init, update):
+    state = init(params)
+    u1, state = update(grads, state, params, losses)
+    u2, state = update(grads2, state, params, losses)
     return u1, u2, state
 
-  eager = two_steps(grads, grads2, params, losses)
-  jitted = jax.jit(two_steps)(grads, grads2, params, losses)
+  def update(g, state, params, losses):
+    return tx.update(g, state, params, **_extras(case, g, params, losses))
+
+  eager = two_steps(tx.init, update)
+  # One compiled update, called twice: the state carried between the calls
+  # is what a jitted training loop carries.
+  jitted = two_steps(jax.jit(tx.init), jax.jit(update))
   _allclose(eager[:2], jitted[:2], rtol=case.jit_rtol, atol=1e-5)
   _allclose(optax.tree.get(eager[2], "weights"),
             optax.tree.get(jitted[2], "weights"), rtol=case.jit_rtol,

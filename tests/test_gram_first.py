@@ -39,8 +39,10 @@ def _stacked_gram(params, shared=None):
   return np.asarray(tree_math.gram_matrix(grads), np.float64)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 1, 2])
-@pytest.mark.parametrize("shared", [None, SHARED])
+@pytest.mark.parametrize("chunk_size, shared", [
+    (None, None), (1, SHARED), (2, None),
+    *[pytest.param(c, s, marks=pytest.mark.slow)
+      for c, s in ((None, SHARED), (1, None), (2, SHARED))]])
 def test_gram_equals_stacked_float32(chunk_size, shared):
   params = _params()
   losses, gram = mo.value_and_gram(task_losses, shared=shared,
