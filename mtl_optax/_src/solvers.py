@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mtl_optax._src import eager
 from mtl_optax._src import two_task
 
 
@@ -244,6 +245,7 @@ def largest_eigenvalue(gram: jax.Array, num_iterations: int = 8) -> jax.Array:
   return jnp.maximum(_quadratic(gram, v), jnp.max(jnp.diagonal(gram)))
 
 
+@eager.compiled_when_eager
 def min_norm_weights(gram: jax.Array, init: jax.Array | None = None,
                      max_iter: int = 500,
                      tol: float | None = None) -> SimplexSolution:
@@ -305,6 +307,7 @@ def _polish_on_support(gram: jax.Array, x: jax.Array
   return jnp.where(use, polished, x), use
 
 
+@eager.compiled_when_eager
 def cagrad_dual_weights(gram: jax.Array, c: jax.Array | float,
                         init: jax.Array | None = None, max_iter: int = 500,
                         tol: float | None = None,

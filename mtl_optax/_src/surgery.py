@@ -21,6 +21,7 @@ import optax
 
 from mtl_optax._src import base
 from mtl_optax._src import deprecation
+from mtl_optax._src import eager
 from mtl_optax._src import prng
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
@@ -253,6 +254,45 @@ def _drop_block(stacked, uniform, peaks, leaks):
           tree_math.per_task_sum(scaled))
 
 
+@eager.compiled_when_eager
+def _graddrop_update(updates, key, leak, num_tasks):
+  """GradDrop's update of a stacked tree, its kept-norm weights and the
+  next key (the step of :func:`graddrop`)."""
+  key, subkey = prng.split(key)
+  leaves, treedef = jax.tree.flatten(updates)
+  keys = prng.split(subkey, len(leaves))
+  acc = tree_math.accumulation_dtype(updates)
+  leaks = jnp.broadcast_to(jnp.asarray(leak, acc), (num_tasks,))
+  # The small leaves are drawn and dropped as one block: one set of
+  # kernels for all of them, not one per leaf.
+  small = tree_math.small_leaf_indices(leaves)
+  groups = ([small] if small else []) + [
+      [i] for i in range(len(leaves)) if i not in small]
+  blocks = [tree_math.join_task_rows([leaves[i] for i in group], acc)
+            if group is small else jnp.asarray(leaves[group[0]]).astype(acc)
+            for group in groups]
+  # Per-task peaks keep the squared norms of the weights summary finite for
+  # gradients up to the dtype's range.
+  peaks = jnp.max(jnp.stack([tree_math.per_task_max_abs(b)
+                             for b in blocks]), axis=0)
+  peaks = jnp.where(peaks > 0, peaks, 1.0)
+  kept = total = jnp.zeros((num_tasks,), acc)
+  outputs = [None] * len(leaves)
+  for group, block in zip(groups, blocks):
+    update, kept_here, total_here = _drop_block(
+        block, _group_uniforms(keys, leaves, group, acc), peaks, leaks)
+    kept, total = kept + kept_here, total + total_here
+    if group is not small:
+      outputs[group[0]] = update.astype(leaves[group[0]].dtype)
+      continue
+    picked = [leaves[i] for i in group]
+    for i, part in zip(group, tree_math.split_task_row(update, picked)):
+      outputs[i] = part
+  weights = jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0),
+                      1.0) / num_tasks
+  return jax.tree.unflatten(treedef, outputs), weights, key
+
+
 def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
              ) -> optax.GradientTransformationExtraArgs:
   """GradDrop: keep one sign per coordinate, chosen by sign purity.
@@ -320,40 +360,9 @@ def graddrop(num_tasks: int, seed: int = 0, leak: float | jax.Array = 0.0
 
   def step(updates, state, params, extra_args):
     del params, extra_args
-    key, subkey = prng.split(state.key)
-    leaves, treedef = jax.tree.flatten(updates)
-    keys = prng.split(subkey, len(leaves))
-    acc = tree_math.accumulation_dtype(updates)
-    leaks = jnp.broadcast_to(jnp.asarray(leak, acc), (num_tasks,))
-    # The small leaves are drawn and dropped as one block: one set of
-    # kernels for all of them, not one per leaf.
-    small = tree_math.small_leaf_indices(leaves)
-    groups = ([small] if small else []) + [
-        [i] for i in range(len(leaves)) if i not in small]
-    blocks = [tree_math.join_task_rows([leaves[i] for i in group], acc)
-              if group is small else jnp.asarray(leaves[group[0]]).astype(acc)
-              for group in groups]
-    # Per-task peaks keep the squared norms of the weights summary finite for
-    # gradients up to the dtype's range.
-    peaks = jnp.max(jnp.stack([tree_math.per_task_max_abs(b)
-                               for b in blocks]), axis=0)
-    peaks = jnp.where(peaks > 0, peaks, 1.0)
-    kept = total = jnp.zeros((num_tasks,), acc)
-    outputs = [None] * len(leaves)
-    for group, block in zip(groups, blocks):
-      update, kept_here, total_here = _drop_block(
-          block, _group_uniforms(keys, leaves, group, acc), peaks, leaks)
-      kept, total = kept + kept_here, total + total_here
-      if group is not small:
-        outputs[group[0]] = update.astype(leaves[group[0]].dtype)
-        continue
-      picked = [leaves[i] for i in group]
-      for i, part in zip(group, tree_math.split_task_row(update, picked)):
-        outputs[i] = part
-    weights = jnp.where(total > 0, kept / jnp.where(total > 0, total, 1.0),
-                        1.0) / num_tasks
-    return (jax.tree.unflatten(treedef, outputs),
-            GradDropState(weights.astype(state.weights.dtype), key))
+    update, weights, key = _graddrop_update(updates, state.key, leak,
+                                            num_tasks)
+    return update, GradDropState(weights.astype(state.weights.dtype), key)
 
   return base.guarded_transformation(
       num_tasks, method, init_fn, step)
