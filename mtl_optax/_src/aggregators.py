@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from mtl_optax._src import base
+from mtl_optax._src import eager
 from mtl_optax._src import prng
 from mtl_optax._src import tree_math
 from mtl_optax._src import validation
@@ -194,6 +195,7 @@ class PCGradState(NamedTuple):
   key: jax.Array
 
 
+@eager.compiled_when_eager
 def pcgrad_coefficients(gram: jax.Array, key: jax.Array) -> jax.Array:
   """PCGrad's update ``mean_i g_i^PC`` as coefficients on the task gradients.
 
