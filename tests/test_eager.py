@@ -104,7 +104,9 @@ def test_factory_update_eagerly_equals_jitted_with_non_finite_input():
   for a, b in zip(jax.tree.leaves(eager_out), jax.tree.leaves(jit_out)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
   bad = {"w": grads["w"].at[0, 0].set(jnp.nan)}
-  update, new_state = tx.update(bad, eager_out[1], params)
-  assert np.all(np.isnan(update["w"]))
-  for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(eager_out[1])):
-    np.testing.assert_array_equal(a, b)
+  for update_fn in (tx.update, jax.jit(tx.update)):
+    update, new_state = update_fn(bad, eager_out[1], params)
+    assert np.all(np.isnan(update["w"]))
+    for a, b in zip(jax.tree.leaves(new_state),
+                    jax.tree.leaves(eager_out[1])):
+      np.testing.assert_array_equal(a, b)

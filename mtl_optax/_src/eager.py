@@ -51,6 +51,7 @@ def compiled_when_eager(fn: F) -> F:
     leaves, treedef = jax.tree.flatten((args, kwargs))
     if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
       return fn(*args, **kwargs)
+    arrays = [leaf for leaf in leaves if _is_array(leaf)]
     # The type too: 1, 1.0 and True are equal keys for a dict, not for fn.
     static_leaves = tuple(
         (True, None, None) if _is_array(leaf) else (False, type(leaf), leaf)
@@ -59,7 +60,6 @@ def compiled_when_eager(fn: F) -> F:
       hash(static_leaves)
     except TypeError:
       return fn(*args, **kwargs)
-    return _compiled_call(fn, treedef, static_leaves,
-                          *[leaf for leaf in leaves if _is_array(leaf)])
+    return _compiled_call(fn, treedef, static_leaves, *arrays)
 
   return wrapper  # type: ignore[return-value]

@@ -22,12 +22,13 @@ they call ``jax.random`` itself. Either way a seed gives the same stream as
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mtl_optax._src import eager
 
 # Threefry-2x32's rotation constants (eight rounds, repeated) and key-schedule
 # parity constant, as specified by Salmon et al. (2011), Table 4 and Sec. 3.
@@ -89,9 +90,9 @@ def split(key: jax.Array, num: int = 2) -> jax.Array:
                lambda k: jax.random.split(k, num))
 
 
-# The draws are jitted, as JAX's are: an eager call is one dispatch of a
+# The draws are compiled when called eagerly, as JAX's are: one dispatch of a
 # compiled kernel, not one per round of the hash.
-@functools.partial(jax.jit, static_argnums=(1,))
+@eager.compiled_when_eager
 def _split(key, num):
   return jnp.stack(_hashed_counters(key, (num,)), axis=-1)
 
@@ -132,9 +133,9 @@ def uniform(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32,
                jnp.dtype(dtype) == jnp.float32)
 
 
-# Jitted also so that, eagerly too, the scaling's multiply and add are
+# Compiled also so that, eagerly too, the scaling's multiply and add are
 # compiled (and contracted) as JAX compiles its own, to the same bits.
-@functools.partial(jax.jit, static_argnums=(1,))
+@eager.compiled_when_eager
 def _uniform_float32(key, shape, minval, maxval):
   mantissa = jax.lax.shift_right_logical(_random_bits(key, shape),
                                          np.uint32(32 - 23))
@@ -155,7 +156,7 @@ def normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32
                jnp.dtype(dtype) == jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
+@eager.compiled_when_eager
 def _normal_float32(key, shape):
   low = np.nextafter(np.float32(-1.0), np.float32(0.0))
   u = _uniform_float32(key, shape, low, np.float32(1.0))
@@ -189,7 +190,7 @@ def permutations(keys: jax.Array, num: int) -> jax.Array:
                lambda k: jax.random.permutation(k, num))
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
+@eager.compiled_when_eager
 def _permutations(keys, num):
   # JAX's round count: enough that all n sort keys are distinct in at least
   # one round with high probability.
