@@ -49,12 +49,23 @@ def project_to_simplex(x: jax.Array) -> jax.Array:
   kernels where XLA emits a sort, a reversal and their copies, inside every
   iteration of the solvers below.
 
+  Beyond unit scale (``|max x| > 1``) the input is first shifted by its
+  maximum, which leaves the projection unchanged (the simplex is invariant
+  to a common shift) and makes its rounding relative to the spread of the
+  entries rather than to their magnitude: tied entries of 1e30 give ``1/K``
+  each, not a point off the simplex. Up to unit scale nothing is shifted and
+  the bits are those of optax's.
+
   Example:
     >>> import jax.numpy as jnp
     >>> from mtl_optax._src.solvers import project_to_simplex
     >>> print(project_to_simplex(jnp.array([0.5, 2.0, -1.0])))
     [0. 1. 0.]
   """
+  # Entries in the support lie within 1 of the maximum, so after the shift
+  # every sum below is of unit scale. Not finite: no shift, NaN propagates.
+  peak = jnp.max(x)
+  x = x - jnp.where(jnp.isfinite(peak) & (jnp.abs(peak) > 1), peak, 0)
   # Entry i with the entries not below it: their count and sum.
   not_below = x[None, :] >= x[:, None]
   count = jnp.sum(not_below, axis=1)
