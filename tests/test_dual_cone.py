@@ -99,11 +99,22 @@ def test_exact_projection_differs_from_torchjd_by_its_ridge():
 # ----------------------------------------------------------- solver oracles
 
 
-@pytest.mark.parametrize("num_tasks", [1, 2, 3, 5, 64])
-def test_solver_matches_float64_oracles(num_tasks):
+# Up to K = 6 the public solver tries every active set; "loop" is the
+# interior-point loop it uses beyond, run on the same small problems.
+_QP_PATHS = {
+    "public": solvers.lower_bounded_qp,
+    "loop": lambda quad, lower: solvers._lower_bounded_qp(quad, lower, 100,
+                                                          None),
+}
+
+
+@pytest.mark.parametrize("num_tasks,path", [
+    *((k, "public") for k in (1, 2, 3, 5, 6, 64)),
+    *((k, "loop") for k in (1, 2, 3, 5, 6))])
+def test_solver_matches_float64_oracles(num_tasks, path):
   rng = np.random.default_rng(num_tasks)
   with jax.enable_x64(True):
-    solve = jax.jit(solvers.lower_bounded_qp)
+    solve = jax.jit(_QP_PATHS[path])
     for kind, jac in _jacobians(rng, num_tasks).items():
       gram = jac @ jac.T
       gram = gram / np.trace(gram) * num_tasks
@@ -125,16 +136,18 @@ def test_solver_matches_float64_oracles(num_tasks):
           assert float(sol.residual) < 1e-10, kind
 
 
-def test_solver_in_float32_against_float64_oracle():
+@pytest.mark.parametrize("num_tasks", [8, 5])  # the loop; every active set
+def test_solver_in_float32_against_float64_oracle(num_tasks):
   rng = np.random.default_rng(7)
   solve = jax.jit(solvers.lower_bounded_qp)
-  for kind, jac in _jacobians(rng, 8).items():
+  for kind, jac in _jacobians(rng, num_tasks).items():
     gram = jac @ jac.T
-    quad = gram / np.trace(gram) * 8 + 8e-4 * np.eye(8)
-    lower = np.eye(8) / 8
+    quad = gram / np.trace(gram) * num_tasks + num_tasks * 1e-4 * np.eye(
+        num_tasks)
+    lower = np.eye(num_tasks) / num_tasks
     sol = solve(jnp.asarray(quad, jnp.float32), jnp.asarray(lower, jnp.float32))
     expected = _oracle(quad, lower)
-    rms = np.sqrt(np.trace(gram) / 8)
+    rms = np.sqrt(np.trace(gram) / num_tasks)
     np.testing.assert_allclose(np.asarray(sol.solution, np.float64) @ jac,
                                expected @ jac, atol=2e-5 * rms, err_msg=kind)
     assert float(sol.residual) <= 1e-5

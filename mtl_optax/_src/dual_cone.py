@@ -4,9 +4,10 @@ The dual cone of the task gradients is the set of updates that conflict with
 no task, ``{d : <g_i, d> >= 0 for every i}``. Projecting ``J^T u`` onto it is
 the non-negative QP ``min_v v^T A v  s.t.  v >= u`` on the Gram matrix ``A``
 (Quinton & Rey, 2024, Prop. 1), whose solution ``v`` gives the projection
-``J^T v``. Here every such QP is solved on device by a batched
-interior-point loop (:func:`mtl_optax._src.solvers.lower_bounded_qp`), all K
-rows of UPGrad at once, instead of one host-side quadprog call per row.
+``J^T v``. Here every such QP is solved on device
+(:func:`mtl_optax._src.solvers.lower_bounded_qp`: every active set at once
+for K <= 6, a batched interior-point loop beyond), all K rows of UPGrad at
+once, instead of one host-side quadprog call per row.
 """
 
 from __future__ import annotations
@@ -115,8 +116,9 @@ def upgrad(num_tasks: int, pref_vector: base.PrefVector = None,
      v^{(i)} = \\arg\\min_{v \\ge p_i e_i} v^\\top A v, \\\\
      \\pi(x) &= \\arg\\min_{y :\\, J y \\ge 0} \\|y - x\\|
 
-  The K QPs are solved at once on device (an interior-point loop with an
-  exact crossover, see ``solvers.lower_bounded_qp``);
+  The K QPs are solved at once on device (exactly, over every active set,
+  for K <= 6; beyond, an interior-point loop with an exact crossover; see
+  ``solvers.lower_bounded_qp``);
   the largest residual is kept in the state. As in TorchJD, the Gram matrix
   is divided by its trace and ``reg_eps`` is added to its diagonal (the
   default 1e-4 reproduces TorchJD's values; it makes each QP strictly convex
@@ -136,9 +138,9 @@ def upgrad(num_tasks: int, pref_vector: base.PrefVector = None,
     num_tasks: number of tasks K.
     pref_vector: optional ``(K,)`` preference ``p``; default ``1/K``.
     reg_eps: ridge on the unit-trace Gram matrix (injectable).
-    max_iter: cap on interior-point iterations per QP.
-    tol: QP tolerance on the relative residual; default 1e-5 in float32,
-      1e-10 in float64.
+    max_iter: cap on interior-point iterations per QP (K > 6).
+    tol: QP tolerance on the relative residual (K > 6); default 1e-5 in
+      float32, 1e-10 in float64.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`DualConeState`.
@@ -188,8 +190,8 @@ def dualproj(num_tasks: int, pref_vector: base.PrefVector = None,
     pref_vector: optional ``(K,)`` preference ``p``; default ``1/K``.
     reg_eps: ridge on the unit-trace Gram matrix (injectable); 0 for the
       exact projection.
-    max_iter: cap on interior-point iterations.
-    tol: QP tolerance; default 1e-5 in float32, 1e-10 in float64.
+    max_iter: cap on interior-point iterations (K > 6).
+    tol: QP tolerance (K > 6); default 1e-5 in float32, 1e-10 in float64.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`DualConeState`.

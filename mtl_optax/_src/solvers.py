@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtl_optax._src import eager
 from mtl_optax._src import two_task
@@ -391,7 +392,7 @@ class BoxQPSolution(NamedTuple):
       ``max_i |v_i - max(l_i, v_i - (Q v)_i)| / max_i |l_i|``, the fixed-point
       (projected gradient) condition; zero exactly at the optimum.
     iterations: ``()`` largest number of interior-point iterations over the
-      rows.
+      rows (0 for K <= 6, solved without iterating).
   """
   solution: jax.Array
   residual: jax.Array
@@ -428,6 +429,66 @@ def _first_acceptable(trial, t_max):
   return points[first], oks[first]
 
 
+# Up to this many variables, lower_bounded_qp tries every active set at once
+# instead of iterating: exact to rounding, no loop to compile (about a third
+# of the interior-point loop's compile time at K = 3), and as fast at run
+# time up to K = 6 (measured on CPU; at K = 8 its 256 faces take 3.5 times
+# the loop's time).
+_MAX_ENUMERATED = 6
+
+
+def _box_qp_residual(quad, lower, x):
+  """The fixed-point residual of ``v = lower + x`` (:class:`BoxQPSolution`)."""
+  largest = jnp.max(jnp.abs(lower))
+  scale = jnp.where(largest > 0, largest, 1.0)
+  grad = _matvec(quad, lower + x)
+  return jnp.max(jnp.abs(x - jnp.maximum(0.0, x - grad))) / scale
+
+
+def _every_active_set(num: int) -> np.ndarray:
+  """``(2**num, num)`` booleans: the free variables of each active set."""
+  codes = np.arange(2 ** num)[:, None] >> np.arange(num)[None, :]
+  return (codes & 1).astype(bool)
+
+
+@jax.jit
+def _enumerated_lower_bounded_qp(quad, lower):
+  """:func:`lower_bounded_qp` by trying every active set.
+
+  On each face the free variables solve their linear system (one
+  Jacobi-scaled Cholesky per face, shared by the rows), the candidate is
+  clipped to the feasible set, and each row keeps its candidate of smallest
+  residual, which is zero at the optimum and only there (the KKT
+  conditions). A singular face gives NaN or a poor candidate, which the
+  residual rejects; the all-active face needs no solve.
+  """
+  dtype, num = quad.dtype, quad.shape[0]
+  rows = jnp.reshape(lower, (-1, num))
+  # The interior-point loop's floor, so that both solve the same problem.
+  q_max = jnp.maximum(jnp.max(jnp.diagonal(quad)), jnp.finfo(dtype).tiny)
+  q = quad + jnp.finfo(dtype).eps * q_max * jnp.eye(num, dtype=dtype)
+  q_lower = rows @ q  # Q l for every row (Q is symmetric)
+
+  def on_face(free):
+    face = jnp.where(free[:, None] & free[None, :], q, 0.0) + jnp.diag(
+        jnp.where(free, 0.0, 1.0))
+    x = jax.vmap(_jacobi_cholesky_solver(face))(jnp.where(free, -q_lower, 0.0))
+    x = jnp.where(free, jnp.maximum(x, 0.0), 0.0)
+    return x, jax.vmap(lambda row, x: _box_qp_residual(quad, row, x))(rows, x)
+
+  x, residual = jax.vmap(on_face)(jnp.asarray(_every_active_set(num)))
+  residual = jnp.where(jnp.isnan(residual), jnp.inf, residual)
+  best = jnp.argmin(residual, axis=0)
+  x = jnp.take_along_axis(x, best[None, :, None], axis=0)[0]
+  residual = jnp.max(jnp.take_along_axis(residual, best[None], axis=0))
+  # As in the loop: variables with a zero row of Q take their bound.
+  x = jnp.where(jnp.diagonal(quad) > 0, x, 0.0)
+  finite = jnp.all(jnp.isfinite(quad)) & jnp.all(jnp.isfinite(rows))
+  return BoxQPSolution(
+      jnp.reshape(jnp.where(finite, rows + x, jnp.nan), lower.shape),
+      jnp.where(finite, residual, jnp.nan), _no_iterations())
+
+
 def _lower_bounded_qp_row(quad, lower, max_iter, tol):
   dtype = quad.dtype
   num = quad.shape[0]
@@ -444,8 +505,7 @@ def _lower_bounded_qp_row(quad, lower, max_iter, tol):
   q_lower = _matvec(q, lower)
 
   def residual(x):  # v = lower + x; the projected-gradient condition on Q.
-    grad = _matvec(quad, lower + x)
-    return jnp.max(jnp.abs(x - jnp.maximum(0.0, x - grad))) / scale
+    return _box_qp_residual(quad, lower, x)
 
   def to_boundary(z, dz):
     return jnp.minimum(1.0, _step_to_boundary(z, dz))
@@ -528,7 +588,11 @@ def lower_bounded_qp(quad: jax.Array, lower: jax.Array, max_iter: int = 100,
   The dual of the projection onto the dual cone of the task gradients
   (Lopez-Paz & Ranzato, 2017, Eq. 11; Quinton & Rey, "Jacobian Descent for
   Multi-Objective Optimization", 2024, Prop. 1), solved for every row of
-  ``lower`` at once (``vmap``), by a primal-dual interior-point method with
+  ``lower`` at once. For K = 2 in closed form; for K <= 6 exactly, by
+  trying all ``2**K`` active sets at once (one Jacobi-scaled Cholesky per
+  face, shared by the rows; each row keeps the candidate of smallest
+  residual, zero only at the optimum; no iterations); beyond, by a
+  primal-dual interior-point method (``vmap`` over the rows) with
   Mehrotra's predictor-corrector (Nocedal & Wright, "Numerical
   Optimization", 2nd ed., 2006, Sec. 16.6), which needs 10-25 iterations
   whatever the conditioning, then a crossover: the active face read off the
@@ -545,9 +609,10 @@ def lower_bounded_qp(quad: jax.Array, lower: jax.Array, max_iter: int = 100,
       normalised Gram matrix, plus any ridge).
     lower: ``(K,)`` or ``(B, K)`` lower bounds; one problem per row.
     max_iter: cap on interior-point iterations per row (an int; may be
-      traced).
+      traced); not read for K <= 6.
     tol: stopping tolerance on the relative residual (see
-      :class:`BoxQPSolution`); default :func:`default_tolerance`.
+      :class:`BoxQPSolution`); default :func:`default_tolerance`; not read
+      for K <= 6.
 
   Returns:
     A :class:`BoxQPSolution` whose ``solution`` has the shape of ``lower``.
@@ -563,8 +628,10 @@ def lower_bounded_qp(quad: jax.Array, lower: jax.Array, max_iter: int = 100,
   if quad.shape[0] == 2:  # closed form, no loop
     return BoxQPSolution(*two_task.lower_bounded_qp(quad, lower),
                          _no_iterations())
-  return _lower_bounded_qp(quad, jnp.asarray(lower, quad.dtype), max_iter,
-                           tol)
+  lower = jnp.asarray(lower, quad.dtype)
+  if quad.shape[0] <= _MAX_ENUMERATED:
+    return _enumerated_lower_bounded_qp(quad, lower)
+  return _lower_bounded_qp(quad, lower, max_iter, tol)
 
 
 # Jitted once at module level, so that eager (un-jitted) calls reuse the
