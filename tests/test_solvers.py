@@ -105,6 +105,62 @@ def test_min_norm_matches_slsqp_float64(num_tasks):
       assert float(sol.residual) < 1e-8 or kind == "rank_deficient"
 
 
+def _iterative(monkeypatch, solve):
+  """``solve`` traced with the enumeration off: the loop used beyond K = 6."""
+  def run(*args):
+    with monkeypatch.context() as patch:
+      patch.setattr(solvers, "_MAX_ENUMERATED", 0)
+      return jax.jit(solve)(*args)
+  return run
+
+
+@pytest.mark.parametrize("num_tasks", [3, 4, 6])
+def test_every_face_and_the_loop_reach_the_same_optimum(num_tasks,
+                                                        monkeypatch):
+  """Up to K = 6 MGDA's and CAGrad's duals try every support; the loop they
+  use beyond reaches the same objective on the same problems (float64),
+  and neither is beaten by the other by more than the loop's tolerance."""
+  rng = np.random.default_rng(40 + num_tasks)
+  mgda = lambda a: solvers.min_norm_weights(a, max_iter=5000).weights
+  dual = lambda a: solvers.cagrad_dual_weights(a, 0.4, max_iter=5000).weights
+  with jax.enable_x64(True):
+    for kind in ("generic", "correlated", "rank_deficient"):
+      gram = _random_gram(rng, num_tasks, kind)
+      for solve, objective in ((mgda, lambda w: w @ gram @ w),
+                               (dual, _cagrad_objective(gram, 0.4))):
+        every = np.asarray(jax.jit(solve)(jnp.asarray(gram)))
+        loop = np.asarray(_iterative(monkeypatch, solve)(jnp.asarray(gram)))
+        assert abs(every.sum() - 1) < 1e-12 and every.min() >= 0
+        assert objective(every) <= objective(loop) + 1e-12, kind
+        assert objective(loop) <= objective(every) + 1e-8, kind
+        if kind != "rank_deficient":  # unique minimiser
+          np.testing.assert_allclose(every, loop, atol=1e-5, err_msg=kind)
+
+
+def test_identical_tasks_share_their_weight_and_opposite_ones_cancel():
+  """Where the minimiser is not unique the enumeration's weights stay
+  permutation-symmetric: identical task gradients share equally (as the
+  loop does from its uniform start); an opposite pair gives the zero
+  update exactly."""
+  g = np.random.default_rng(3).normal(size=(2, 6))
+  for jac, weights in (
+      (np.stack([g[0], g[0], g[0]]), [1 / 3, 1 / 3, 1 / 3]),
+      (np.stack([g[0], g[1], g[0]]), None),
+      (np.zeros((4, 6)), [0.25] * 4)):
+    gram = jnp.asarray(jac @ jac.T, jnp.float32)
+    for solve in (solvers.min_norm_weights,
+                  lambda a: solvers.cagrad_dual_weights(a, 0.4)):
+      w = np.asarray(solve(gram).weights, np.float64)
+      if weights is not None:
+        np.testing.assert_allclose(w, weights, atol=1e-6)
+      else:
+        assert w[0] == w[2]
+  opposite = np.stack([g[0], -2 * g[0], g[1]])
+  w = np.asarray(solvers.min_norm_weights(
+      jnp.asarray(opposite @ opposite.T, jnp.float32)).weights, np.float64)
+  assert np.linalg.norm(w @ opposite) < 1e-5 * np.linalg.norm(g[0])
+
+
 def test_min_norm_known_two_task_closed_form():
   # For K = 2 the min-norm weight is (g22 - g12) / (g11 + g22 - 2 g12),
   # clipped to [0, 1] (Sener & Koltun, Alg. 1).

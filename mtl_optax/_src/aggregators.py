@@ -136,11 +136,13 @@ def mgda(num_tasks: int, max_iter: int = 500, tol: Optional[float] = None,
 
   Desideri (2012); Sener & Koltun, "Multi-Task Learning as Multi-Objective
   Optimization", NeurIPS 2018. ``d = G w*``,
-  ``w* = argmin_{w in simplex} ||sum_i w_i g_i||^2``, solved exactly (to
-  ``tol``) on the scale-free Gram matrix by accelerated projected gradient,
-  not a fixed small number of Frank-Wolfe steps. ``d`` is a convex combination
-  of task gradients (the scale of ``g0``); it is zero at a Pareto-stationary
-  point. The solve is warm-started from the previous weights.
+  ``w* = argmin_{w in simplex} ||sum_i w_i g_i||^2``, solved on the
+  scale-free Gram matrix, not by a fixed small number of Frank-Wolfe steps:
+  in closed form for K = 2, exactly over every support for K <= 6 (tasks
+  with identical gradients share their weight equally), by accelerated
+  projected gradient to ``tol`` beyond, warm-started from the previous
+  weights. ``d`` is a convex combination of task gradients (the scale of
+  ``g0``); it is zero at a Pareto-stationary point.
 
   .. math::
 
@@ -149,10 +151,10 @@ def mgda(num_tasks: int, max_iter: int = 500, tol: Optional[float] = None,
 
   Args:
     num_tasks: number of tasks K.
-    max_iter: cap on solver iterations.
-    tol: solver tolerance on the gradient mapping (relative scale); default
-      1e-5 in float32, 1e-10 in float64.
-    warm_start: start the solve from the previous step's weights.
+    max_iter: cap on solver iterations (K > 6).
+    tol: solver tolerance on the gradient mapping (relative scale; K > 6);
+      default 1e-5 in float32, 1e-10 in float64.
+    warm_start: start the solve from the previous step's weights (K > 6).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`MGDAState`.

@@ -257,18 +257,112 @@ def largest_eigenvalue(gram: jax.Array, num_iterations: int = 8) -> jax.Array:
   return jnp.maximum(_quadratic(gram, v), jnp.max(jnp.diagonal(gram)))
 
 
+# Up to this many tasks, MGDA's min-norm problem and the dual-cone QPs are
+# solved by trying every face (active set) at once instead of iterating:
+# exact to rounding, no loop to compile (the K = 3 QPs compile in a third of
+# the interior-point loop's time), and as fast at run time up to K = 6
+# (measured on CPU; at K = 8 the 256 faces take 3.5 times the loop's time).
+_MAX_ENUMERATED = 6
+
+
+def _every_face(num: int, dtype, nonempty: bool = False
+                ) -> tuple[jax.Array, jax.Array]:
+  """Every face (active set) twice, with the shifts of its system.
+
+  Returns ``(free, shift)``: ``free`` ``(2F, num)`` booleans, the free
+  variables of each face; ``shift`` ``(2F,)``, 0 and, for the same face, a
+  relative diagonal shift just above the rounding of a ``num x num``
+  Cholesky, which still factorises a face singular to rounding (opposite or
+  colinear task gradients) where the exact system fails. Every candidate is
+  feasible and judged afterwards, so the second one can only help.
+  """
+  codes = np.arange(1 if nonempty else 0, 2 ** num)
+  free = ((codes[:, None] >> np.arange(num)[None, :]) & 1).astype(bool)
+  shifts = np.array([0.0, 8 * num * np.finfo(dtype).eps])
+  return (jnp.asarray(np.repeat(free, 2, axis=0)),
+          jnp.asarray(np.tile(shifts, len(codes)), dtype))
+
+
+def _floored(gram: jax.Array) -> jax.Array:
+  """``gram + eps max(diag gram) I``: every face positive definite, and the
+  one minimiser (of least norm) where ``gram`` is singular, e.g. for
+  identical task gradients; a change below the Gram matrix's resolution."""
+  dtype = gram.dtype
+  peak = jnp.maximum(jnp.max(jnp.diagonal(gram)), jnp.finfo(dtype).tiny)
+  return gram + jnp.finfo(dtype).eps * peak * jnp.eye(gram.shape[0],
+                                                      dtype=dtype)
+
+
+@jax.jit
+def _enumerated_min_norm_weights(gram: jax.Array) -> SimplexSolution:
+  """:func:`min_norm_weights` by trying every support ``S`` at once.
+
+  On ``S`` the minimiser solves ``A_S w_S = t 1`` (one Jacobi-scaled
+  Cholesky per face, which keeps task norms from 1e-3 to 1e3 exact; no
+  absolute floor, which would not); clipped and normalised, every
+  candidate lies on the simplex, so the least objective is the minimum: a
+  singular face or a poor solve can only lose. Where the minimiser is not
+  unique because tasks have identical gradients (identical Gram rows), they
+  share their weight equally, as from the iterative solver's uniform start.
+  Reports the gradient mapping at step ``1 / tr A``, as the K = 2 closed
+  form.
+  """
+  def on_face(support, shift):
+    face = jnp.where(support[:, None] & support[None, :], gram, 0.0)
+    face = face + jnp.diag(jnp.where(support, 0.0, 1.0))
+    solved = _jacobi_cholesky_solver(face, shift)(
+        jnp.where(support, 1.0, 0.0))
+    # A vertex needs no solve (and a zero task's would divide by zero).
+    w = _on_simplex(jnp.where(support, jnp.where(
+        jnp.sum(support) == 1, 1.0, solved), 0.0))
+    value = _quadratic(gram, w)
+    return w, jnp.where((jnp.sum(w) > 0) & ~jnp.isnan(value), value, jnp.inf)
+
+  w, value = jax.vmap(on_face)(*_every_face(gram.shape[0], gram.dtype,
+                                            nonempty=True))
+  weights = _least_of(w, value, gram)
+  residual = _gradient_mapping(lambda w: _matvec(gram, w), weights,
+                               jnp.trace(gram))
+  return SimplexSolution(weights, residual, _no_iterations())
+
+
+def _least_of(candidates: jax.Array, values: jax.Array, gram: jax.Array
+              ) -> jax.Array:
+  """The candidate of least value; tasks with identical gradients (identical
+  Gram rows), where the minimiser is not unique, share their weight
+  equally; NaN for a non-finite Gram matrix."""
+  weights = candidates[jnp.argmin(values)]
+  duplicate = jnp.all(gram[:, None, :] == gram[None, :, :], axis=-1)
+  weights = _matvec(duplicate.astype(gram.dtype), weights) / jnp.sum(
+      duplicate, axis=1)
+  return jnp.where(jnp.all(jnp.isfinite(gram)), weights, jnp.nan)
+
+
+def _on_simplex(raw: jax.Array) -> jax.Array:
+  """A face's candidate made feasible: clipped at 0 and normalised (left
+  at zero when nothing is positive, for the caller to reject)."""
+  raw = jnp.maximum(raw, 0.0)
+  total = jnp.sum(raw)
+  return raw / jnp.where(total > 0, total, 1.0)
+
+
 @eager.compiled_when_eager
 def min_norm_weights(gram: jax.Array, init: jax.Array | None = None,
                      max_iter: int = 500,
                      tol: float | None = None) -> SimplexSolution:
   """MGDA's weights: ``argmin_{w in simplex} w^T A w`` (min-norm hull point).
 
+  For K = 2 in closed form; for K <= 6 exactly, by trying every support at
+  once (no iterations; tasks with identical gradients share their weight
+  equally); beyond, by accelerated projected gradient with a crossover to
+  the exact minimiser on the iterate's support.
+
   Args:
     gram: ``(K, K)`` Gram matrix, ideally from
       :func:`~mtl_optax._src.tree_math.normalized_gram` (unit scale).
-    init: warm start; uniform by default.
-    max_iter: iteration cap.
-    tol: stopping tolerance on the gradient mapping.
+    init: warm start; uniform by default (K > 6).
+    max_iter: iteration cap (K > 6).
+    tol: stopping tolerance on the gradient mapping (K > 6).
 
   Example:
     >>> import jax.numpy as jnp
@@ -279,6 +373,8 @@ def min_norm_weights(gram: jax.Array, init: jax.Array | None = None,
   num_tasks = gram.shape[0]
   if num_tasks == 2:  # closed form, no loop
     return SimplexSolution(*two_task.min_norm_weights(gram), _no_iterations())
+  if num_tasks <= _MAX_ENUMERATED:
+    return _enumerated_min_norm_weights(gram)
   if init is None:
     init = jnp.full((num_tasks,), 1.0 / num_tasks, gram.dtype)
   value_and_grad = lambda w: (0.5 * _quadratic(gram, w), _matvec(gram, w))
@@ -351,6 +447,8 @@ def cagrad_dual_weights(gram: jax.Array, c: jax.Array | float,
   gram_b = _matvec(gram, anchor)
   radius = jnp.asarray(c, dtype) * jnp.sqrt(jnp.maximum(_inner(anchor, gram_b), 0.0))
   smooth = jnp.finfo(dtype).eps ** 2 * (jnp.trace(gram) / num_tasks + 1.0)
+  if num_tasks <= _MAX_ENUMERATED:
+    return _enumerated_cagrad_dual_weights(gram, gram_b, radius, smooth)
 
   def value_and_grad(w):
     gram_w = _matvec(gram, w)
@@ -362,6 +460,56 @@ def cagrad_dual_weights(gram: jax.Array, c: jax.Array | float,
   start_norm = jnp.sqrt(jnp.maximum(_quadratic(gram, init), 0.0) + smooth)
   lipschitz = largest_eigenvalue(gram) * radius / start_norm
   return minimize_on_simplex(value_and_grad, init, lipschitz, max_iter, tol)
+
+
+@jax.jit
+def _enumerated_cagrad_dual_weights(gram, gram_b, radius, smooth
+                                    ) -> SimplexSolution:
+  """:func:`cagrad_dual_weights` by trying every support ``S`` at once.
+
+  On the affine hull of the face ``S`` the stationary point of ``F`` solves
+  ``A_S w_S = (||g_w|| / r) (mu 1 - (A b)_S)``, ``1^T w = 1``: with
+  ``u = A_S^-1 1``, ``v = A_S^-1 (A b)_S``, ``alpha = 1^T u``,
+  ``beta = 1^T v``, ``gamma = (A b)_S^T v`` and
+  ``D = beta^2 - alpha gamma + alpha r^2``, it is
+  ``w_S = (mu u - v) / sqrt(D)``, ``mu = (beta + sqrt(D)) / alpha`` (none
+  where ``D <= 0``); every vertex is a candidate too (``r = 0``: ``F`` is
+  linear). Each candidate is made feasible and the one of least ``F`` kept,
+  so a singular face or a poor solve can only lose; ties as in MGDA's.
+  """
+  def value(w):
+    norm_w = jnp.sqrt(jnp.maximum(_quadratic(gram, w), 0.0) + smooth)
+    return _inner(w, gram_b) + radius * norm_w, norm_w
+
+  def on_face(support, shift):
+    face = jnp.where(support[:, None] & support[None, :], gram, 0.0)
+    solve = _jacobi_cholesky_solver(
+        face + jnp.diag(jnp.where(support, 0.0, 1.0)), shift)
+    u = jnp.where(support, solve(jnp.where(support, 1.0, 0.0)), 0.0)
+    v = jnp.where(support, solve(jnp.where(support, gram_b, 0.0)), 0.0)
+    alpha, beta = jnp.sum(u), jnp.sum(v)
+    disc = beta ** 2 - alpha * _inner(jnp.where(support, gram_b, 0.0), v) + (
+        alpha * radius ** 2)
+    stationary = (alpha > 0) & (disc > 0)
+    root = jnp.sqrt(jnp.where(stationary, disc, 1.0))
+    mu = (beta + root) / jnp.where(stationary, alpha, 1.0)
+    vertex = jnp.sum(support) == 1
+    w = _on_simplex(jnp.where(support, jnp.where(vertex, 1.0,
+                                                 (mu * u - v) / root), 0.0))
+    f = value(w)[0]
+    keep = (vertex | stationary) & (jnp.sum(w) > 0) & ~jnp.isnan(f)
+    return w, jnp.where(keep, f, jnp.inf)
+
+  w, f = jax.vmap(on_face)(*_every_face(gram.shape[0], gram.dtype,
+                                        nonempty=True))
+  weights = _least_of(w, f, gram)
+  # The gradient mapping at a bound of the norm term's curvature,
+  # radius tr(A) / ||g_w|| (tr A >= its largest eigenvalue; no power loop).
+  norm_w = value(weights)[1]
+  residual = _gradient_mapping(
+      lambda w: gram_b + radius * _matvec(gram, w) / norm_w, weights,
+      jnp.trace(gram) * radius / norm_w)
+  return SimplexSolution(weights, residual, _no_iterations())
 
 
 # --- Lower-bounded QPs (UPGrad, DualProj) and alpha-fair systems (Nash-MTL,
@@ -429,26 +577,12 @@ def _first_acceptable(trial, t_max):
   return points[first], oks[first]
 
 
-# Up to this many variables, lower_bounded_qp tries every active set at once
-# instead of iterating: exact to rounding, no loop to compile (about a third
-# of the interior-point loop's compile time at K = 3), and as fast at run
-# time up to K = 6 (measured on CPU; at K = 8 its 256 faces take 3.5 times
-# the loop's time).
-_MAX_ENUMERATED = 6
-
-
 def _box_qp_residual(quad, lower, x):
   """The fixed-point residual of ``v = lower + x`` (:class:`BoxQPSolution`)."""
   largest = jnp.max(jnp.abs(lower))
   scale = jnp.where(largest > 0, largest, 1.0)
   grad = _matvec(quad, lower + x)
   return jnp.max(jnp.abs(x - jnp.maximum(0.0, x - grad))) / scale
-
-
-def _every_active_set(num: int) -> np.ndarray:
-  """``(2**num, num)`` booleans: the free variables of each active set."""
-  codes = np.arange(2 ** num)[:, None] >> np.arange(num)[None, :]
-  return (codes & 1).astype(bool)
 
 
 @jax.jit
@@ -462,21 +596,20 @@ def _enumerated_lower_bounded_qp(quad, lower):
   conditions). A singular face gives NaN or a poor candidate, which the
   residual rejects; the all-active face needs no solve.
   """
-  dtype, num = quad.dtype, quad.shape[0]
+  num = quad.shape[0]
   rows = jnp.reshape(lower, (-1, num))
-  # The interior-point loop's floor, so that both solve the same problem.
-  q_max = jnp.maximum(jnp.max(jnp.diagonal(quad)), jnp.finfo(dtype).tiny)
-  q = quad + jnp.finfo(dtype).eps * q_max * jnp.eye(num, dtype=dtype)
+  q = _floored(quad)  # the interior-point loop's floor: the same problem
   q_lower = rows @ q  # Q l for every row (Q is symmetric)
 
-  def on_face(free):
+  def on_face(free, shift):
     face = jnp.where(free[:, None] & free[None, :], q, 0.0) + jnp.diag(
         jnp.where(free, 0.0, 1.0))
-    x = jax.vmap(_jacobi_cholesky_solver(face))(jnp.where(free, -q_lower, 0.0))
+    x = jax.vmap(_jacobi_cholesky_solver(face, shift))(
+        jnp.where(free, -q_lower, 0.0))
     x = jnp.where(free, jnp.maximum(x, 0.0), 0.0)
     return x, jax.vmap(lambda row, x: _box_qp_residual(quad, row, x))(rows, x)
 
-  x, residual = jax.vmap(on_face)(jnp.asarray(_every_active_set(num)))
+  x, residual = jax.vmap(on_face)(*_every_face(num, quad.dtype))
   residual = jnp.where(jnp.isnan(residual), jnp.inf, residual)
   best = jnp.argmin(residual, axis=0)
   x = jnp.take_along_axis(x, best[None, :, None], axis=0)[0]
