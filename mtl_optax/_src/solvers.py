@@ -293,7 +293,6 @@ def _floored(gram: jax.Array) -> jax.Array:
                                                       dtype=dtype)
 
 
-@jax.jit
 def _enumerated_min_norm_weights(gram: jax.Array) -> SimplexSolution:
   """:func:`min_norm_weights` by trying every support ``S`` at once.
 
@@ -462,7 +461,6 @@ def cagrad_dual_weights(gram: jax.Array, c: jax.Array | float,
   return minimize_on_simplex(value_and_grad, init, lipschitz, max_iter, tol)
 
 
-@jax.jit
 def _enumerated_cagrad_dual_weights(gram, gram_b, radius, smooth
                                     ) -> SimplexSolution:
   """:func:`cagrad_dual_weights` by trying every support ``S`` at once.
@@ -585,7 +583,7 @@ def _box_qp_residual(quad, lower, x):
   return jnp.max(jnp.abs(x - jnp.maximum(0.0, x - grad))) / scale
 
 
-@jax.jit
+@eager.compiled_when_eager
 def _enumerated_lower_bounded_qp(quad, lower):
   """:func:`lower_bounded_qp` by trying every active set.
 
@@ -625,7 +623,6 @@ def _enumerated_lower_bounded_qp(quad, lower):
 def _lower_bounded_qp_row(quad, lower, max_iter, tol):
   dtype = quad.dtype
   num = quad.shape[0]
-  eps = jnp.finfo(dtype).eps
   tiny = jnp.finfo(dtype).tiny
   largest = jnp.max(jnp.abs(lower))
   scale = jnp.where(largest > 0, largest, 1.0)
@@ -634,7 +631,7 @@ def _lower_bounded_qp_row(quad, lower, max_iter, tol):
   # keeps every barrier subproblem bounded: zero rows (zero gradients) and
   # directions z >= 0 with Q z = 0 (Pareto-stationary points) would
   # otherwise send the slacks to infinity.
-  q = quad + eps * q_max * jnp.eye(num, dtype=dtype)
+  q = _floored(quad)
   q_lower = _matvec(q, lower)
 
   def residual(x):  # v = lower + x; the projected-gradient condition on Q.
