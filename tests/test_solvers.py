@@ -137,28 +137,54 @@ def test_every_face_and_the_loop_reach_the_same_optimum(num_tasks,
           np.testing.assert_allclose(every, loop, atol=1e-5, err_msg=kind)
 
 
-def test_identical_tasks_share_their_weight_and_opposite_ones_cancel():
+def test_identical_tasks_share_their_weight_and_opposite_ones_cancel(
+    monkeypatch):
   """Where the minimiser is not unique the enumeration's weights stay
   permutation-symmetric: identical task gradients share equally (as the
-  loop does from its uniform start); an opposite pair gives the zero
-  update exactly."""
+  loop does from its uniform start) and the objective is the loop's; an
+  opposite pair gives the zero update exactly."""
   g = np.random.default_rng(3).normal(size=(2, 6))
   for jac, weights in (
       (np.stack([g[0], g[0], g[0]]), [1 / 3, 1 / 3, 1 / 3]),
       (np.stack([g[0], g[1], g[0]]), None),
       (np.zeros((4, 6)), [0.25] * 4)):
     gram = jnp.asarray(jac @ jac.T, jnp.float32)
-    for solve in (solvers.min_norm_weights,
-                  lambda a: solvers.cagrad_dual_weights(a, 0.4)):
-      w = np.asarray(solve(gram).weights, np.float64)
+    for solve, objective in (
+        (lambda a: solvers.min_norm_weights(a).weights,
+         lambda w: np.sum((w @ jac) ** 2)),
+        (lambda a: solvers.cagrad_dual_weights(a, 0.4).weights,
+         _cagrad_objective(jac @ jac.T, 0.4))):
+      w = np.asarray(solve(gram), np.float64)
+      loop = np.asarray(_iterative(monkeypatch, solve)(gram), np.float64)
+      assert objective(w) <= objective(loop) + 1e-6 * np.sum(g[0] ** 2)
+      np.testing.assert_allclose(w[0], w[2], rtol=1e-6)
       if weights is not None:
         np.testing.assert_allclose(w, weights, atol=1e-6)
-      else:
-        assert w[0] == w[2]
   opposite = np.stack([g[0], -2 * g[0], g[1]])
   w = np.asarray(solvers.min_norm_weights(
       jnp.asarray(opposite @ opposite.T, jnp.float32)).weights, np.float64)
   assert np.linalg.norm(w @ opposite) < 1e-5 * np.linalg.norm(g[0])
+
+
+@pytest.mark.parametrize("num_tasks", [3, 6])
+def test_every_face_solvers_propagate_non_finite_input_jitted_too(num_tasks):
+  """A NaN or inf Gram entry gives NaN weights (the QP: NaN solution and
+  residual), eagerly and under jit, where XLA may rewrite the guards."""
+  gram = jnp.asarray(_random_gram(np.random.default_rng(2), num_tasks),
+                     jnp.float32)
+  lower = jnp.eye(num_tasks) / num_tasks
+  outputs = (
+      lambda a: solvers.min_norm_weights(a).weights,
+      lambda a: solvers.cagrad_dual_weights(a, 0.4).weights,
+      lambda a: jnp.concatenate([
+          solvers.lower_bounded_qp(a, lower).solution.ravel(),
+          solvers.lower_bounded_qp(a, lower).residual[None]]))
+  for bad in (jnp.nan, jnp.inf):
+    broken = gram.at[0, 1].set(bad).at[1, 0].set(bad)
+    for out in outputs:
+      for run in (out, jax.jit(out)):
+        assert np.all(np.isnan(np.asarray(run(broken)))), (bad, out)
+        assert np.all(np.isfinite(np.asarray(run(gram))))
 
 
 def test_min_norm_known_two_task_closed_form():

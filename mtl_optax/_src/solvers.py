@@ -257,11 +257,12 @@ def largest_eigenvalue(gram: jax.Array, num_iterations: int = 8) -> jax.Array:
   return jnp.maximum(_quadratic(gram, v), jnp.max(jnp.diagonal(gram)))
 
 
-# Up to this many tasks, MGDA's min-norm problem and the dual-cone QPs are
-# solved by trying every face (active set) at once instead of iterating:
-# exact to rounding, no loop to compile (the K = 3 QPs compile in a third of
-# the interior-point loop's time), and as fast at run time up to K = 6
-# (measured on CPU; at K = 8 the 256 faces take 3.5 times the loop's time).
+# Up to this many tasks, MGDA's min-norm problem, CAGrad's dual and the
+# dual-cone QPs are solved by trying every face (active set) at once instead
+# of iterating: exact to rounding, no loop to compile (the K = 3 QPs compile
+# in a third of the interior-point loop's time), and as fast at run time up
+# to K = 6 (measured on CPU; at K = 8 the 256 faces take 3.5 times the
+# loop's time).
 _MAX_ENUMERATED = 6
 
 
@@ -307,10 +308,7 @@ def _enumerated_min_norm_weights(gram: jax.Array) -> SimplexSolution:
   form.
   """
   def on_face(support, shift):
-    face = jnp.where(support[:, None] & support[None, :], gram, 0.0)
-    face = face + jnp.diag(jnp.where(support, 0.0, 1.0))
-    solved = _jacobi_cholesky_solver(face, shift)(
-        jnp.where(support, 1.0, 0.0))
+    solved = _face_solver(gram, support, shift)(jnp.where(support, 1.0, 0.0))
     # A vertex needs no solve (and a zero task's would divide by zero).
     w = _on_simplex(jnp.where(support, jnp.where(
         jnp.sum(support) == 1, 1.0, solved), 0.0))
@@ -401,9 +399,7 @@ def _polish_on_support(gram: jax.Array, x: jax.Array
   increase the objective. Returns ``(weights, whether they are polished)``.
   """
   support = x > 0
-  face = jnp.where(support[:, None] & support[None, :], gram, 0.0) + jnp.diag(
-      jnp.where(support, 0.0, 1.0))
-  raw = _jacobi_cholesky_solver(face)(jnp.where(support, 1.0, 0.0))
+  raw = _face_solver(gram, support)(jnp.where(support, 1.0, 0.0))
   raw = jnp.where(support, raw, 0.0)
   total = jnp.sum(raw)
   polished = raw / jnp.where(total > 0, total, 1.0)
@@ -480,9 +476,7 @@ def _enumerated_cagrad_dual_weights(gram, gram_b, radius, smooth
     return _inner(w, gram_b) + radius * norm_w, norm_w
 
   def on_face(support, shift):
-    face = jnp.where(support[:, None] & support[None, :], gram, 0.0)
-    solve = _jacobi_cholesky_solver(
-        face + jnp.diag(jnp.where(support, 0.0, 1.0)), shift)
+    solve = _face_solver(gram, support, shift)
     u = jnp.where(support, solve(jnp.where(support, 1.0, 0.0)), 0.0)
     v = jnp.where(support, solve(jnp.where(support, gram_b, 0.0)), 0.0)
     alpha, beta = jnp.sum(u), jnp.sum(v)
@@ -558,6 +552,16 @@ def _jacobi_cholesky_solver(matrix, shift=0.0):
                                                          jacobi * rhs)
 
 
+def _face_solver(matrix, free, shift=0.0):
+  """``rhs -> x`` on the face ``free`` (a boolean mask): the free rows and
+  columns of ``matrix``, the identity elsewhere, solved by
+  :func:`_jacobi_cholesky_solver`; ``rhs`` is zero off the face, and so
+  is ``x``."""
+  face = jnp.where(free[:, None] & free[None, :], matrix, 0.0) + jnp.diag(
+      jnp.where(free, 0.0, 1.0))
+  return _jacobi_cholesky_solver(face, shift)
+
+
 def _step_to_boundary(z, dz):
   """Largest ``t`` with ``z + t dz >= 0`` for ``z > 0`` (inf if ``dz >= 0``)."""
   shrinking = dz < 0
@@ -600,10 +604,7 @@ def _enumerated_lower_bounded_qp(quad, lower):
   q_lower = rows @ q  # Q l for every row (Q is symmetric)
 
   def on_face(free, shift):
-    face = jnp.where(free[:, None] & free[None, :], q, 0.0) + jnp.diag(
-        jnp.where(free, 0.0, 1.0))
-    x = jax.vmap(_jacobi_cholesky_solver(face, shift))(
-        jnp.where(free, -q_lower, 0.0))
+    x = jax.vmap(_face_solver(q, free, shift))(jnp.where(free, -q_lower, 0.0))
     x = jnp.where(free, jnp.maximum(x, 0.0), 0.0)
     return x, jax.vmap(lambda row, x: _box_qp_residual(quad, row, x))(rows, x)
 
@@ -696,9 +697,7 @@ def _lower_bounded_qp_row(quad, lower, max_iter, tol):
   free = x * q_max > lam
   # On a singular face (colinear gradients) the factorisation may fail; its
   # NaN is rejected by the comparison below.
-  face = jnp.where(free[:, None] & free[None, :], q, 0.0) + jnp.diag(
-      jnp.where(free, 0.0, 1.0))
-  polished = _jacobi_cholesky_solver(face)(jnp.where(free, -q_lower, 0.0))
+  polished = _face_solver(q, free)(jnp.where(free, -q_lower, 0.0))
   polished = jnp.where(free, jnp.maximum(polished, 0.0), 0.0)
   polished_residual = residual(polished)
   use = jnp.all(jnp.isfinite(polished)) & (polished_residual
