@@ -85,10 +85,47 @@ def test_weighted_sum_keeps_leaf_dtype():
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
 
 
+@pytest.mark.parametrize("flags,takes_dots", [
+    ("", True),
+    ("--xla_backend_optimization_level=0", True),
+    ("--xla_cpu_experimental_ynn_fusion_type=", False),
+    ("--xla_cpu_experimental_ynn_fusion_type=elementwise,reduce", False),
+    ("--xla_cpu_experimental_ynn_fusion_type=dot,reduce", True),
+    # The last occurrence of a flag wins, as in XLA's own parser.
+    ("--xla_cpu_experimental_ynn_fusion_type=dot "
+     "--xla_cpu_experimental_ynn_fusion_type=", False),
+])
+def test_cpu_gram_formulation_follows_the_ynn_dot_fusion(monkeypatch, flags,
+                                                         takes_dots):
+  # The blocked loop only pays where XLA:CPU's YNNPACK fusion takes the dots
+  # (its single-threaded contraction); without it Eigen's plain contraction
+  # is faster, and the pairwise reductions win from shorter leaves. The
+  # backend starts first, with the session's flags: XLA reads XLA_FLAGS once,
+  # and the values here are only for the library's reading of them.
+  jax.devices()
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  assert tree_math._ynn_takes_dots() is takes_dots
+  long = 4 * tree_math._cpu_block_size(10)
+  assert tree_math._use_blocked_cpu_gram(10, long) is takes_dots
+  medium = tree_math._CPU_PAIRWISE_MIN_ELEMENTS_WITHOUT_YNN
+  assert tree_math._use_pairwise_cpu_gram(2, 2, medium) is not takes_dots
+  assert tree_math._use_pairwise_cpu_gram(
+      2, 2, tree_math._CPU_PAIRWISE_MIN_ELEMENTS)
+  # Whichever formulation is chosen, the Gram matrix is the same (checked at
+  # trace time of a fresh function: the choice is made when tracing).
+  rows = np.random.default_rng(2).normal(size=(2, medium)).astype(np.float32)
+  got = jax.jit(lambda t: tree_math.gram_matrix(t))({"w": jnp.asarray(rows)})
+  expected = rows.astype(np.float64) @ rows.astype(np.float64).T
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize("num_tasks,size", [(4, 2 ** 19 + 1001), (40, 40_000)])
-def test_blocked_cpu_gram_matches_one_contraction(num_tasks, size):
+def test_blocked_cpu_gram_matches_one_contraction(monkeypatch, num_tasks, size):
   # Long leaves take the blocked CPU path (a fori_loop over slices plus a
-  # remainder); the result must be the plain contraction's.
+  # remainder) where the YNNPACK fusion takes dots (XLA's default); the
+  # result must be the plain contraction's.
+  jax.devices()
+  monkeypatch.setenv("XLA_FLAGS", "")
   assert tree_math._use_blocked_cpu_gram(num_tasks, size)
   assert not tree_math._use_pairwise_cpu_gram(num_tasks, num_tasks, size)
   rng = np.random.default_rng(0)
@@ -105,10 +142,13 @@ def test_blocked_cpu_gram_matches_one_contraction(num_tasks, size):
 
 @pytest.mark.parametrize("num_tasks,other_tasks", [(1, 1), (2, 2), (3, 3),
                                                    (2, 3)])
-def test_pairwise_cpu_gram_matches_one_contraction(num_tasks, other_tasks):
+def test_pairwise_cpu_gram_matches_one_contraction(monkeypatch, num_tasks,
+                                                  other_tasks):
   # Two or three tasks take one reduction per pair of rows for long leaves
   # (mirrored pairs reused when both sides are the same tree), over leaves
   # of any rank; the small leaves beside them take one contraction.
+  jax.devices()
+  monkeypatch.setenv("XLA_FLAGS", "")
   big = tree_math._CPU_PAIRWISE_MIN_ELEMENTS
   assert tree_math._use_pairwise_cpu_gram(num_tasks, other_tasks, big)
   assert not tree_math._use_pairwise_cpu_gram(num_tasks, other_tasks, big - 1)

@@ -13,6 +13,7 @@ not hundreds; the weighted sum stays leaf by leaf (see there why).
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -67,11 +68,17 @@ def _contract_parameter_axes(left: jax.Array, right: jax.Array,
       preferred_element_type=dtype, out_sharding=_replicated_out_sharding())
 
 
-# XLA:CPU contracts a long (K, P) x (P, K) product far below memory bandwidth
-# (benchmarks/micro_gram.py: 3-8x slower than the same product accumulated
-# over cache-sized blocks of P). The blocked loop is used on a single CPU
-# device only: accelerators' matmuls do not need it, and slicing a sharded
-# axis would gather it.
+# With its YNNPACK dot fusion (on by default) XLA:CPU contracts a long
+# (K, P) x (P, K) product far below memory bandwidth (benchmarks/
+# micro_gram.py: 2-8x slower than the same product accumulated over
+# cache-sized blocks of P, on an AMD EPYC and an Intel Xeon; on the Xeon it
+# runs on one thread, the same time under ``taskset -c 0``). With that
+# fusion off (``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=``) Eigen's
+# multi-threaded contraction is faster than the blocks (Xeon, K = 10 and
+# 40, P = 1e6: 6.6 and 30 ms against 8.5 and 43 ms), so the blocks are used
+# only where the fusion takes dots. Only on a single CPU device:
+# accelerators' matmuls do not need it, and slicing a sharded axis would
+# gather it.
 _CPU_BLOCK_ELEMENTS = 2 ** 19   # K x block float32 entries: 2 MiB per block
 
 
@@ -79,10 +86,25 @@ def _cpu_block_size(num_rows: int) -> int:
   return max(4096, (_CPU_BLOCK_ELEMENTS // max(num_rows, 1)) // 1024 * 1024)
 
 
+def _ynn_takes_dots() -> bool:
+  """Whether XLA:CPU's YNNPACK fusion handles dots in this process: unless
+  ``XLA_FLAGS`` sets ``--xla_cpu_experimental_ynn_fusion_type`` to a list
+  without ``dot`` (the flags are read once, when the backend starts)."""
+  chosen = None
+  for flag in os.environ.get("XLA_FLAGS", "").split():
+    name, _, value = flag.partition("=")
+    if name == "--xla_cpu_experimental_ynn_fusion_type":
+      chosen = value
+  return chosen is None or "dot" in chosen.split(",")
+
+
+def _on_one_cpu_device() -> bool:
+  return jax.default_backend() == "cpu" and _single_device()
+
+
 def _use_blocked_cpu_gram(num_rows: int, size: int) -> bool:
-  return (size >= 2 * _cpu_block_size(num_rows)
-          and jax.default_backend() == "cpu" and jax.device_count() == 1
-          and jax.sharding.get_abstract_mesh().empty)
+  return (size >= 2 * _cpu_block_size(num_rows) and _on_one_cpu_device()
+          and _ynn_takes_dots())
 
 
 # For two or three tasks and long leaves XLA:CPU's contraction of (K, P) by
@@ -90,16 +112,20 @@ def _use_blocked_cpu_gram(num_rows: int, size: int) -> bool:
 # multiply-and-sum reductions (benchmarks/micro_gram.py; K = 3, P = 1e6:
 # 1.9 ms against 2.8 ms); from four tasks on, and below about 2**18 entries
 # per task (K = 3, P = 1e5: 0.30 ms against 0.21 ms), the one contraction
-# wins, and it compiles to one kernel where the pairs take K(K+1)/2.
+# wins, and it compiles to one kernel where the pairs take K(K+1)/2. Without
+# the YNNPACK dot fusion, Eigen's contraction with a 2 x 2 or 3 x 3 result is
+# slower still, and the pairs win from 2**16 entries (Intel Xeon, K = 2: P =
+# 1e5 0.32 against 0.50 ms, P = 1e6 1.9 against 4.6 ms).
 _CPU_PAIRWISE_MAX_TASKS = 3
 _CPU_PAIRWISE_MIN_ELEMENTS = 2 ** 18
+_CPU_PAIRWISE_MIN_ELEMENTS_WITHOUT_YNN = 2 ** 16
 
 
 def _use_pairwise_cpu_gram(num_rows: int, num_cols: int, size: int) -> bool:
+  least = (_CPU_PAIRWISE_MIN_ELEMENTS if _ynn_takes_dots()
+           else _CPU_PAIRWISE_MIN_ELEMENTS_WITHOUT_YNN)
   return (max(num_rows, num_cols) <= _CPU_PAIRWISE_MAX_TASKS
-          and size >= _CPU_PAIRWISE_MIN_ELEMENTS
-          and jax.default_backend() == "cpu" and jax.device_count() == 1
-          and jax.sharding.get_abstract_mesh().empty)
+          and size >= least and _on_one_cpu_device())
 
 
 def _pairwise_product(left: jax.Array, right: jax.Array,
