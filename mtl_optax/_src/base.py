@@ -438,20 +438,20 @@ def weighted_sum_in_range(coeffs: jax.Array, stacked: Any,
   peak = jnp.max(jnp.abs(coeffs))
   safe = jnp.where(peak > 0, peak, 1.0)
   acc = jnp.result_type(tree_math.accumulation_dtype(stacked), coeffs.dtype)
-  sums = tree_math.TaskSums(
+  sums = tree_math.weighted_task_sum(
       coeffs.astype(acc) / safe, jax.tree.map(lambda g: g.astype(acc), stacked))
+  sum_leaves, like_leaves = jax.tree.leaves(sums), jax.tree.leaves(like)
   factor = safe.astype(acc)
-  # The cap is applied to the sums before they are split per leaf (one
-  # kernel for all small leaves); a part's room is that of the narrowest
-  # dtype among its leaves.
-  like_leaves = jax.tree.leaves(like)
-  for indices, part in zip(sums.part_leaves, sums.parts):
-    if np.size(part):
-      room = jnp.asarray(min(jnp.finfo(like_leaves[i].dtype).max
-                             for i in indices) / 2, acc)
-      top = jnp.max(jnp.abs(part))
-      factor = jnp.minimum(factor, jnp.where(top > 0, room / top, factor))
-  out = sums.assemble([part * factor for part in sums.parts], like)
+  if sum_leaves:
+    # One peak per leaf, stacked before the minimum: a chain of K-element
+    # minimums over the leaves made XLA repeat every leaf's reduction inside
+    # every leaf's output kernel (quadratic in the leaves).
+    tops = jnp.stack([jnp.max(jnp.abs(x), initial=0) for x in sum_leaves])
+    rooms = jnp.asarray([jnp.finfo(x.dtype).max / 2 for x in like_leaves],
+                        acc)
+    fits = jnp.where(tops > 0, rooms / jnp.where(tops > 0, tops, 1.0), factor)
+    factor = jnp.minimum(factor, jnp.min(fits))
+  out = jax.tree.map(lambda x, y: (x * factor).astype(y.dtype), sums, like)
   return out, (factor / safe).astype(coeffs.dtype)
 
 

@@ -564,50 +564,6 @@ def weighted_task_sum(weights: jax.Array, stacked: Any) -> Any:
                       stacked)
 
 
-class TaskSums:
-  """:func:`weighted_task_sum` with the small leaves combined into one row, in
-  two stages, for callers that transform the sums as a whole before they are
-  split per leaf (an overflow cap that reads every leaf's peak).
-
-  ``parts`` are the combined arrays (on one device all small leaves as one
-  row, then the other leaves), ``part_leaves[p]`` the indices of the leaves
-  that part ``p`` holds, and ``assemble(parts, like=None)`` splits them back
-  into the tree, in the dtypes of ``like`` (default the gradients'). An
-  elementwise change of a part then costs one kernel, fused with the split,
-  where one per small leaf costs a kernel each.
-  """
-
-  def __init__(self, weights: jax.Array, stacked: Any):
-    def combine(x):
-      return _task_combination(weights, x)
-
-    leaves, self._treedef = jax.tree.flatten(stacked)
-    self._leaves = [jnp.asarray(x) for x in leaves]
-    self._small = small = small_leaf_indices(self._leaves)
-    self.part_leaves = [[i] for i in range(len(self._leaves))
-                        if i not in small] + ([small] if small else [])
-    self.parts = []
-    for indices in self.part_leaves:
-      picked = [self._leaves[i] for i in indices]
-      # One product over the concatenated small leaves, split back later.
-      self.parts.append(
-          combine(picked[0]) if indices is not small else
-          combine(join_task_rows(picked, accumulation_dtype(picked))))
-
-  def assemble(self, parts: list, like: Any = None) -> Any:
-    dtypes = [x.dtype for x in (self._leaves if like is None
-                                else jax.tree.leaves(like))]
-    out = [None] * len(self._leaves)
-    for indices, part in zip(self.part_leaves, parts):
-      if indices is not self._small:
-        out[indices[0]] = part.astype(dtypes[indices[0]])
-        continue
-      shapes = [self._leaves[i] for i in indices]
-      for i, piece in zip(indices, split_task_row(part, shapes)):
-        out[i] = piece.astype(dtypes[i])
-    return jax.tree.unflatten(self._treedef, out)
-
-
 def task_mean(stacked: Any) -> Any:
   """The mean gradient ``g0 = (1/K) sum_i g_i``, leaf by leaf."""
   num_tasks = jnp.shape(jax.tree.leaves(stacked)[0])[0]
