@@ -120,13 +120,16 @@ def _folded_momenta(state, grad, task, beta_1, num_tasks):
   counts and bias-corrected momenta ``m_hat`` (zero for unseen tasks)."""
   b1 = jnp.asarray(beta_1, jnp.float32)
 
+  # ``task`` is in [0, K): dynamic slices without the scatter that
+  # ``.at[task]`` emits per leaf.
   def fold(m, g):
-    row = b1.astype(m.dtype) * m[task] + (1 - b1).astype(m.dtype) * g.astype(
-        m.dtype)
-    return m.at[task].set(row)
+    row = (b1.astype(m.dtype) * jax.lax.dynamic_index_in_dim(m, task)
+           + (1 - b1).astype(m.dtype) * g.astype(m.dtype)[None])
+    return jax.lax.dynamic_update_index_in_dim(m, row, task, 0)
 
   momenta = jax.tree.map(fold, state.momenta, grad)
-  counts = state.task_counts.at[task].add(1)
+  counts = state.task_counts + (jnp.arange(num_tasks) == task).astype(
+      state.task_counts.dtype)
   correction = 1 - b1 ** counts.astype(jnp.float32)
   inv = jnp.where(counts > 0, 1 / jnp.where(counts > 0, correction, 1.0), 0.0)
   m_hat = jax.tree.map(lambda m: m * inv.astype(m.dtype).reshape(
@@ -149,7 +152,9 @@ def _momentum_config_step(updates, state, stacked, num_tasks, beta_1, beta_2,
   momentum, ConFIG on the bias-corrected momenta, the optional Adam-like
   normalisation; ``(update, new_state, finite)``."""
   task = state.count % num_tasks
-  grad = (jax.tree.map(lambda u: u[task], updates) if stacked else updates)
+  grad = (jax.tree.map(
+      lambda u: jax.lax.dynamic_index_in_dim(u, task, keepdims=False),
+      updates) if stacked else updates)
   input_ok = base.all_finite(updates)
   momenta, counts, m_hat = _folded_momenta(state, grad, task, beta_1,
                                            num_tasks)
