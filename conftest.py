@@ -8,6 +8,7 @@ the benchmarks, which time compiled code, never run under pytest. JAX reads
 """
 
 import os
+import tempfile
 
 _FAST_COMPILE = ("--xla_backend_optimization_level=0 "
                  "--xla_llvm_disable_expensive_passes=true")
@@ -15,6 +16,20 @@ _FAST_COMPILE = ("--xla_backend_optimization_level=0 "
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
+
+# Many programs recur verbatim across tests (each method's step is compiled
+# by several checks of the contract, and the slow tier repeats the default
+# run's cases), so both pytest workers share a persistent compilation cache
+# keyed by the program, the flags and the JAX version: a repeat is loaded,
+# not compiled again (the conformance suite: 112 -> 85 s from a cold cache).
+# No size bound: bounding it makes JAX rescan the whole directory at every
+# write (the default run took twice as long). An entry read while the other
+# worker writes it fails with a warning and is compiled instead. Set
+# JAX_COMPILATION_CACHE_DIR to use another directory.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), "mtl-optax-test-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 import pytest  # noqa: E402
