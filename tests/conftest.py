@@ -117,6 +117,25 @@ def linear_loss_fn(stacked, params, task_losses):
   return loss_fn
 
 
+#: XLA's own defaults, which a user's ``jax.jit`` compiles with (the root
+#: conftest.py trades them for compile time in the whole suite).
+DEFAULT_XLA_OPTIONS = {"xla_backend_optimization_level": 3,
+                       "xla_llvm_disable_expensive_passes": False,
+                       "xla_cpu_use_fusion_emitters": True}
+
+
+def jit_as_users_compile(fn: Callable, *args):
+  """``jax.jit(fn)`` compiled for ``args`` with XLA's default options.
+
+  Those contract ``a * b - c * d`` into fused multiply-adds (on CPU and
+  GPU), so rounding can take a sign that the suite's fast compiles never
+  show; tests that compare with an official sequence at a point where an
+  exact tie decides a step run through this.
+  """
+  return jax.jit(fn).lower(*args).compile(
+      compiler_options=DEFAULT_XLA_OPTIONS)
+
+
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)

@@ -77,7 +77,13 @@ def ldc_total_loss(losses: jax.Array, logits: jax.Array,
   normalized = normalized + jax.lax.stop_gradient(exact - normalized)
   w = jax.nn.softmax(logits)
   weighted = w * normalized
-  gaps = weighted[:-1] - weighted[1:]
+  # Equal products differ by exactly 0, as in torch: XLA may contract
+  # ``a * b - c * d`` into a fused multiply-add (it does at its default
+  # optimisation level, on CPU and GPU), whose unrounded product gives the
+  # rounding error of ``c * d`` a sign, and the penalty a gradient of
+  # ``+-penalty w_i / r_i`` (the comparison reads the rounded products).
+  ahead, behind = weighted[:-1], weighted[1:]
+  gaps = jnp.where(ahead == behind, jnp.zeros_like(ahead), ahead - behind)
   # sign(x) x: |x| with derivative 0 at 0, as torch's abs (jnp.abs has 1).
   discrepancy = jnp.sum(jnp.sign(gaps) * gaps)
   return jnp.sum(weighted) / jnp.sum(w) + penalty * discrepancy
