@@ -43,25 +43,46 @@ class KrumState(NamedTuple):
   weights: jax.Array
 
 
+def _snapped_to_ties(scores: jax.Array, tol: jax.Array) -> jax.Array:
+  """``scores`` with every run of values less than ``tol`` apart (in sorted
+  order) replaced by the run's smallest value; NaN stays NaN.
+
+  XLA may recompute one fused expression in several kernels and round the
+  copies differently (a fused multiply-add in one, not in another), so
+  scores that are equal in exact arithmetic can differ by an ulp even when
+  computed from a symmetric matrix; snapped, they tie exactly.
+  """
+  num = scores.shape[0]
+  order = jnp.argsort(scores)
+  ordered = scores[order]
+  # A new run starts where the gap is not (provably) within tol: NaN too.
+  starts = ~(jnp.diff(ordered, prepend=ordered[:1]) <= tol)
+  leader = jax.lax.cummax(jnp.where(starts, jnp.arange(num), 0))
+  return jnp.zeros_like(scores).at[order].set(ordered[leader])
+
+
 def krum_weights(gram: jax.Array, n_byzantine: int, n_selected: int
                  ) -> jax.Array:
   """Multi-Krum's weights from the Gram matrix.
 
   ``||g_i - g_j||^2 = G_ii + G_jj - 2 G_ij``; the score of task i is the sum
   of its squared distances to its ``K - n_byzantine - 2`` nearest other
-  tasks; the ``n_selected`` lowest scores get weight ``1 / n_selected`` (ties
-  go to the lower index).
+  tasks; the ``n_selected`` lowest scores get weight ``1 / n_selected`` (ties,
+  up to the rounding of the distances, go to the lower index).
   """
   num_tasks = gram.shape[0]
   diag = jnp.diagonal(gram)
   dist2 = jnp.maximum(diag[:, None] + diag[None, :] - 2.0 * gram, 0.0)
-  # Exactly symmetric, so mutual nearest neighbours tie exactly and the tie
-  # goes to the lower index rather than to rounding.
+  # Symmetric, so that mutual nearest neighbours tie; the kernels that read
+  # it may still round their copies apart, hence the snapping below.
   dist2 = 0.5 * (dist2 + dist2.T)
   dist2 = jnp.where(jnp.eye(num_tasks, dtype=bool), jnp.inf, dist2)
   n_closest = num_tasks - n_byzantine - 2
   scores = jnp.sum(jnp.sort(dist2, axis=1)[:, :n_closest], axis=1)
-  _, selected = jax.lax.top_k(-scores, n_selected)
+  # Each distance carries a rounding of a few ulps of the diagonal's scale.
+  tol = (8 * n_closest * jnp.finfo(gram.dtype).eps
+         * jnp.max(jnp.abs(diag)))
+  _, selected = jax.lax.top_k(-_snapped_to_ties(scores, tol), n_selected)
   return jnp.zeros((num_tasks,), gram.dtype).at[selected].add(1.0 / n_selected)
 
 
