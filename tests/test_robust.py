@@ -185,3 +185,21 @@ def test_krum_scores_squared_distances_as_the_paper_not_torchjd():
   assert (np.argmin(squared), np.argmin(plain)) == (3, 1)
   _, state = _apply(mo.krum, jac, n_byzantine=0, n_selected=1)
   np.testing.assert_array_equal(state.weights, np.eye(6)[3])
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_krum_scores_an_ulp_apart_tie_and_nan_stays(jit):
+  # XLA can round two copies of one fused distance apart: scores equal in
+  # exact arithmetic then differ by an ulp, and must still tie (lower index).
+  from mtl_optax._src import robust  # pylint: disable=g-import-not-at-top
+  one_up = np.nextafter(np.float32(1), np.float32(2))
+  scores = jnp.array([2.0, one_up, 1.0, 3.0, np.nan], jnp.float32)
+  snap = jax.jit(robust._snapped_to_ties) if jit else robust._snapped_to_ties
+  out = np.asarray(snap(scores, jnp.float32(1e-6)))
+  np.testing.assert_array_equal(out[:4], [2.0, 1.0, 1.0, 3.0])
+  assert np.isnan(out[4])
+  # Beyond the tolerance nothing moves.
+  far = np.asarray(snap(scores, jnp.float32(0.0)))
+  np.testing.assert_array_equal(far[:4], np.asarray(scores)[:4])
+  _, picked = jax.lax.top_k(-snap(scores[:4], jnp.float32(1e-6)), 1)
+  assert int(picked[0]) == 1
