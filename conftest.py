@@ -2,16 +2,22 @@
 
 The suite is compile-bound: the conformance suite alone jit-compiles well over
 a thousand small programs, each run once or twice. XLA:CPU's optimisation
-passes are traded for compile time here (about half the suite's wall time);
-the benchmarks, which time compiled code, never run under pytest. JAX reads
-``XLA_FLAGS`` when its backend starts, after this file is imported.
+passes are traded for compile time here (about half the suite's wall time),
+and so are its MLIR fusion emitters, which XLA uses by default on CPU and which
+took about half of what was left (the default run: 298 -> 154 s on an idle
+2-core machine); the benchmarks, which time compiled code, never run under
+pytest. Tests whose outcome depends on what the default options emit (a fused
+multiply-add where an exact tie decides a step) compile through
+``tests.conftest.jit_as_users_compile``. JAX reads ``XLA_FLAGS`` when its
+backend starts, after this file is imported.
 """
 
 import os
 import tempfile
 
 _FAST_COMPILE = ("--xla_backend_optimization_level=0 "
-                 "--xla_llvm_disable_expensive_passes=true")
+                 "--xla_llvm_disable_expensive_passes=true "
+                 "--xla_cpu_use_fusion_emitters=false")
 
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
