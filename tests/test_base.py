@@ -50,6 +50,34 @@ def test_weighted_sum_in_range_caps_the_length_and_keeps_the_direction(
 
 
 @pytest.mark.parametrize("jitted", [False, True])
+def test_weighted_sum_in_range_of_gradients_near_the_largest_float(jitted):
+  """Each gradient near float32's largest value, their mean representable:
+  the partial sums must not overflow on the way (they did when the
+  coefficients were divided by their largest, making the sum K gradients)."""
+  rng = np.random.default_rng(5)
+  top = np.finfo(np.float32).max
+  # Below half the range (where the cap starts), their sum beyond it.
+  grads = rng.choice([-1.0, 1.0], (3, 6)) * rng.uniform(0.3, 0.45, (3, 6)) * top
+  grads[:, 0] = 0.45 * top   # every task at the same sign: no cancellation
+  tree = {"w": jnp.asarray(grads, jnp.float32)}
+  fn = jax.jit(base.weighted_sum_in_range) if jitted else (
+      base.weighted_sum_in_range)
+  coeffs = jnp.full((3,), 1 / 3, jnp.float32)
+  out, ratio = fn(coeffs, tree)
+  assert float(ratio) == 1.0
+  np.testing.assert_allclose(np.asarray(out["w"], np.float64),
+                             np.asarray(tree["w"], np.float64).mean(axis=0),
+                             rtol=1e-6)
+  # Three times that (a sum of the three) passes the range: capped at half
+  # of it, the direction kept.
+  out, ratio = fn(3 * coeffs, tree)
+  np.testing.assert_allclose(float(np.max(np.abs(out["w"]))), top / 2,
+                             rtol=1e-6)
+  np.testing.assert_allclose(float(ratio) * 3, top / 2 / (0.45 * top),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize("jitted", [False, True])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_weighted_sum_in_range_propagates_non_finite_input(jitted, bad):
   tree = _mixed_tree()

@@ -426,17 +426,20 @@ def weighted_sum_in_range(coeffs: jax.Array, stacked: Any,
 
   Reciprocal-loss coefficients (``1 / (L + eps)`` for a zero loss) can exceed
   the range of float16 gradients, or times large gradients that of float32.
-  The sum is taken with ``c / max|c|`` and multiplied back by ``max|c|``, or
-  by less where a leaf would then pass half its dtype's largest value: the
-  direction is kept and the length capped. NaN/inf stay non-finite.
+  The sum is taken with ``c / sum|c|``, a combination that cannot leave the
+  gradients' range (with ``c / max|c|`` a sum of K gradients near the
+  dtype's largest value overflowed although ``sum c_i g_i`` did not), and
+  multiplied back by ``sum|c|``, or by less where a leaf would then pass half
+  its dtype's largest value: the direction is kept and the length capped.
+  NaN/inf stay non-finite.
 
   Returns:
     The update and ``r <= 1`` (1 when nothing was capped): the update is
     ``sum_i (r c_i) g_i``.
   """
   like = stacked if like is None else like
-  peak = jnp.max(jnp.abs(coeffs))
-  safe = jnp.where(peak > 0, peak, 1.0)
+  total = jnp.sum(jnp.abs(coeffs))
+  safe = jnp.where(total > 0, total, 1.0)
   acc = jnp.result_type(tree_math.accumulation_dtype(stacked), coeffs.dtype)
   sums = tree_math.weighted_task_sum(
       coeffs.astype(acc) / safe, jax.tree.map(lambda g: g.astype(acc), stacked))
