@@ -141,6 +141,29 @@ def test_excess_mtl_float64_trees_and_scale_invariance():
 # ------------------------------------------------------------- SDMGrad, MoDo
 
 
+def test_excess_mtl_gradients_near_the_largest_float_keep_a_finite_state():
+  """Gradients at 30-90% of float32's largest value: the AdaGrad root, the
+  excess-risk sums and the baseline pass the range; they saturate at its
+  largest value instead of turning the state (and every later step) inf."""
+  rng = np.random.default_rng(4)
+  top = np.finfo(np.float32).max
+  jacs = [rng.choice([-1.0, 1.0], (3, 6)) * rng.uniform(0.3, 0.9, (3, 6))
+          * top for _ in range(4)]
+  for warmup in (1, 2):
+    ours = _run(mo.excess_mtl, jacs, robust_step_size=0.5,
+                warmup_steps=warmup)
+    for update, state in ours:
+      assert np.all(np.isfinite(update))
+      for leaf in jax.tree.leaves(state):
+        assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
+      np.testing.assert_allclose(float(np.sum(state.weights)), 1.0,
+                                 rtol=1e-6)
+    assert int(ours[-1][1].count) == len(jacs)
+    # Saturated, every estimate equals the baseline: the weights stay put.
+    np.testing.assert_allclose(ours[-1][1].weights, np.full(3, 1 / 3),
+                               rtol=1e-6)
+
+
 def _sdmgrad_oracle(jacs, seconds, lam, lr, momentum, iters):
   """Xiao et al. (2023) as the official code / LibMTL: normalised cross
   matrix, projected heavy-ball SGD on w, d = (g_w + lam g0) / (1 + lam)."""

@@ -192,8 +192,14 @@ def excess_mtl(num_tasks: int, robust_step_size: float = 1e-2,
   def step(updates, state, params, extra_args):
     del params, extra_args
     dtype = state.weights.dtype
-    root = jax.tree.map(lambda r, g: jnp.hypot(r, g.astype(r.dtype)),
-                        state.root_sum_sq, updates)
+    # Gradients near the dtype's largest value overflow the root, the sums
+    # and the ratio below: each saturates at the largest finite value
+    # instead (every term is non-negative, so no inf - inf arises).
+    top = jnp.finfo(dtype).max
+    root = jax.tree.map(
+        lambda r, g: jnp.minimum(jnp.hypot(r, g.astype(r.dtype)),
+                                 jnp.finfo(r.dtype).max),
+        state.root_sum_sq, updates)
 
     def excess(r, g):
       size = jnp.abs(g.astype(r.dtype))
@@ -201,14 +207,15 @@ def excess_mtl(num_tasks: int, robust_step_size: float = 1e-2,
       return tree_math.per_task_sum(size * ratio)
 
     estimate = sum(jax.tree.leaves(jax.tree.map(excess, root, updates)))
-    estimate = estimate.astype(dtype)
+    estimate = jnp.minimum(estimate.astype(dtype), top)
     in_warmup = state.count < warmup_steps
-    baseline = state.baseline + jnp.where(in_warmup, estimate, 0.0)
+    baseline = jnp.minimum(
+        state.baseline + jnp.where(in_warmup, estimate, 0.0), top)
     mean_baseline = baseline / jnp.asarray(warmup_steps, dtype)
     relative = jnp.where(mean_baseline > 0, estimate / jnp.where(
         mean_baseline > 0, mean_baseline, 1.0), 0.0)
-    stepped = jax.nn.softmax(jnp.log(state.weights) + jnp.asarray(
-        robust_step_size, dtype) * relative)
+    stepped = jax.nn.softmax(jnp.log(state.weights) + jnp.minimum(
+        jnp.asarray(robust_step_size, dtype) * relative, top))
     weights = jnp.where(in_warmup, state.weights, stepped)
     return (tree_math.weighted_task_sum(weights, updates),
             ExcessMTLState(weights, state.count + 1, baseline, root))
