@@ -16,6 +16,7 @@ from scipy import optimize
 
 import mtl_optax as mo
 from mtl_optax._src import solvers
+from mtl_optax._src import tree_math
 
 from tests.conftest import TORCHJD_J as J
 from tests.conftest import apply_fresh
@@ -290,6 +291,32 @@ def test_degenerate_inputs_are_reported_not_averaged():
   assert float(state.weights[1]) == 0.0
   np.testing.assert_allclose(  # w = |g|^(-2/3): A w = w^-2 for one task
       state.weights[0], np.linalg.norm(g) ** (-2 / 3), rtol=1e-5)
+
+
+def test_warm_start_from_an_unconverged_solve_stays_finite():
+  """Gradients that are multiples of one vector with mixed signs (a
+  Pareto-stationary point) leave the first solve unconverged; the next solve,
+  warm-started there, started on a ray where the rounded quadratic was 0 and
+  returned inf weights and a NaN residual."""
+  rng = np.random.default_rng(0)
+  rng.normal(size=(3, 9))   # the draw the failing input came after
+  grads = np.zeros((3, 9), np.float32)
+  grads[:, 3] = rng.normal(size=3)   # -0.92, -0.46, 0.22
+  gram = tree_math.normalized_gram(jnp.asarray(grads)).gram  # as the method
+  first = solvers.alpha_fair_weights(gram, init=jnp.ones(3), max_iter=20)
+  assert float(first.residual) > 1.0   # no solution: reported, not hidden
+  second = solvers.alpha_fair_weights(gram, init=first.weights, max_iter=20)
+  assert np.all(np.isfinite(second.weights)) and np.all(second.weights > 0)
+  assert np.isfinite(float(second.residual))
+  # The same through the method, solving every other step.
+  tx = mo.nash_mtl(3, update_every=2, max_iter=20, max_norm=0.0)
+  step = jax.jit(tx.update)
+  state = tx.init(jnp.zeros(9))
+  for _ in range(4):
+    update, state = step(jnp.asarray(grads), state)
+    assert np.all(np.isfinite(update))
+    for leaf in jax.tree.leaves(state):
+      assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
 
 
 def test_magnitudes_from_tiny_to_huge():

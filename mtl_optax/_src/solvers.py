@@ -880,8 +880,8 @@ def _alpha_fair_weights(gram, alpha, init, max_iter, tol, ridge):
   # push their weight to infinity; they are given the equation w_i = 1 and
   # reported as 0. The ridge is relative to each task's own squared norm,
   # which keeps the alpha = 1 system invariant to per-task gradient scales.
-  system = jnp.where(pair, gram, 0.0) + jnp.diag(
-      jnp.where(active, jnp.asarray(ridge, dtype) * diag, 1.0))
+  ridge_diag = jnp.where(active, jnp.asarray(ridge, dtype) * diag, 1.0)
+  system = jnp.where(pair, gram, 0.0) + jnp.diag(ridge_diag)
 
   def residual_of(matrix, w):
     lhs = root(w) * _matvec(matrix, w)
@@ -895,7 +895,11 @@ def _alpha_fair_weights(gram, alpha, init, max_iter, tol, ridge):
                       start)
   # Optimal scale along the ray: d/ds f(s w0) = 0.
   total = jnp.sum(to_power(start))
-  curvature = _quadratic(system, start)
+  # A warm start from an unconverged solve (at a Pareto-stationary point)
+  # can lie almost in the null space of A, where the rounded quadratic
+  # cancels to 0 or below; the ridge's share is its exact lower bound.
+  curvature = jnp.maximum(_quadratic(system, start),
+                          jnp.sum(ridge_diag * start * start))
   start = start * jnp.exp(alpha / (1.0 + alpha) * jnp.log(total / curvature))
 
   class Loop(NamedTuple):
