@@ -3,8 +3,8 @@
 Every method runs as ``optax.chain(method, optax.apply_if_finite(sgd))`` on
 inputs drawn by hypothesis: random magnitudes (1e-30 ... 1e30), the
 degenerate gradients of the contract (all zero, one task zero, identical,
-exactly opposite, K = 1), extreme and zero losses, and non-finite gradients
-or losses. The properties:
+exactly opposite, multiples of one vector with mixed signs, K = 1), extreme
+and zero losses, and non-finite gradients or losses. The properties:
 
 * finite input: the method's update is finite (``apply_if_finite`` counts no
   error), shaped like ``params`` with the params' dtype, and the state stays
@@ -48,7 +48,8 @@ _BY_NAME = {c.name: c for c in CASES}
 KNOWN_DEFECTS: dict[tuple[str, str], str] = {}
 
 FINITE_KINDS = ("random", "all_zero", "one_zero", "identical", "opposite",
-                "tiny", "huge", "mixed_scale", "zero_loss", "extreme_loss")
+                "tiny", "huge", "mixed_scale", "rank_one", "zero_loss",
+                "extreme_loss")
 NONFINITE_KINDS = ("nan_grad", "inf_grad", "nan_loss", "pos_inf_loss",
                    "neg_inf_loss")
 LOSS_KINDS = ("nan_loss", "pos_inf_loss", "neg_inf_loss")
@@ -140,6 +141,9 @@ def make_inputs(kind: str, values, num_tasks: int, shapes, dtype: str):
   elif kind == "mixed_scale":
     scale = 10.0**rng.choice([-top, top], size=(num_tasks, 1))
   flat = flat * scale
+  if kind == "rank_one":  # multiples of one vector, signs mixed
+    multiples = rng.normal(size=(num_tasks, 1))
+    flat = multiples / np.max(np.abs(multiples)) * flat[:1]  # no new peak
   if kind == "all_zero":
     flat[:] = 0.0
   elif kind == "one_zero":
