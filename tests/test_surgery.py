@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import mtl_optax as mo
+from mtl_optax._src import tree_math
 from tests.cases.aggregators_other import adversarial_jacobians
 
 J_BASE = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])  # TorchJD's test matrix
@@ -237,6 +238,26 @@ def test_graddrop_on_a_tree_draws_per_leaf():
   np.testing.assert_allclose(state.weights,
                              _graddrop_oracle(flat, flat_u, 0.0)[1], rtol=1e-5)
   assert treedef == jax.tree.structure(update)
+
+
+@pytest.mark.parametrize("shape", [(2 ** 19 + 77,), (700, 750)])
+def test_graddrop_weights_of_long_leaves_match_the_oracle(shape):
+  # On one CPU device leaves this long take the kept-norm sums block by
+  # block (a loop over slices plus a remainder); a 2-D leaf is raveled.
+  num_tasks, size = 3, int(np.prod(shape))
+  assert tree_math.cpu_column_block(num_tasks, size) is not None
+  rng = np.random.default_rng(12)
+  jac = rng.normal(size=(num_tasks,) + shape).astype(np.float32)
+  jac[2] = np.abs(jac[2]) * np.sign(jac[0] + jac[1] + 1e-3)  # mostly agrees
+  leak = np.array([0.0, 0.25, 0.5])
+  tx = mo.graddrop(num_tasks, seed=5, leak=tuple(leak.tolist()))
+  update, state = jax.jit(tx.update)(jnp.asarray(jac),
+                                     tx.init(jnp.zeros(shape)))
+  _, (uniform,) = _uniforms(jax.random.PRNGKey(5), [jac])
+  expected, expected_w = _graddrop_oracle(jac.astype(np.float64), uniform,
+                                          leak)
+  np.testing.assert_allclose(update, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.weights, expected_w, rtol=1e-5)
 
 
 def test_graddrop_draws_per_leaf_without_partitionable_threefry():

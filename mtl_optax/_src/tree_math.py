@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -102,9 +102,16 @@ def _on_one_cpu_device() -> bool:
   return jax.default_backend() == "cpu" and _single_device()
 
 
+def cpu_column_block(num_rows: int, size: int) -> int | None:
+  """The block of :func:`sum_over_column_blocks` for ``(num_rows, size)``
+  rows on a single CPU device; ``None`` where one pass is the better choice
+  (rows under two blocks long, accelerators, sharded arrays)."""
+  block = _cpu_block_size(num_rows)
+  return block if size >= 2 * block and _on_one_cpu_device() else None
+
+
 def _use_blocked_cpu_gram(num_rows: int, size: int) -> bool:
-  return (size >= 2 * _cpu_block_size(num_rows) and _on_one_cpu_device()
-          and _ynn_takes_dots())
+  return cpu_column_block(num_rows, size) is not None and _ynn_takes_dots()
 
 
 # For two or three tasks and long leaves XLA:CPU's contraction of (K, P) by
@@ -146,30 +153,39 @@ def _pairwise_product(left: jax.Array, right: jax.Array,
                     for i in range(left.shape[0])])
 
 
+def sum_over_column_blocks(part: Callable[..., jax.Array],
+                           arrays: list[jax.Array], block: int) -> jax.Array:
+  """``sum_b part(*(a[..., b] for a in arrays))`` over consecutive blocks ``b``
+  of ``block`` entries of the arrays' common last axis (and the remainder).
+
+  A ``fori_loop`` over slices: each step's temporaries stay cache-sized,
+  where XLA:CPU would otherwise write (and page in) ``(K, P)`` of them.
+  """
+  num_blocks, rest = divmod(arrays[0].shape[-1], block)
+
+  def cut(start, length):
+    return [jax.lax.dynamic_slice_in_dim(a, start, length, axis=a.ndim - 1)
+            for a in arrays]
+
+  shape = jax.eval_shape(part, *cut(0, block))
+  total = jax.lax.fori_loop(
+      0, num_blocks, lambda i, acc: acc + part(*cut(i * block, block)),
+      jnp.zeros(shape.shape, shape.dtype))
+  if rest:
+    total = total + part(*cut(num_blocks * block, rest))
+  return total
+
+
 def _blocked_rows_product(left: jax.Array, right: jax.Array,
                           dtype: jnp.dtype) -> jax.Array:
   """``left @ right.T`` for ``(K, n)`` rows, accumulated block by block."""
-  block = _cpu_block_size(left.shape[0])
-  num_blocks, rest = divmod(left.shape[1], block)
-
   def product(a, b):
     return jax.lax.dot_general(
         a.astype(dtype), b.astype(dtype), (((1,), (1,)), ((), ())),
         precision=_HIGHEST, preferred_element_type=dtype)
 
-  def body(i, total):
-    start = i * block
-    return total + product(
-        jax.lax.dynamic_slice_in_dim(left, start, block, axis=1),
-        jax.lax.dynamic_slice_in_dim(right, start, block, axis=1))
-
-  total = jax.lax.fori_loop(
-      0, num_blocks, body,
-      jnp.zeros((left.shape[0], right.shape[0]), dtype))
-  if rest:
-    total = total + product(left[:, num_blocks * block:],
-                            right[:, num_blocks * block:])
-  return total
+  return sum_over_column_blocks(product, [left, right],
+                                _cpu_block_size(left.shape[0]))
 
 
 def per_task_sum(leaf: jax.Array) -> jax.Array:
