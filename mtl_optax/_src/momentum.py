@@ -88,36 +88,10 @@ class MomentumConfigState(NamedTuple):
     return jax.tree.map(jnp.square, self.second_moment_root)
 
 
-def _normalise_like_adam(direction, state, count, beta_1, beta_2, eps):
-  """M-ConFIG's second moment: the pseudo gradient whose EMA would be the
-  direction, the root ``r = sqrt(s)`` of its squared EMA, and
-  ``d / (sqrt(s_hat) + eps)``.
-
-  ``r_new = hypot(sqrt(beta_2) r, sqrt(1 - beta_2) g)`` is
-  ``sqrt(beta_2 s + (1 - beta_2) g^2)`` without forming ``g^2``, which
-  overflows float32 for pseudo gradients above ~1e19.
-  """
-  t = count.astype(jnp.float32)
-  b1 = jnp.asarray(beta_1, jnp.float32)
-  b2 = jnp.asarray(beta_2, jnp.float32)
-  keep, add = jnp.sqrt(b2), jnp.sqrt(1 - b2)
-  pseudo_m = jax.tree.map(lambda d: d * (1 - b1 ** t).astype(d.dtype),
-                          direction)
-  pseudo_grad = jax.tree.map(
-      lambda m, old: (m - b1.astype(m.dtype) * old) / (1 - b1).astype(m.dtype),
-      pseudo_m, state.direction_momentum)
-  root = jax.tree.map(
-      lambda r, g: jnp.hypot(keep.astype(r.dtype) * r, add.astype(r.dtype) * g),
-      state.second_moment_root, pseudo_grad)
-  out = jax.tree.map(
-      lambda d, r: d / (r / jnp.sqrt(1 - b2 ** t).astype(r.dtype)
-                        + jnp.asarray(eps, r.dtype)), direction, root)
-  return out, pseudo_m, root
-
-
 def _folded_momenta(state, grad, task, beta_1, num_tasks):
   """``m_task <- beta_1 m_task + (1 - beta_1) g``; the new momenta, task
-  counts and bias-corrected momenta ``m_hat`` (zero for unseen tasks)."""
+  counts and the bias corrections ``1 / (1 - beta_1^{t_i})`` that make
+  them ``m_hat`` (zero for unseen tasks)."""
   b1 = jnp.asarray(beta_1, jnp.float32)
 
   # ``task`` is in [0, K): dynamic slices without the scatter that
@@ -132,18 +106,54 @@ def _folded_momenta(state, grad, task, beta_1, num_tasks):
       state.task_counts.dtype)
   correction = 1 - b1 ** counts.astype(jnp.float32)
   inv = jnp.where(counts > 0, 1 / jnp.where(counts > 0, correction, 1.0), 0.0)
-  m_hat = jax.tree.map(lambda m: m * inv.astype(m.dtype).reshape(
-      (num_tasks,) + (1,) * (m.ndim - 1)), momenta)
-  return momenta, counts, m_hat
+  return momenta, counts, inv
 
 
-def _config_coefficients(m_hat, pref, dtype):
-  """ConFIG's coefficients on the momenta, from their scale-free Gram
-  matrix (NaN when it is not finite)."""
-  gram = tree_math.normalized_gram(m_hat).gram.astype(
-      jnp.promote_types(dtype, jnp.float32))
+def _config_coefficients(momenta, inv, pref, dtype):
+  """ConFIG's coefficients on the bias-corrected momenta ``m_hat_i = inv_i
+  m_i`` (NaN when their Gram matrix is not finite).
+
+  The Gram matrix of ``m_hat`` is ``diag(inv) G diag(inv)`` with ``G`` the
+  momenta's scale-free one (ConFIG's coefficients do not depend on a common
+  scale), so no corrected copy of the momenta is formed.
+  """
+  dtype = jnp.promote_types(dtype, jnp.float32)
+  inv = inv.astype(dtype)
+  gram = tree_math.normalized_gram(momenta).gram.astype(dtype)
+  gram = inv[:, None] * gram * inv[None, :]
   return base.poison_if_nonfinite(config_weights(gram, pref(gram.dtype)),
                                   gram)
+
+
+def _normalise_like_adam(direction, state, count, beta_1, beta_2, eps):
+  """M-ConFIG's second moment, leaf by leaf: the pseudo first moment
+  ``D = (1 - beta_1^t) d``, the pseudo gradient ``(D - beta_1 D_old) / (1 -
+  beta_1)`` whose EMA would be the direction, the root ``r = sqrt(s)`` of
+  its squared EMA, and ``d / (sqrt(s_hat) + eps)``; ``(out, D, r)`` trees.
+
+  ``r_new = hypot(sqrt(beta_2) r, sqrt(1 - beta_2) g)`` is
+  ``sqrt(beta_2 s + (1 - beta_2) g^2)`` without forming ``g^2``, which
+  overflows float32 for pseudo gradients above ~1e19.
+  """
+  t = count.astype(jnp.float32)
+  b1 = jnp.asarray(beta_1, jnp.float32)
+  b2 = jnp.asarray(beta_2, jnp.float32)
+  keep, add = jnp.sqrt(b2), jnp.sqrt(1 - b2)
+
+  def leaf(d, old_m, old_r):
+    cast = lambda x: jnp.asarray(x).astype(d.dtype)
+    pseudo_m = d * cast(1 - b1 ** t)
+    pseudo_grad = (pseudo_m - cast(b1) * old_m) / cast(1 - b1)
+    root = jnp.hypot(cast(keep) * old_r, cast(add) * pseudo_grad)
+    out = d / (root / cast(jnp.sqrt(1 - b2 ** t)) + cast(eps))
+    return out, pseudo_m, root
+
+  parts = jax.tree.map(leaf, direction, state.direction_momentum,
+                       state.second_moment_root)
+  treedef = jax.tree.structure(direction)
+  return tuple(jax.tree.unflatten(treedef, [p[i] for p in
+                                            treedef.flatten_up_to(parts)])
+               for i in range(3))
 
 
 def _momentum_config_step(updates, state, stacked, num_tasks, beta_1, beta_2,
@@ -156,13 +166,14 @@ def _momentum_config_step(updates, state, stacked, num_tasks, beta_1, beta_2,
       lambda u: jax.lax.dynamic_index_in_dim(u, task, keepdims=False),
       updates) if stacked else updates)
   input_ok = base.all_finite(updates)
-  momenta, counts, m_hat = _folded_momenta(state, grad, task, beta_1,
-                                           num_tasks)
+  momenta, counts, inv = _folded_momenta(state, grad, task, beta_1,
+                                         num_tasks)
   ready = jnp.all(counts > 0)
-  coeffs = jnp.where(ready, _config_coefficients(m_hat, pref,
+  coeffs = jnp.where(ready, _config_coefficients(momenta, inv, pref,
                                                  state.weights.dtype), 0.0)
   scale = num_tasks if normalize else 1
-  direction = tree_math.weighted_task_sum(coeffs * scale, m_hat)
+  direction = tree_math.weighted_task_sum(
+      coeffs * inv.astype(coeffs.dtype) * scale, momenta)
   ready_count = jnp.where(ready, state.ready_count + 1, state.ready_count)
   new_state = MomentumConfigState(coeffs, state.count + 1, counts, momenta,
                                   state.direction_momentum,
