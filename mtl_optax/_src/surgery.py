@@ -243,12 +243,11 @@ def _chosen_signs(stacked, uniform):
           (purity < uniform).astype(stacked.dtype))
 
 
-def _kept_and_total(stacked, uniform, peaks):
+def _kept_and_total(stacked, keep_positive, keep_negative, peaks):
   """``(2, K)``: each task's squared norm of ``stacked / peaks`` over the
   coordinates whose sign was kept, and over all of them (sums of
   non-negative terms: a task whose entries were all dropped gets exactly
   zero)."""
-  keep_positive, keep_negative = _chosen_signs(stacked, uniform)
   scaled = stacked / jnp.reshape(
       peaks, (stacked.shape[0],) + (1,) * (stacked.ndim - 1))
   square = jnp.square(scaled)
@@ -263,34 +262,35 @@ def _drop_block(stacked, uniform, peaks, leaks):
   (relative to ``peaks``). No reshape off a single CPU device: a sharded
   leaf stays as it is."""
   num_tasks = stacked.shape[0]
+  rows = [stacked[i] for i in range(num_tasks)]
   keep_positive, keep_negative = _chosen_signs(stacked, uniform)
 
   def factor(i, row):
     kept = keep_positive * (row > 0) + keep_negative * (row < 0)
     return leaks[i] + (1.0 - leaks[i]) * kept
 
-  # Everything that reads ``uniform`` is indexed by the coordinate alone:
-  # XLA fuses the draw's hash into its consumers, and a consumer shaped
-  # (K, *s) would recompute it for each of the K rows.
+  # The update reads the choices row by row: XLA fuses the draw's hash into
+  # its consumers, and one shaped (K, *s) would recompute it per task.
   # NaN/inf must reach the update, for optax.apply_if_finite: under jit
   # XLA rewrites ``mask * row`` as a select, which drops them.
   update = functools.reduce(jnp.add, [
       jnp.where(jnp.isfinite(row), factor(i, row) * row, jnp.nan)
-      for i, row in enumerate(stacked[i] for i in range(num_tasks))]
-  ) / num_tasks
+      for i, row in enumerate(rows)]) / num_tasks
   size = math.prod(stacked.shape[1:])
   block = tree_math.cpu_column_block(num_tasks, size)
   if block is None:
-    kept, total = _kept_and_total(stacked, uniform, peaks)
+    kept, total = _kept_and_total(stacked, keep_positive, keep_negative,
+                                  peaks)
   else:
-    # On one CPU device, block by block: in one pass XLA:CPU writes the
-    # (K, *s) temporaries out (and pages them in) on every step
-    # (benchmarks/compare_torchjd.py, GradDrop, K = 10, P = 1e6: 4x the
+    # On one CPU device, block by block, slicing the choices computed once:
+    # in one pass XLA:CPU writes the (K, *s) temporaries out (and pages
+    # them in) on every step (GradDrop's state at K = 10, P = 1e6: 4x the
     # time of the blocks).
     kept, total = tree_math.sum_over_column_blocks(
-        lambda rows, draws: _kept_and_total(rows, draws, peaks),
-        [jnp.reshape(stacked, (num_tasks, size)), jnp.reshape(uniform, (size,))],
-        block)
+        lambda *parts: _kept_and_total(*parts, peaks),
+        [jnp.reshape(stacked, (num_tasks, size)),
+         jnp.reshape(keep_positive, (size,)),
+         jnp.reshape(keep_negative, (size,))], block)
   return update, leaks * total + (1.0 - leaks) * kept, total
 
 
