@@ -402,10 +402,8 @@ def _gram(vectors) -> tuple[jax.Array, jax.Array]:
   branch; the products are :func:`tree_math.gram_matrix`'s (float32 or wider).
   """
   stacked = _stack(vectors)
-  leaves = jax.tree.leaves(stacked)
   dtype = tree_math.accumulation_dtype(stacked)
-  peak = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype)
-                            for x in leaves]))
+  peak = tree_math.tree_max_abs(stacked, dtype)
   safe = jnp.where(peak > 0, peak, 1.0)
   scaled = jax.tree.map(lambda x: x.astype(dtype) / safe, stacked)
   return tree_math.gram_matrix(scaled, dtype), peak
