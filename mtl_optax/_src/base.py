@@ -445,13 +445,19 @@ def weighted_sum_in_range(coeffs: jax.Array, stacked: Any,
       coeffs.astype(acc) / safe, jax.tree.map(lambda g: g.astype(acc), stacked))
   sum_leaves, like_leaves = jax.tree.leaves(sums), jax.tree.leaves(like)
   factor = safe.astype(acc)
-  if sum_leaves:
-    # One peak per leaf, stacked before the minimum: a chain of K-element
-    # minimums over the leaves made XLA repeat every leaf's reduction inside
-    # every leaf's output kernel (quadratic in the leaves).
-    tops = jnp.stack([jnp.max(jnp.abs(x), initial=0) for x in sum_leaves])
-    rooms = jnp.asarray([jnp.finfo(x.dtype).max / 2 for x in like_leaves],
-                        acc)
+  # One peak per output dtype's whole-tree operand (the small leaves of a
+  # dtype in one reduction, not a kernel per leaf: the room is the dtype's,
+  # so the cap is the per-leaf one), stacked before the minimum: a chain of
+  # minimums over the leaves made XLA repeat every leaf's reduction inside
+  # every leaf's output kernel (quadratic in the leaves).
+  tops, rooms = [], []
+  for dtype in dict.fromkeys(jnp.dtype(y.dtype) for y in like_leaves):
+    for x in tree_math.whole_tree_operands(
+        [x for x, y in zip(sum_leaves, like_leaves) if y.dtype == dtype]):
+      tops.append(jnp.max(jnp.abs(x)))
+      rooms.append(jnp.finfo(dtype).max / 2)
+  if tops:
+    tops, rooms = jnp.stack(tops), jnp.asarray(rooms, acc)
     fits = jnp.where(tops > 0, rooms / jnp.where(tops > 0, tops, 1.0), factor)
     factor = jnp.minimum(factor, jnp.min(fits))
   out = jax.tree.map(lambda x, y: (x * factor).astype(y.dtype), sums, like)
