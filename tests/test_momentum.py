@@ -68,6 +68,25 @@ def test_momentum_config_keeps_state_on_nan():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("row", [0, 1])
+def test_momentum_config_stacked_non_finite_row_is_nan_and_keeps_state(
+    bad, row):
+  # Stacked input folds row ``count % K`` by a select over the momenta:
+  # a non-finite entry in that row or in any other must still give a NaN
+  # update and the previous state, eagerly and under jit.
+  tx = mo.momentum_config(2)
+  params = jnp.zeros(3)
+  state = tx.init(params)
+  _, state = tx.update(jnp.ones((2, 3)), state)   # the next task is 1
+  grads = jnp.ones((2, 3)).at[row, 1].set(bad)
+  for update_fn in (tx.update, jax.jit(tx.update)):
+    update, new = update_fn(grads, state)
+    assert np.all(np.isnan(update))
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
+      np.testing.assert_array_equal(a, b)
+
+
 def test_momentum_config_second_moment_cannot_overflow():
   """The normalised update is invariant to the gradients' scale (eps = 0):
   at 1e25, where the squared pseudo gradients overflow float32, the update

@@ -258,6 +258,19 @@ def test_graddrop_weights_of_long_leaves_match_the_oracle(shape):
                                           leak)
   np.testing.assert_allclose(update, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(state.weights, expected_w, rtol=1e-5)
+  # A non-finite entry on the blocked path: NaN there only, state kept,
+  # eagerly and under jit (XLA may rewrite the masking as a select).
+  init = tx.init(jnp.zeros(shape))
+  for bad in (np.nan, np.inf):
+    broken = jac.copy()
+    broken.reshape(num_tasks, -1)[1, size - 3] = bad   # in the remainder
+    for update_fn in (tx.update, jax.jit(tx.update)):
+      update, new = update_fn(jnp.asarray(broken), init)
+      flat = np.asarray(update).ravel()
+      assert np.isnan(flat[size - 3])
+      assert np.isfinite(np.delete(flat, size - 3)).all()
+      np.testing.assert_array_equal(new.weights, init.weights)
+      np.testing.assert_array_equal(new.key, init.key)
 
 
 def test_graddrop_draws_per_leaf_without_partitionable_threefry():

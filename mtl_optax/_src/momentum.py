@@ -159,10 +159,8 @@ def _normalise_like_adam(direction, state, count, beta_1, beta_2, eps):
 
   parts = jax.tree.map(leaf, direction, state.direction_momentum,
                        state.second_moment_root)
-  treedef = jax.tree.structure(direction)
-  return tuple(jax.tree.unflatten(treedef, [p[i] for p in
-                                            treedef.flatten_up_to(parts)])
-               for i in range(3))
+  return jax.tree.transpose(jax.tree.structure(direction),
+                            jax.tree.structure((0, 0, 0)), parts)
 
 
 def _momentum_config_step(updates, state, stacked, num_tasks, beta_1, beta_2,
